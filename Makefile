@@ -1,0 +1,48 @@
+# Corvid: `make run` starts a one-node registry, `make test` runs every test.
+# One cargo profile (release) serves running, testing and benchmarking, so
+# RocksDB's C++ is compiled once; the build lives outside the clone.
+
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/corvid-target
+CARGO ?= cargo
+BIN := $(CARGO_TARGET_DIR)/release
+ARGS ?=
+
+.PHONY: run build test lint unit interop bench docs deps-build deps-test clean-data
+
+deps-build:
+	@bash scripts/install-deps.sh build
+
+deps-test:
+	@bash scripts/install-deps.sh test
+
+build: deps-build
+	$(CARGO) build --release --locked --bins
+
+## Start a one-node registry with embedded defaults (data in ./data).
+run: build
+	$(BIN)/corvid-registry $(ARGS)
+
+## Everything CI runs: formatting, lints, unit and integration tests, and
+## interop with real Cyrus 3.6.
+test: deps-test lint unit interop
+
+lint: deps-build
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --locked --all-targets -- -D warnings
+
+unit: deps-build
+	$(CARGO) test --release --locked --workspace
+
+interop: build deps-test
+	CORVID_BIN_DIR=$(BIN) bash tests/interop/run-all.sh
+
+## Benchmarks against a real Cyrus master; writes docs/src/benchmarks.md.
+bench: build deps-test
+	CORVID_BIN_DIR=$(BIN) bash bench/run.sh
+
+docs:
+	@command -v mdbook >/dev/null || $(CARGO) install --locked mdbook --version "~0.4"
+	mdbook build docs
+
+clean-data:
+	rm -rf ./data

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# make bench: the same MUPDATE load against a real Cyrus 3.6 `mupdate -m`
+# master and a one-node Corvid registry (fsync on), in one run, then writes
+# the table with Corvid/Cyrus ratios to docs/src/benchmarks.md.
+#
+#   BENCH_OPS   creations per reserve-activate run (default 10000)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export SERVER=corvid CYRUS_TELEMETRY=0
+# shellcheck source=../tests/interop/lib.sh
+source "$ROOT/tests/interop/lib.sh"
+interop_init bench
+
+CTL=$CORVID_BIN_DIR/corvidctl
+OPS=${BENCH_OPS:-10000}
+RESULTS=$WORK/results.jsonl
+PASS=bench-secret
+
+cyrus_port=$(free_port)
+cyrus_mupdate_master "$WORK/cyrus" "$cyrus_port" admin "$PASS"
+start_corvid "$WORK/corvid" admin "$PASS"
+
+bench() {
+  local label=$1 port=$2
+  shift 2
+  "$CTL" bench --server "127.0.0.1:$port" --user admin --password "$PASS" \
+    --label "$label" --json "$RESULTS" --quiet "$@" | head -n 2
+}
+
+for target in "cyrus-3.6.1 $cyrus_port" "corvid-1-node $CORVID_MUPDATE_PORT"; do
+  read -r label port <<<"$target"
+  echo "== $label"
+  for c in 1 8 32; do
+    bench "$label" "$port" --workload reserve-activate -C "$c" -n "$OPS" --prefix "ra$c"
+  done
+  bench "$label" "$port" --workload find -C 32 -n $((OPS * 3)) --prefix ra32 --keyspace "$OPS"
+  bench "$label" "$port" --workload backend -C 8 -n $((OPS / 4)) --prefix backend
+  bench "$label" "$port" --workload mix -C 32 -n "$OPS" --prefix ra32 --keyspace "$OPS"
+  bench "$label" "$port" --workload delete -C 32 -n "$OPS" --prefix ra8
+done
+
+python3 "$ROOT/bench/report.py" "$RESULTS" "make bench (BENCH_OPS=$OPS)" >"$ROOT/docs/src/benchmarks.md"
+echo "wrote docs/src/benchmarks.md"
+cp "$RESULTS" "$ROOT/bench/last-results.jsonl"

@@ -1,0 +1,330 @@
+//! `corvidctl bench`: a MUPDATE load generator for Corvid or Cyrus.
+//!
+//! C connections each keep one command in flight, as Cyrus clients do. Every
+//! operation's latency is recorded; the report gives throughput and
+//! p50/p99/max as a table and, with `--json`, as one JSON object per run.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use corvid_registry::mupdate::client::{Client, ClientError};
+use corvid_registry::mupdate::codec::{Command, Status};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::conn::ConnectArgs;
+
+/// What each operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// RESERVE then ACTIVATE a new name (a mailbox creation: two writes).
+    ReserveActivate,
+    /// FIND a name created by an earlier reserve-activate run.
+    Find,
+    /// DELETE a name created by an earlier reserve-activate run.
+    Delete,
+    /// 70% FIND, 10% create, 10% ACTIVATE (ACL change), 10% DELETE.
+    Mix,
+    /// What Cyrus backends do: a new connection per creation (greeting,
+    /// AUTHENTICATE PLAIN, RESERVE, ACTIVATE, LOGOUT).
+    Backend,
+}
+
+/// Options of `corvidctl bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    conn: ConnectArgs,
+    /// The operation to repeat.
+    #[arg(long, value_enum, default_value = "reserve-activate")]
+    workload: Workload,
+    /// Concurrent connections.
+    #[arg(long, short = 'C', default_value_t = 32)]
+    connections: usize,
+    /// Operations in all.
+    #[arg(long, short = 'n', default_value_t = 20_000)]
+    ops: u64,
+    /// Stop after this many seconds even if operations remain.
+    #[arg(long, default_value_t = 120)]
+    max_seconds: u64,
+    /// Mailbox names are PREFIX.N; use the same prefix for find/delete runs
+    /// as for the reserve-activate run that created the names.
+    #[arg(long, default_value = "bench")]
+    prefix: String,
+    /// Names that exist for find/mix (default: --ops).
+    #[arg(long)]
+    keyspace: Option<u64>,
+    /// Location of created mailboxes.
+    #[arg(long, default_value = "bench!default")]
+    location: String,
+    /// Label of this run in the report.
+    #[arg(long)]
+    label: Option<String>,
+    /// Append the result as one JSON line to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// One run's figures.
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    label: String,
+    server: String,
+    workload: Workload,
+    connections: usize,
+    ops: u64,
+    writes: u64,
+    errors: u64,
+    seconds: f64,
+    ops_per_sec: f64,
+    writes_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+struct Shared {
+    args: BenchArgs,
+    next: AtomicU64,
+    errors: AtomicU64,
+    writes: AtomicU64,
+    deadline: Instant,
+    progress: ProgressBar,
+}
+
+/// Runs the benchmark and prints its report.
+pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.connections > 0, "--connections must be positive");
+    if !args.conn.no_auth {
+        // Resolve the credentials once, not per connection.
+        let (user, password) = args.conn.credentials()?;
+        args.conn.user = Some(user);
+        args.conn.password = Some(password);
+    }
+    let progress = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        let p = ProgressBar::new(args.ops);
+        p.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        p.set_message(format!("{:?}", args.workload));
+        p
+    };
+    // Check the credentials once before starting the clock.
+    args.conn.connect().await?.logout().await.ok();
+    let shared = Arc::new(Shared {
+        deadline: Instant::now() + Duration::from_secs(args.max_seconds),
+        args,
+        next: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        writes: AtomicU64::new(0),
+        progress,
+    });
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..shared.args.connections {
+        let shared = shared.clone();
+        tasks.push(tokio::spawn(async move { worker(shared).await }));
+    }
+    let mut latencies: Vec<u32> = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.context("worker panicked")??);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    shared.progress.finish_and_clear();
+    latencies.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        f64::from(latencies[i]) / 1000.0
+    };
+    let args = &shared.args;
+    let ops = latencies.len() as u64;
+    let writes = shared.writes.load(Ordering::Relaxed);
+    let result = BenchResult {
+        label: args
+            .label
+            .clone()
+            .unwrap_or_else(|| args.conn.server.clone()),
+        server: args.conn.server.clone(),
+        workload: args.workload,
+        connections: args.connections,
+        ops,
+        writes,
+        errors: shared.errors.load(Ordering::Relaxed),
+        seconds,
+        ops_per_sec: ops as f64 / seconds,
+        writes_per_sec: writes as f64 / seconds,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        max_ms: latencies.last().map_or(0.0, |&m| f64::from(m) / 1000.0),
+    };
+    println!(
+        "{:<24} {:<17} {:>5} {:>8} {:>7} {:>10} {:>10} {:>8} {:>8} {:>8}",
+        "label",
+        "workload",
+        "conns",
+        "ops",
+        "errors",
+        "ops/s",
+        "writes/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms"
+    );
+    println!(
+        "{:<24} {:<17} {:>5} {:>8} {:>7} {:>10.0} {:>10.0} {:>8.2} {:>8.2} {:>8.2}",
+        result.label,
+        format!("{:?}", result.workload),
+        result.connections,
+        result.ops,
+        result.errors,
+        result.ops_per_sec,
+        result.writes_per_sec,
+        result.p50_ms,
+        result.p99_ms,
+        result.max_ms
+    );
+    let json = serde_json::to_string(&result)?;
+    println!("{json}");
+    if let Some(path) = &args.json {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(f, "{json}")?;
+    }
+    Ok(())
+}
+
+impl Shared {
+    /// Claims the next operation number, or `None` when done.
+    fn claim(&self) -> Option<u64> {
+        if Instant::now() >= self.deadline {
+            return None;
+        }
+        let k = self.next.fetch_add(1, Ordering::Relaxed);
+        (k < self.args.ops).then_some(k)
+    }
+
+    fn name(&self, k: u64) -> String {
+        format!("{}.{k}", self.args.prefix)
+    }
+
+    fn existing(&self, rng: &mut impl Rng) -> String {
+        let space = self.args.keyspace.unwrap_or(self.args.ops).max(1);
+        self.name(rng.gen_range(0..space))
+    }
+}
+
+async fn worker(shared: Arc<Shared>) -> anyhow::Result<Vec<u32>> {
+    let mut latencies = Vec::new();
+    let mut client = if shared.args.workload == Workload::Backend {
+        None
+    } else {
+        Some(shared.args.conn.connect().await?)
+    };
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    let acl = "anyone\tlrs\t".to_string();
+    while let Some(k) = shared.claim() {
+        let started = Instant::now();
+        let commands: Vec<Command> = match shared.args.workload {
+            Workload::ReserveActivate | Workload::Backend => create(&shared, k, &acl),
+            Workload::Find => vec![Command::Find {
+                name: shared.existing(&mut rng),
+            }],
+            Workload::Delete => vec![Command::Delete {
+                name: shared.name(k),
+            }],
+            Workload::Mix => match rng.gen_range(0..10) {
+                0 => create(
+                    &shared,
+                    shared.args.keyspace.unwrap_or(shared.args.ops) + k,
+                    &acl,
+                ),
+                1 => vec![Command::Activate {
+                    name: shared.existing(&mut rng),
+                    location: shared.args.location.clone(),
+                    acl: format!("anyone\tlrs\tu{k}\tlr\t"),
+                }],
+                2 => vec![Command::Delete {
+                    name: shared.existing(&mut rng),
+                }],
+                _ => vec![Command::Find {
+                    name: shared.existing(&mut rng),
+                }],
+            },
+        };
+        let writes = commands
+            .iter()
+            .filter(|c| !matches!(c, Command::Find { .. }))
+            .count() as u64;
+        let ok = match &mut client {
+            Some(c) => run_commands(c, &commands).await?,
+            None => backend_op(&shared.args.conn, &commands).await?,
+        };
+        if !ok {
+            shared.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        shared.writes.fetch_add(writes, Ordering::Relaxed);
+        latencies.push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        shared.progress.inc(1);
+    }
+    if let Some(c) = client {
+        c.logout().await.ok();
+    }
+    Ok(latencies)
+}
+
+fn create(shared: &Shared, k: u64, acl: &str) -> Vec<Command> {
+    let name = shared.name(k);
+    vec![
+        Command::Reserve {
+            name: name.clone(),
+            location: shared.args.location.clone(),
+        },
+        Command::Activate {
+            name,
+            location: shared.args.location.clone(),
+            acl: acl.to_owned(),
+        },
+    ]
+}
+
+/// Runs commands one at a time; `Ok(false)` if any was refused.
+async fn run_commands(client: &mut Client, commands: &[Command]) -> Result<bool, ClientError> {
+    let mut ok = true;
+    for c in commands {
+        let reply = client.command(c).await?;
+        ok &= reply.status == Status::Ok;
+    }
+    Ok(ok)
+}
+
+/// One operation the way a Cyrus backend performs it: its own connection.
+async fn backend_op(conn: &ConnectArgs, commands: &[Command]) -> anyhow::Result<bool> {
+    let mut c = conn.connect().await?;
+    let ok = run_commands(&mut c, commands).await?;
+    // Cyrus's client sends LOGOUT and closes without waiting for the answer.
+    c.send(&Command::Logout);
+    c.flush().await.ok();
+    Ok(ok)
+}

@@ -1,0 +1,218 @@
+//! `corvidctl`: MUPDATE shell, mailbox lookups, credentials and a load
+//! generator for Corvid or any Cyrus MUPDATE server.
+
+mod bench;
+mod conn;
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use corvid_registry::auth::UserFile;
+use corvid_registry::model::{MailboxEntry, MailboxState};
+
+/// Command line of `corvidctl`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "corvidctl",
+    version,
+    about = "Administer and exercise a Corvid (or Cyrus) MUPDATE server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Interactive MUPDATE session, like Cyrus's mupdatetest: prints the
+    /// greeting, authenticates, then passes standard input through.
+    Shell(conn::ConnectArgs),
+    /// Look one mailbox up (FIND).
+    Find {
+        #[command(flatten)]
+        conn: conn::ConnectArgs,
+        /// Mailbox name, e.g. user.alice
+        name: String,
+    },
+    /// List mailboxes whose location starts with PREFIX (LIST).
+    List {
+        #[command(flatten)]
+        conn: conn::ConnectArgs,
+        /// Location prefix, e.g. "be1!"
+        prefix: Option<String>,
+    },
+    /// Manage the credentials file.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Load generator: drives a MUPDATE server and prints throughput and latency.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct UsersFile {
+    /// Credentials file of the registry.
+    #[arg(long, default_value = "./data/users.toml")]
+    users_file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct PasswordSource {
+    /// Read the password from standard input (first line).
+    #[arg(long, conflicts_with = "password")]
+    password_stdin: bool,
+    /// The password (visible to other local users in `ps`; prefer --password-stdin).
+    #[arg(long)]
+    password: Option<String>,
+}
+
+impl PasswordSource {
+    fn read(&self) -> anyhow::Result<String> {
+        if let Some(p) = &self.password {
+            return Ok(p.clone());
+        }
+        if !self.password_stdin {
+            bail!("give the password with --password-stdin (or --password)");
+        }
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        let p = s.lines().next().unwrap_or("").to_owned();
+        if p.is_empty() {
+            bail!("empty password on standard input");
+        }
+        Ok(p)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCmd {
+    /// Add a user.
+    Add {
+        #[command(flatten)]
+        file: UsersFile,
+        #[command(flatten)]
+        password: PasswordSource,
+        /// May write (RESERVE, ACTIVATE, DEACTIVATE, DELETE).
+        #[arg(long)]
+        admin: bool,
+        /// User name.
+        name: String,
+    },
+    /// Change a user's password.
+    Passwd {
+        #[command(flatten)]
+        file: UsersFile,
+        #[command(flatten)]
+        password: PasswordSource,
+        /// User name.
+        name: String,
+    },
+    /// Remove a user.
+    Del {
+        #[command(flatten)]
+        file: UsersFile,
+        /// User name.
+        name: String,
+    },
+    /// List users.
+    List {
+        #[command(flatten)]
+        file: UsersFile,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("corvidctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Shell(args) => conn::shell(&args).await,
+        Cmd::Find { conn, name } => {
+            let mut c = conn.connect().await?;
+            match c.find(&name).await? {
+                Some(e) => print_entry(&e),
+                None => {
+                    eprintln!("{name}: not found");
+                    std::process::exit(2);
+                }
+            }
+            c.logout().await?;
+            Ok(())
+        }
+        Cmd::List { conn, prefix } => {
+            let mut c = conn.connect().await?;
+            for e in c.list(prefix.as_deref()).await? {
+                print_entry(&e);
+            }
+            c.logout().await?;
+            Ok(())
+        }
+        Cmd::User(cmd) => user(cmd),
+        Cmd::Bench(args) => bench::run(args).await,
+    }
+}
+
+fn print_entry(e: &MailboxEntry) {
+    let state = match e.state {
+        MailboxState::Active => "active",
+        MailboxState::Reserved => "reserved",
+    };
+    println!(
+        "{}\t{}\t{}\t{}",
+        e.name,
+        e.location,
+        state,
+        e.acl.replace('\t', " ").trim_end()
+    );
+}
+
+fn user(cmd: UserCmd) -> anyhow::Result<()> {
+    let load = |f: &UsersFile| {
+        UserFile::load(&f.users_file).with_context(|| format!("reading {}", f.users_file.display()))
+    };
+    match cmd {
+        UserCmd::Add {
+            file,
+            password,
+            admin,
+            name,
+        } => {
+            let mut users = load(&file)?;
+            users.add(&name, &password.read()?, admin)?;
+            users.save(&file.users_file)?;
+            println!("added {name}{}", if admin { " (admin)" } else { "" });
+        }
+        UserCmd::Passwd {
+            file,
+            password,
+            name,
+        } => {
+            let mut users = load(&file)?;
+            users.set_password(&name, &password.read()?)?;
+            users.save(&file.users_file)?;
+            println!("password of {name} changed");
+        }
+        UserCmd::Del { file, name } => {
+            let mut users = load(&file)?;
+            users.remove(&name)?;
+            users.save(&file.users_file)?;
+            println!("removed {name}");
+        }
+        UserCmd::List { file } => {
+            for u in load(&file)?.list() {
+                println!("{}\t{}", u.name, if u.admin { "admin" } else { "user" });
+            }
+        }
+    }
+    Ok(())
+}

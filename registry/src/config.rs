@@ -1,0 +1,291 @@
+//! `corvid-registry` configuration: a TOML file (`--config`) with embedded
+//! defaults for everything, and command-line flags that override it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use crate::raft::RaftSettings;
+
+/// The whole configuration file. Every section and key is optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where data lives and what this node is called.
+    pub node: NodeConfig,
+    /// The MUPDATE listener.
+    pub mupdate: MupdateConfig,
+    /// STARTTLS certificate and key.
+    pub tls: TlsConfig,
+    /// Credentials.
+    pub auth: AuthConfig,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
+    /// Raft timing and log retention.
+    pub raft: RaftSettings,
+}
+
+/// `[node]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Directory for the RocksDB database, snapshots and credentials.
+    pub data_dir: PathBuf,
+    /// Name sent in the MUPDATE greeting.
+    pub server_name: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            data_dir: PathBuf::from("./data"),
+            server_name: "corvid".into(),
+        }
+    }
+}
+
+/// `[mupdate]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MupdateConfig {
+    /// Address to listen on (3905 is MUPDATE's standard port).
+    pub listen: SocketAddr,
+    /// Most concurrent connections; more are answered `* BYE`.
+    pub max_connections: usize,
+    /// Seconds of silence after which a connection is closed.
+    pub idle_timeout_secs: u64,
+    /// Milliseconds to wait before answering a failed authentication.
+    pub failed_auth_delay_ms: u64,
+    /// Allow PLAIN on connections that are neither TLS nor loopback.
+    pub allow_plaintext: bool,
+    /// Longest command line in bytes.
+    pub max_line_bytes: usize,
+    /// Largest literal in bytes.
+    pub max_literal_bytes: usize,
+}
+
+impl Default for MupdateConfig {
+    fn default() -> Self {
+        MupdateConfig {
+            listen: "127.0.0.1:3905".parse().expect("valid default address"),
+            max_connections: 4096,
+            idle_timeout_secs: 30 * 60,
+            failed_auth_delay_ms: 1000,
+            allow_plaintext: false,
+            max_line_bytes: 8192,
+            max_literal_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// `[tls]`: both or neither.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The credentials file; default `<data_dir>/users.toml`.
+    pub users_file: Option<PathBuf>,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the `/metrics` HTTP endpoint.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9905".parse().expect("valid default address"),
+        }
+    }
+}
+
+/// Command line of `corvid-registry`. Flags override the config file.
+#[derive(Debug, Parser)]
+#[command(
+    name = "corvid-registry",
+    version,
+    about = "Raft-backed MUPDATE master for a Cyrus IMAP Murder",
+    long_about = "Raft-backed MUPDATE master for a Cyrus IMAP Murder.\n\n\
+        With no arguments it runs a one-node registry with embedded defaults: \
+        MUPDATE on 127.0.0.1:3905, metrics on http://127.0.0.1:9905/metrics, \
+        data under ./data. On first start it creates an administrator \
+        credential and prints where it is."
+)]
+pub struct Args {
+    /// TOML configuration file (see `--print-config` for every key).
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Data directory [node.data_dir].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Name sent in the greeting [node.server_name].
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// MUPDATE listen address; port 0 picks a free port [mupdate.listen].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Metrics listen address; port 0 picks a free port [metrics.listen].
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Credentials file [auth.users_file].
+    #[arg(long)]
+    pub users_file: Option<PathBuf>,
+    /// PEM certificate for STARTTLS [tls.cert].
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for STARTTLS [tls.key].
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Allow PLAIN without TLS from non-loopback peers [mupdate.allow_plaintext].
+    #[arg(long)]
+    pub allow_plaintext: bool,
+    /// Raft node id [raft.node_id].
+    #[arg(long)]
+    pub node_id: Option<u64>,
+}
+
+impl Config {
+    /// Reads the file named by `args` (if any) and applies the flags.
+    pub fn load(args: &Args) -> anyhow::Result<Config> {
+        let mut config = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+                toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        if let Some(v) = &args.data_dir {
+            config.node.data_dir = v.clone();
+        }
+        if let Some(v) = &args.server_name {
+            config.node.server_name = v.clone();
+        }
+        if let Some(v) = args.listen {
+            config.mupdate.listen = v;
+        }
+        if let Some(v) = args.metrics_listen {
+            config.metrics.listen = v;
+        }
+        if let Some(v) = &args.users_file {
+            config.auth.users_file = Some(v.clone());
+        }
+        if let Some(v) = &args.tls_cert {
+            config.tls.cert = Some(v.clone());
+        }
+        if let Some(v) = &args.tls_key {
+            config.tls.key = Some(v.clone());
+        }
+        if args.allow_plaintext {
+            config.mupdate.allow_plaintext = true;
+        }
+        if let Some(v) = args.node_id {
+            config.raft.node_id = v;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.tls.cert.is_some() == self.tls.key.is_some(),
+            "[tls] needs both cert and key"
+        );
+        anyhow::ensure!(
+            self.mupdate.max_line_bytes >= 1024,
+            "mupdate.max_line_bytes must be at least 1024"
+        );
+        anyhow::ensure!(
+            self.mupdate.max_literal_bytes >= 1024,
+            "mupdate.max_literal_bytes must be at least 1024"
+        );
+        anyhow::ensure!(
+            self.mupdate.max_connections > 0,
+            "mupdate.max_connections must be positive"
+        );
+        anyhow::ensure!(self.raft.node_id > 0, "raft.node_id must be positive");
+        anyhow::ensure!(
+            self.raft.election_timeout_min_ms > self.raft.heartbeat_ms
+                && self.raft.election_timeout_max_ms > self.raft.election_timeout_min_ms,
+            "raft: need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms"
+        );
+        Ok(())
+    }
+
+    /// The credentials file in effect.
+    pub fn users_file(&self) -> PathBuf {
+        self.auth
+            .users_file
+            .clone()
+            .unwrap_or_else(|| self.node.data_dir.join("users.toml"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let text = toml::to_string(&Config::default()).unwrap();
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back.mupdate.listen, Config::default().mupdate.listen);
+        assert_eq!(back.raft.heartbeat_ms, 50);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err =
+            toml::from_str::<Config>("[mupdate]\nlisten_addr = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[mupdate]\nlisten = \"127.0.0.1:1111\"\n[node]\nserver_name = \"file\"\n",
+        )
+        .unwrap();
+        let args = Args::parse_from([
+            "corvid-registry",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:2222",
+        ]);
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.mupdate.listen.port(), 2222);
+        assert_eq!(c.node.server_name, "file");
+    }
+
+    #[test]
+    fn half_a_tls_pair_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[tls]\ncert = \"/x.pem\"\n").unwrap();
+        let args = Args::parse_from(["corvid-registry", "--config", path.to_str().unwrap()]);
+        assert!(Config::load(&args).is_err());
+    }
+}

@@ -1,0 +1,109 @@
+//! Starting a registry node: storage, Raft, credentials, and the listeners.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::auth::{CredentialStore, SaslServer, UserFile};
+use crate::config::Config;
+use crate::mupdate::codec::Limits;
+use crate::mupdate::server::{self, ServerContext, ServerSettings};
+use crate::raft::Registry;
+
+/// A started node.
+pub struct Running {
+    /// Where MUPDATE listens.
+    pub mupdate_addr: SocketAddr,
+    /// The registry handle.
+    pub registry: Registry,
+    /// The MUPDATE accept loop.
+    pub mupdate_task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Name of the administrator created on first start.
+pub const FIRST_ADMIN: &str = "admin";
+
+/// On first start (no credentials file), creates an administrator with a
+/// random password and writes it to `admin-credential.txt` (mode 0600) in the
+/// data directory. Returns that file's path when it was created.
+pub fn ensure_first_admin(
+    users_file: &Path,
+    data_dir: &Path,
+) -> anyhow::Result<Option<std::path::PathBuf>> {
+    if users_file.exists() {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let password = CredentialStore::generate_password();
+    let mut users = UserFile::load(users_file)?;
+    users.add(FIRST_ADMIN, &password, true)?;
+    let cred = data_dir.join("admin-credential.txt");
+    write_private(
+        &cred,
+        &format!(
+            "# Corvid administrator credential, created on first start.\n\
+             # Change it with: corvidctl user passwd --users-file {} {FIRST_ADMIN}\n\
+             user = \"{FIRST_ADMIN}\"\npassword = \"{password}\"\n",
+            users_file.display()
+        ),
+    )?;
+    users.save(users_file)?;
+    Ok(Some(cred))
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
+/// Starts Raft and the MUPDATE listener as `config` says.
+pub async fn start(config: &Config) -> anyhow::Result<Running> {
+    let data_dir = &config.node.data_dir;
+    let listener = TcpListener::bind(config.mupdate.listen)
+        .await
+        .with_context(|| format!("binding MUPDATE listener {}", config.mupdate.listen))?;
+    let mupdate_addr = listener.local_addr()?;
+    let registry = Registry::start(data_dir, &config.raft, &mupdate_addr.to_string())
+        .await
+        .with_context(|| format!("starting the registry in {}", data_dir.display()))?;
+    let tls = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    let credentials = Arc::new(CredentialStore::new(config.users_file()));
+    let ctx = Arc::new(ServerContext {
+        registry: registry.clone(),
+        sasl: SaslServer::new(credentials),
+        tls,
+        settings: ServerSettings {
+            server_name: config.node.server_name.clone(),
+            max_connections: config.mupdate.max_connections,
+            idle_timeout: Duration::from_secs(config.mupdate.idle_timeout_secs),
+            failed_auth_delay: Duration::from_millis(config.mupdate.failed_auth_delay_ms),
+            allow_plaintext: config.mupdate.allow_plaintext,
+            limits: Limits {
+                max_line: config.mupdate.max_line_bytes,
+                max_literal: config.mupdate.max_literal_bytes,
+                ..Limits::default()
+            },
+        },
+    });
+    let mupdate_task = tokio::spawn(server::serve(listener, ctx));
+    Ok(Running {
+        mupdate_addr,
+        registry,
+        mupdate_task,
+    })
+}

@@ -1,0 +1,625 @@
+//! The MUPDATE server: one task per connection, speaking the protocol as
+//! Cyrus 3.6 peers expect it (see `codec` for the bytes).
+//!
+//! A session reads frames from the pure [`RequestDecoder`], runs each command
+//! against the [`Registry`], and writes replies in order. Replies to pipelined
+//! commands are batched into one write. After UPDATE, the session streams
+//! committed changes while still answering NOOP and LOGOUT.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, Semaphore};
+
+use super::codec::{self, Command, Frame, Greeting, Limits, Request, RequestDecoder, Status};
+use crate::auth::{Identity, SaslServer, SaslStep};
+use crate::model::{server_of, Change, MailboxEntry, MailboxState, Outcome, RegistryCommand};
+use crate::raft::Registry;
+use crate::store::StateEvent;
+use crate::tls::MaybeTls;
+
+/// Settings of the MUPDATE listener.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Name sent in the greeting.
+    pub server_name: String,
+    /// Most concurrent connections; more are answered `* BYE`.
+    pub max_connections: usize,
+    /// A connection idle this long is closed.
+    pub idle_timeout: Duration,
+    /// Pause before answering a failed authentication (slows guessing).
+    pub failed_auth_delay: Duration,
+    /// Allow PLAIN on connections that are neither TLS nor loopback.
+    pub allow_plaintext: bool,
+    /// Line and literal bounds.
+    pub limits: Limits,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            server_name: "corvid".into(),
+            max_connections: 4096,
+            idle_timeout: Duration::from_secs(30 * 60),
+            failed_auth_delay: Duration::from_secs(1),
+            allow_plaintext: false,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Everything a session needs, shared by all sessions.
+pub struct ServerContext {
+    /// The registry.
+    pub registry: Registry,
+    /// SASL mechanisms and credentials.
+    pub sasl: SaslServer,
+    /// TLS configuration for STARTTLS, if any.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Settings.
+    pub settings: ServerSettings,
+}
+
+/// Accepts connections until the listener fails.
+pub async fn serve(listener: TcpListener, ctx: Arc<ServerContext>) -> std::io::Result<()> {
+    let slots = Arc::new(Semaphore::new(ctx.settings.max_connections));
+    loop {
+        let (mut socket, peer) = listener.accept().await?;
+        let _ = socket.set_nodelay(true);
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("corvid_mupdate_connections_rejected_total").increment(1);
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                codec::write_bye(&mut out, "Server Unable: too many connections");
+                let _ = socket.write_all(&out).await;
+            });
+            continue;
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            metrics::gauge!("corvid_mupdate_connections_open").increment(1.0);
+            let mut session = Session::new(ctx, MaybeTls::Plain(socket), peer);
+            if let Err(e) = session.run().await {
+                tracing::debug!(%peer, "mupdate session ended: {e}");
+            }
+            metrics::gauge!("corvid_mupdate_connections_open").decrement(1.0);
+            drop(permit);
+        });
+    }
+}
+
+/// Why a session stops.
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("logout")]
+    Logout,
+    #[error("idle timeout")]
+    Idle,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// An UPDATE subscription in progress.
+struct Streaming {
+    tag: String,
+    servers: Vec<String>,
+    events: broadcast::Receiver<StateEvent>,
+    /// Changes at or below this index were in the initial dump.
+    dumped_up_to: u64,
+}
+
+struct Session {
+    ctx: Arc<ServerContext>,
+    stream: MaybeTls,
+    peer: SocketAddr,
+    decoder: RequestDecoder,
+    input: BytesMut,
+    output: Vec<u8>,
+    identity: Option<Identity>,
+    streaming: Option<Streaming>,
+}
+
+impl Session {
+    fn new(ctx: Arc<ServerContext>, stream: MaybeTls, peer: SocketAddr) -> Self {
+        let decoder = RequestDecoder::new(ctx.settings.limits);
+        Session {
+            ctx,
+            stream,
+            peer,
+            decoder,
+            input: BytesMut::with_capacity(4096),
+            output: Vec::with_capacity(4096),
+            identity: None,
+            streaming: None,
+        }
+    }
+
+    fn plaintext_allowed(&self) -> bool {
+        self.stream.is_tls() || self.peer.ip().is_loopback() || self.ctx.settings.allow_plaintext
+    }
+
+    fn greeting(&mut self) {
+        let g = Greeting {
+            mechanisms: self
+                .ctx
+                .sasl
+                .mechanisms(self.plaintext_allowed())
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            starttls: self.ctx.tls.is_some() && !self.stream.is_tls(),
+            partial_update: true,
+            server_name: self.ctx.settings.server_name.clone(),
+            implementation: "Corvid".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            role: "(master)".into(),
+        };
+        codec::write_greeting(&mut self.output, &g);
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.output.is_empty() {
+            self.stream.write_all(&self.output).await?;
+            self.stream.flush().await?;
+            self.output.clear();
+        }
+        Ok(())
+    }
+
+    /// Reads more input; `Ok(false)` at end of stream.
+    async fn fill(&mut self) -> Result<(), SessionEnd> {
+        let idle = self.ctx.settings.idle_timeout;
+        match tokio::time::timeout(idle, self.stream.read_buf(&mut self.input)).await {
+            Err(_) => {
+                codec::write_bye(&mut self.output, "idle for too long");
+                self.flush().await?;
+                Err(SessionEnd::Idle)
+            }
+            Ok(Ok(0)) => Err(SessionEnd::Closed),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+        }
+    }
+
+    async fn run(&mut self) -> Result<(), SessionEnd> {
+        self.greeting();
+        self.flush().await?;
+        loop {
+            while let Some(frame) = self.decoder.decode(&mut self.input) {
+                match frame {
+                    Frame::GoAhead => {
+                        codec::write_go_ahead(&mut self.output);
+                        // The peer waits for this before sending the literal.
+                        self.flush().await?;
+                    }
+                    Frame::Bad { tag, reason } => {
+                        metrics::counter!("corvid_mupdate_commands_total", "command" => "invalid", "result" => "bad")
+                            .increment(1);
+                        codec::write_status(&mut self.output, tag.as_deref(), Status::Bad, &reason);
+                    }
+                    Frame::Request(req) => {
+                        let name = req.command.name();
+                        let started = Instant::now();
+                        let result = self.command(req).await;
+                        metrics::histogram!("corvid_mupdate_command_duration_seconds", "command" => name)
+                            .record(started.elapsed().as_secs_f64());
+                        result?;
+                    }
+                }
+            }
+            self.flush().await?;
+            if self.streaming.is_some() {
+                self.stream_until_input().await?;
+            } else {
+                self.fill().await?;
+            }
+        }
+    }
+
+    fn count(&self, command: &'static str, result: &'static str) {
+        metrics::counter!("corvid_mupdate_commands_total", "command" => command, "result" => result).increment(1);
+    }
+
+    fn reply(&mut self, tag: &str, command: &'static str, status: Status, text: &str) {
+        let result = match status {
+            Status::Ok => "ok",
+            Status::No => "no",
+            Status::Bad => "bad",
+        };
+        self.count(command, result);
+        codec::write_status(&mut self.output, Some(tag), status, text);
+    }
+
+    async fn command(&mut self, req: Request) -> Result<(), SessionEnd> {
+        let Request { tag, command } = req;
+        let name = command.name();
+        if self.streaming.is_some() && !matches!(command, Command::Noop | Command::Logout) {
+            self.reply(&tag, name, Status::Bad, "not legal when streaming");
+            return Ok(());
+        }
+        let authenticated = self.identity.is_some();
+        match command {
+            Command::Noop => {
+                // A NOOP is a synchronisation point for UPDATE streams: every
+                // change committed before it is pushed before its OK.
+                self.drain_stream()?;
+                self.reply(&tag, name, Status::Ok, "Noop done");
+            }
+            Command::Logout => {
+                self.reply(&tag, name, Status::Ok, "bye-bye");
+                self.flush().await?;
+                let _ = self.stream.shutdown().await;
+                return Err(SessionEnd::Logout);
+            }
+            Command::Starttls => self.starttls(&tag).await?,
+            Command::Compress { .. } => {
+                self.reply(&tag, name, Status::No, "compression is not supported")
+            }
+            Command::Authenticate {
+                mechanism,
+                initial_response,
+            } => {
+                self.authenticate(&tag, &mechanism, initial_response)
+                    .await?
+            }
+            _ if !authenticated => self.reply(&tag, name, Status::Bad, "Please login first"),
+            Command::Find { name: mailbox } => match self.ctx.registry.find(&mailbox).await {
+                Ok(entry) => {
+                    if let Some(e) = entry {
+                        write_entry(&mut self.output, &tag, &e);
+                    }
+                    self.reply(&tag, name, Status::Ok, "Search completed");
+                }
+                Err(e) => self.reply(&tag, name, Status::No, &e.to_string()),
+            },
+            Command::List { prefix } => match self.ctx.registry.list(prefix.as_deref()).await {
+                Ok(entries) => {
+                    for e in &entries {
+                        write_entry(&mut self.output, &tag, e);
+                        if self.output.len() > 64 * 1024 {
+                            self.flush().await?;
+                        }
+                    }
+                    self.reply(&tag, name, Status::Ok, "list complete");
+                }
+                Err(e) => self.reply(&tag, name, Status::No, &e.to_string()),
+            },
+            Command::Update { servers } => self.start_update(&tag, servers).await?,
+            Command::Reserve { .. }
+            | Command::Activate { .. }
+            | Command::Deactivate { .. }
+            | Command::Delete { .. } => {
+                if !self.identity.as_ref().is_some_and(|i| i.admin) {
+                    self.reply(
+                        &tag,
+                        name,
+                        Status::No,
+                        "permission denied: not an administrator",
+                    );
+                    return Ok(());
+                }
+                let Some(cmd) = registry_command(command) else {
+                    return Ok(());
+                };
+                match self.ctx.registry.write(cmd).await {
+                    Ok(Outcome::Done) => self.reply(&tag, name, Status::Ok, "done"),
+                    Ok(Outcome::Refused(r)) => self.reply(&tag, name, Status::No, &r.to_string()),
+                    Ok(Outcome::Batch(_)) => self.reply(&tag, name, Status::Ok, "done"),
+                    Err(e) => self.reply(&tag, name, Status::No, &e.to_string()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn starttls(&mut self, tag: &str) -> Result<(), SessionEnd> {
+        if self.stream.is_tls() {
+            self.reply(tag, "STARTTLS", Status::Bad, "TLS already active");
+            return Ok(());
+        }
+        if self.identity.is_some() {
+            self.reply(
+                tag,
+                "STARTTLS",
+                Status::Bad,
+                "Can't Starttls after authentication",
+            );
+            return Ok(());
+        }
+        let Some(config) = self.ctx.tls.clone() else {
+            self.reply(
+                tag,
+                "STARTTLS",
+                Status::No,
+                "TLS is not configured on this server",
+            );
+            return Ok(());
+        };
+        self.reply(tag, "STARTTLS", Status::Ok, "Begin TLS negotiation now");
+        self.flush().await?;
+        // Anything pipelined after STARTTLS in plaintext is dropped: it could
+        // be injected by a man in the middle.
+        self.input.clear();
+        let Some(tcp) = self.stream.take_plain() else {
+            return Err(SessionEnd::Closed);
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => {
+                self.stream = MaybeTls::Tls(Box::new(tls));
+                self.greeting();
+                Ok(())
+            }
+            Ok(Err(e)) => Err(SessionEnd::Io(e)),
+            Err(_) => Err(SessionEnd::Idle),
+        }
+    }
+
+    /// Reads one SASL response line.
+    async fn sasl_line(&mut self) -> Result<Result<Vec<u8>, ()>, SessionEnd> {
+        loop {
+            if let Some(line) = self.decoder.decode_line(&mut self.input) {
+                return Ok(line.map_err(|_| ()));
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn authenticate(
+        &mut self,
+        tag: &str,
+        mechanism: &str,
+        initial: Option<Vec<u8>>,
+    ) -> Result<(), SessionEnd> {
+        const NAME: &str = "AUTHENTICATE";
+        if self.identity.is_some() {
+            self.reply(tag, NAME, Status::Bad, "already authenticated");
+            return Ok(());
+        }
+        let mut exchange = match self.ctx.sasl.start(mechanism, self.plaintext_allowed()) {
+            Ok(x) => x,
+            Err(e) => {
+                self.reply(tag, NAME, Status::No, &e.to_string());
+                return Ok(());
+            }
+        };
+        let b64 = base64::engine::general_purpose::STANDARD;
+        // "=" is an explicitly empty initial response (RFC 4959).
+        let mut input = match initial.as_deref() {
+            None => None,
+            Some(b"=") => Some(Vec::new()),
+            Some(raw) => match b64.decode(raw) {
+                Ok(d) => Some(d),
+                Err(_) => {
+                    self.reply(tag, NAME, Status::Bad, "Invalid base64 in initial response");
+                    return Ok(());
+                }
+            },
+        };
+        let failed = loop {
+            match exchange.step(input.as_deref()) {
+                Ok(SaslStep::Challenge(challenge)) => {
+                    codec::write_sasl_challenge(&mut self.output, &challenge);
+                    self.flush().await?;
+                    match self.sasl_line().await? {
+                        Err(()) => break Some("SASL response too long"),
+                        Ok(line) if line == b"*" => {
+                            self.reply(tag, NAME, Status::No, "Client canceled authentication");
+                            return Ok(());
+                        }
+                        Ok(line) => match b64.decode(&line) {
+                            Ok(d) => input = Some(d),
+                            Err(_) => break Some("Invalid base64 in SASL response"),
+                        },
+                    }
+                }
+                Ok(SaslStep::Success {
+                    identity,
+                    final_data,
+                }) => {
+                    if let Some(data) = final_data {
+                        // Cyrus sends the server's final SASL data as one more
+                        // challenge, which the client answers with an empty line.
+                        codec::write_sasl_challenge(&mut self.output, &data);
+                        self.flush().await?;
+                        match self.sasl_line().await? {
+                            Ok(line) if line.is_empty() => {}
+                            Ok(line) if line == b"*" => {
+                                self.reply(tag, NAME, Status::No, "Client canceled authentication");
+                                return Ok(());
+                            }
+                            _ => break Some("unexpected data after SASL success"),
+                        }
+                    }
+                    tracing::info!(peer = %self.peer, user = %identity.user, "authenticated");
+                    metrics::counter!("corvid_mupdate_auth_total", "result" => "ok").increment(1);
+                    self.identity = Some(identity);
+                    self.reply(tag, NAME, Status::Ok, "Authenticated");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::info!(peer = %self.peer, "authentication failed: {e}");
+                    break None;
+                }
+            }
+        };
+        metrics::counter!("corvid_mupdate_auth_total", "result" => "failed").increment(1);
+        tokio::time::sleep(self.ctx.settings.failed_auth_delay).await;
+        self.reply(
+            tag,
+            NAME,
+            Status::No,
+            failed.unwrap_or("authentication failed"),
+        );
+        Ok(())
+    }
+
+    async fn start_update(&mut self, tag: &str, servers: Vec<String>) -> Result<(), SessionEnd> {
+        // Subscribe before the dump so that no change falls between the two.
+        let events = self.ctx.registry.store().subscribe();
+        if let Err(e) = self.ctx.registry.read_barrier().await {
+            self.reply(tag, "UPDATE", Status::No, &e.to_string());
+            return Ok(());
+        }
+        let store = self.ctx.registry.store().clone();
+        let filter = servers.clone();
+        let dump = tokio::task::spawn_blocking(move || {
+            store.scan(|e| filter.is_empty() || filter.iter().any(|s| s == e.server()))
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        let (index, entries) = match dump {
+            Ok(d) => d,
+            Err(e) => {
+                self.reply(tag, "UPDATE", Status::No, &e.to_string());
+                return Ok(());
+            }
+        };
+        for e in &entries {
+            write_entry(&mut self.output, tag, e);
+            if self.output.len() > 64 * 1024 {
+                self.flush().await?;
+            }
+        }
+        self.reply(tag, "UPDATE", Status::Ok, "streaming starts");
+        self.streaming = Some(Streaming {
+            tag: tag.to_owned(),
+            servers,
+            events,
+            dumped_up_to: index,
+        });
+        metrics::gauge!("corvid_mupdate_update_subscribers").increment(1.0);
+        Ok(())
+    }
+
+    /// Writes every change already received by the subscription.
+    fn drain_stream(&mut self) -> Result<(), SessionEnd> {
+        let Some(st) = self.streaming.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            match st.events.try_recv() {
+                Ok(ev) => push_event(&mut self.output, st, ev)?,
+                Err(broadcast::error::TryRecvError::Empty) => return Ok(()),
+                Err(e) => return Err(stream_lost(&mut self.output, e.to_string())),
+            }
+        }
+    }
+
+    /// While streaming: push changes as they commit until client input arrives.
+    async fn stream_until_input(&mut self) -> Result<(), SessionEnd> {
+        let idle = self.ctx.settings.idle_timeout;
+        let deadline = tokio::time::Instant::now() + idle;
+        loop {
+            let st = self.streaming.as_mut().expect("streaming");
+            tokio::select! {
+                read = self.stream.read_buf(&mut self.input) => {
+                    return match read {
+                        Ok(0) => Err(SessionEnd::Closed),
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e.into()),
+                    };
+                }
+                ev = st.events.recv() => {
+                    match ev {
+                        Ok(ev) => push_event(&mut self.output, st, ev)?,
+                        Err(e) => {
+                            let end = stream_lost(&mut self.output, e.to_string());
+                            self.flush().await?;
+                            return Err(end);
+                        }
+                    }
+                    self.drain_stream()?;
+                    self.flush().await?;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    codec::write_bye(&mut self.output, "idle for too long");
+                    self.flush().await?;
+                    return Err(SessionEnd::Idle);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.streaming.is_some() {
+            metrics::gauge!("corvid_mupdate_update_subscribers").decrement(1.0);
+        }
+    }
+}
+
+/// A stream that fell behind (or whose state was replaced) cannot be resumed:
+/// the slave must reconnect and resync, as Cyrus slaves do on any error.
+fn stream_lost(out: &mut Vec<u8>, why: String) -> SessionEnd {
+    codec::write_bye(out, "update stream interrupted; resynchronize");
+    SessionEnd::Io(std::io::Error::other(format!("update stream lost: {why}")))
+}
+
+fn push_event(out: &mut Vec<u8>, st: &Streaming, ev: StateEvent) -> Result<(), SessionEnd> {
+    let batch = match ev {
+        StateEvent::Changes(c) => c,
+        StateEvent::Reset => return Err(stream_lost(out, "state replaced by a snapshot".into())),
+    };
+    if batch.index <= st.dumped_up_to {
+        return Ok(());
+    }
+    let wanted = |location: &str| {
+        st.servers.is_empty() || st.servers.iter().any(|s| s == server_of(location))
+    };
+    for change in &batch.changes {
+        match change {
+            Change::Put {
+                entry,
+                previous_location,
+            } => {
+                if wanted(&entry.location) || previous_location.as_deref().is_some_and(wanted) {
+                    write_entry(out, &st.tag, entry);
+                }
+            }
+            Change::Removed {
+                name,
+                previous_location,
+                ..
+            } => {
+                if wanted(previous_location) {
+                    codec::write_delete(out, &st.tag, name);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_entry(out: &mut Vec<u8>, tag: &str, e: &MailboxEntry) {
+    match e.state {
+        MailboxState::Active => codec::write_mailbox(out, tag, &e.name, &e.location, &e.acl),
+        MailboxState::Reserved => codec::write_reserve(out, tag, &e.name, &e.location),
+    }
+}
+
+fn registry_command(command: Command) -> Option<RegistryCommand> {
+    Some(match command {
+        Command::Reserve { name, location } => RegistryCommand::Reserve { name, location },
+        Command::Activate {
+            name,
+            location,
+            acl,
+        } => RegistryCommand::Activate {
+            name,
+            location,
+            acl,
+        },
+        Command::Deactivate { name, location } => RegistryCommand::Deactivate { name, location },
+        Command::Delete { name } => RegistryCommand::Delete { name },
+        _ => return None,
+    })
+}

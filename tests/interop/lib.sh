@@ -1,0 +1,456 @@
+# shellcheck shell=bash
+# Helpers shared by the interop tests (sourced, not run). They start real
+# Cyrus 3.6 instances and the server under test on 127.0.0.1 in a private
+# temporary directory, count assertions, and clean everything up on exit.
+#
+# Environment:
+#   SERVER           corvid (default) or cyrus: which MUPDATE master is tested
+#   CORVID_BIN_DIR   where corvid-registry and corvidctl live
+#                    (default ${CARGO_TARGET_DIR:-$HOME/.cache/corvid-target}/release)
+#   CYRUS_BIN        Cyrus tools (default /usr/lib/cyrus/bin)
+#   INTEROP_TIMEOUT  seconds any single wait may take (default 30)
+#   INTEROP_KEEP=1   keep the temporary directory (printed on exit)
+#   CYRUS_TELEMETRY  1 (default): Cyrus writes protocol transcripts under
+#                    conf/log/<user>/; set 0 for benchmarks
+#   CYRUS_CLIENT_MECH  SASL mechanism Cyrus backends use towards the master
+#                    (default PLAIN; empty lets Cyrus pick)
+
+INTEROP_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CYRUS_BIN=${CYRUS_BIN:-/usr/lib/cyrus/bin}
+SERVER=${SERVER:-corvid}
+CORVID_BIN_DIR=${CORVID_BIN_DIR:-${CARGO_TARGET_DIR:-$HOME/.cache/corvid-target}/release}
+INTEROP_TIMEOUT=${INTEROP_TIMEOUT:-30}
+CYRUS_TELEMETRY=${CYRUS_TELEMETRY:-1}
+CYRUS_CLIENT_MECH=${CYRUS_CLIENT_MECH-PLAIN}
+
+INTEROP_PASSED=0
+INTEROP_FAILED=0
+INTEROP_NAME=interop
+REQUIRE_HINT=
+WORK=
+_INTEROP_PGIDS=()
+_INTEROP_LOGS=()
+
+# ---------------------------------------------------------------- basics
+
+## die MSG...: stop the script; the exit trap counts it as a failure.
+die() {
+  echo "FATAL: $*" >&2
+  exit 1
+}
+
+## require_bin PATH|NAME...: fail loudly when a program is missing.
+## REQUIRE_HINT says how to get it.
+require_bin() {
+  local b
+  for b in "$@"; do
+    if [[ $b == */* ]]; then
+      [[ -x $b ]] || die "required program $b is missing; $REQUIRE_HINT"
+    else
+      command -v "$b" >/dev/null || die "required program $b is not in PATH; $REQUIRE_HINT"
+    fi
+  done
+}
+
+## interop_init NAME: check prerequisites, create $WORK, install the exit trap.
+interop_init() {
+  INTEROP_NAME=$1
+  # Installed first so that even a missing prerequisite ends in a summary.
+  trap _interop_exit EXIT
+  trap 'exit 129' HUP
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  trap 'exit 141' PIPE
+  case "$SERVER" in
+    cyrus | corvid) ;;
+    *) die "SERVER must be cyrus or corvid, not '$SERVER'" ;;
+  esac
+  [[ $(id -u) -eq 0 ]] || die "interop tests start Cyrus master, which must run as root (it drops to user cyrus)"
+  id cyrus >/dev/null 2>&1 || die "user cyrus does not exist (is cyrus-common installed?)"
+  REQUIRE_HINT="install the Debian packages with: bash scripts/install-deps.sh test"
+  require_bin python3 timeout setsid mktemp diff awk saslpasswd2 \
+    "$CYRUS_BIN/master" "$CYRUS_BIN/mupdate" "$CYRUS_BIN/imapd" \
+    "$CYRUS_BIN/mupdatetest" "$CYRUS_BIN/ctl_mboxlist"
+  if [[ $SERVER == corvid ]]; then
+    REQUIRE_HINT="build Corvid (make build) or set CORVID_BIN_DIR; SERVER=cyrus tests the reference Cyrus master instead"
+    require_bin "$CORVID_BIN_DIR/corvid-registry" "$CORVID_BIN_DIR/corvidctl"
+  fi
+  WORK=$(mktemp -d /tmp/corvid-interop.XXXXXX)
+  chmod 755 "$WORK" # user cyrus must traverse it
+  echo "== $INTEROP_NAME: SERVER=$SERVER, work dir $WORK"
+}
+
+## interop_log FILE...: dump these files if the script fails.
+interop_log() {
+  _INTEROP_LOGS+=("$@")
+}
+
+## spawn LOGFILE CMD...: start CMD in its own process group (killed on exit);
+## sets SPAWNED_PID.
+spawn() {
+  local log=$1
+  shift
+  setsid "$@" >"$log" 2>&1 </dev/null &
+  SPAWNED_PID=$!
+  _INTEROP_PGIDS+=("$SPAWNED_PID")
+  interop_log "$log"
+}
+
+_interop_kill_all() {
+  local pg i
+  for pg in "${_INTEROP_PGIDS[@]}"; do
+    kill -TERM -- "-$pg" 2>/dev/null || kill -TERM "$pg" 2>/dev/null || true
+  done
+  for pg in "${_INTEROP_PGIDS[@]}"; do
+    for ((i = 0; i < 50; i++)); do
+      kill -0 -- "-$pg" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL -- "-$pg" 2>/dev/null || true
+  done
+  _INTEROP_PGIDS=()
+}
+
+_interop_dump_logs() {
+  local f
+  echo "---------- logs of $INTEROP_NAME ($WORK) ----------"
+  for f in "${_INTEROP_LOGS[@]}"; do
+    [[ -e $f ]] || continue
+    echo "----- $f (last 100 lines)"
+    tail -n 100 "$f" | cat -v
+  done
+  # Cyrus protocol transcripts (telemetry), oldest first.
+  while read -r _ f; do
+    echo "----- telemetry $f (last 60 lines)"
+    tail -n 60 "$f" | cat -v
+  done < <(find "$WORK" -path '*/conf/log/*' -type f -printf '%T@ %p\n' 2>/dev/null | sort -n)
+  echo "---------- end of logs ----------"
+}
+
+_interop_exit() {
+  local rc=$?
+  trap - EXIT
+  trap '' PIPE HUP INT TERM # output may be gone; clean up regardless
+  set +e
+  _interop_kill_all
+  if [[ $rc -ne 0 && $INTEROP_FAILED -eq 0 ]]; then
+    echo "FAIL: $INTEROP_NAME aborted (exit status $rc)"
+    INTEROP_FAILED=$((INTEROP_FAILED + 1))
+  fi
+  if [[ $INTEROP_FAILED -ne 0 && -n $WORK ]]; then
+    _interop_dump_logs
+  fi
+  if [[ -n $WORK ]]; then
+    if [[ ${INTEROP_KEEP:-0} == 1 ]]; then
+      echo "kept $WORK"
+    else
+      rm -rf "$WORK"
+    fi
+  fi
+  echo "interop: $INTEROP_PASSED passed, $INTEROP_FAILED failed"
+  if [[ $INTEROP_FAILED -ne 0 ]]; then exit 1; fi
+  exit 0
+}
+
+# ---------------------------------------------------------------- assertions
+
+## pass MSG / fail MSG: record one assertion.
+pass() {
+  INTEROP_PASSED=$((INTEROP_PASSED + 1))
+  echo "PASS: $*"
+}
+fail() {
+  INTEROP_FAILED=$((INTEROP_FAILED + 1))
+  echo "FAIL: $*"
+}
+
+## assert_eq DESC EXPECTED ACTUAL
+assert_eq() {
+  if [[ $2 == "$3" ]]; then
+    pass "$1"
+  else
+    fail "$1"
+    _show_difference "$2" "$3"
+  fi
+}
+
+# _show_difference EXPECTED ACTUAL: both texts, then a diff.
+_show_difference() {
+  echo "  expected:"
+  printf '%s\n' "$1" | sed 's/^/    | /'
+  echo "  actual:"
+  printf '%s\n' "$2" | sed 's/^/    | /'
+  echo "  diff (- expected, + actual):"
+  diff <(printf '%s\n' "$1") <(printf '%s\n' "$2") | sed 's/^/    /' || true
+}
+
+## assert_line DESC LINE TEXT: TEXT holds LINE as a whole line.
+assert_line() {
+  if grep -qxF -- "$2" <<<"$3"; then
+    pass "$1"
+  else
+    fail "$1"
+    printf '  expected line: %s\n  in:\n' "$2"
+    printf '%s\n' "$3" | sed 's/^/    | /'
+  fi
+}
+
+## assert_match DESC ERE TEXT: some line of TEXT matches the extended regex.
+assert_match() {
+  if grep -qE -- "$2" <<<"$3"; then
+    pass "$1"
+  else
+    fail "$1"
+    printf '  expected a line matching: %s\n  in:\n' "$2"
+    printf '%s\n' "$3" | sed 's/^/    | /'
+  fi
+}
+
+## assert_no_line DESC STRING TEXT: no line of TEXT contains STRING.
+assert_no_line() {
+  if grep -qF -- "$2" <<<"$3"; then
+    fail "$1"
+    printf '  unexpected: %s\n  in:\n' "$2"
+    printf '%s\n' "$3" | sed 's/^/    | /'
+  else
+    pass "$1"
+  fi
+}
+
+## answers TAG TEXT: the lines of TEXT that answer TAG (start with "TAG ").
+answers() {
+  awk -v t="$1 " 'index($0, t) == 1' <<<"$2"
+}
+
+## assert_answers DESC TAG EXPECTED TEXT: the answers to TAG in TEXT (decoded
+## mupdatetest output) are exactly EXPECTED (lines in order).
+assert_answers() {
+  local got
+  got=$(answers "$2" "$4")
+  assert_eq "$1" "$3" "$got"
+}
+
+# ---------------------------------------------------------------- waiting
+
+## wait_for DESC CMD...: poll CMD (every 0.2 s, up to $INTEROP_TIMEOUT s)
+## until it succeeds; returns 1 after printing DESC on timeout.
+wait_for() {
+  local desc=$1 deadline
+  shift
+  deadline=$((SECONDS + INTEROP_TIMEOUT))
+  while ((SECONDS < deadline)); do
+    if "$@" >/dev/null 2>&1; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  echo "timed out after ${INTEROP_TIMEOUT}s waiting for: $desc" >&2
+  return 1
+}
+
+## free_port: print a TCP port on 127.0.0.1 that is free right now.
+free_port() {
+  python3 "$INTEROP_DIR/helpers.py" free-port
+}
+
+## wait_greeting PORT: wait until PORT on 127.0.0.1 sends a "* OK" greeting.
+wait_greeting() {
+  wait_for "greeting on 127.0.0.1:$1" python3 "$INTEROP_DIR/helpers.py" greeting "$1" 2
+}
+
+# ---------------------------------------------------------------- Cyrus
+
+# _cyrus_instance DIR SERVERNAME ADMINS: directories and the common imapd.conf.
+_cyrus_instance() {
+  local dir=$1 name=$2 admins=$3
+  mkdir -p "$dir"/conf/{lock,proc,socket,log} "$dir"/spool
+  cat >"$dir/imapd.conf" <<EOF
+configdirectory: $dir/conf
+partition-default: $dir/spool
+servername: $name
+admins: $admins
+syslog_prefix: corvid-interop-$name
+sasl_pwcheck_method: auxprop
+sasl_auxprop_plugin: sasldb
+sasl_sasldb_path: $dir/sasldb2
+sasl_mech_list: PLAIN LOGIN
+allowplaintext: yes
+failedloginpause: 0
+altnamespace: no
+unixhierarchysep: no
+idlemethod: poll
+EOF
+}
+
+# _cyrus_user DIR REALM USER PASS: add a SASL user to the instance's sasldb
+# (and a telemetry directory so Cyrus records that user's sessions).
+_cyrus_user() {
+  local dir=$1 realm=$2 user=$3 pass=$4
+  printf '%s' "$pass" | saslpasswd2 -p -c -f "$dir/sasldb2" -u "$realm" "$user"
+  if [[ $CYRUS_TELEMETRY == 1 ]]; then
+    mkdir -p "$dir/conf/log/$user"
+  fi
+}
+
+# _cyrus_start DIR SERVICES_BLOCK PORT: write cyrus.conf, start master, wait
+# for the greeting on PORT.
+_cyrus_start() {
+  local dir=$1 services=$2 port=$3
+  cat >"$dir/cyrus.conf" <<EOF
+START {
+}
+SERVICES {
+$services
+}
+EVENTS {
+}
+EOF
+  chown -R cyrus:mail "$dir"
+  chmod 0640 "$dir/sasldb2"
+  interop_log "$dir/master.err"
+  spawn "$dir/master.out" "$CYRUS_BIN/master" -C "$dir/imapd.conf" -M "$dir/cyrus.conf" \
+    -p "$dir/master.pid" -L "$dir/master.err"
+  if ! wait_greeting "$port"; then
+    die "Cyrus master in $dir did not greet on 127.0.0.1:$port"
+  fi
+}
+
+## cyrus_mupdate_master DIR PORT ADMIN PASS: start a real Cyrus `mupdate -m`
+## master on 127.0.0.1:PORT (servername mupdate-master) with ADMIN/PASS as
+## its administrator.
+cyrus_mupdate_master() {
+  local dir=$1 port=$2 admin=$3 pass=$4 name=mupdate-master
+  _cyrus_instance "$dir" "$name" "$admin"
+  _cyrus_user "$dir" "$name" "$admin" "$pass"
+  # Threaded service: exactly one process (see running-cyrus-3.6-locally.md).
+  _cyrus_start "$dir" \
+    "  mupdate cmd=\"$CYRUS_BIN/mupdate -C $dir/imapd.conf -m\" listen=\"127.0.0.1:$port\" prefork=1 maxchild=1" \
+    "$port"
+}
+
+## cyrus_backend DIR NAME IMAP_PORT MUPDATE_HOSTPORT MUPDATE_USER MUPDATE_PASS:
+## start a real Cyrus backend imapd (servername NAME, partition default) on
+## 127.0.0.1:IMAP_PORT that reports to the MUPDATE master at MUPDATE_HOSTPORT
+## as MUPDATE_USER. MUPDATE_USER/MUPDATE_PASS is also the backend's IMAP admin.
+cyrus_backend() {
+  local dir=$1 name=$2 imap_port=$3 mupdate=$4 user=$5 pass=$6
+  _cyrus_instance "$dir" "$name" "$user"
+  cat >>"$dir/imapd.conf" <<EOF
+proxyservers: murder-proxy
+mupdate_server: $mupdate
+mupdate_authname: $user
+mupdate_password: $pass
+EOF
+  if [[ -n $CYRUS_CLIENT_MECH ]]; then
+    echo "force_sasl_client_mech: $CYRUS_CLIENT_MECH" >>"$dir/imapd.conf"
+  fi
+  _cyrus_user "$dir" "$name" "$user" "$pass"
+  _cyrus_start "$dir" \
+    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"127.0.0.1:$imap_port\" prefork=0 maxchild=20" \
+    "$imap_port"
+}
+
+## imap_admin_cmd PORT USER PASS CMD...: log in to 127.0.0.1:PORT and run
+## each CMD ("CREATE name", "RENAME old new", "DELETE name",
+## "SETACL name id rights"); fails on the first NO/BAD.
+imap_admin_cmd() {
+  timeout 60 python3 "$INTEROP_DIR/helpers.py" imap "$@"
+}
+
+## mupdatetest_run HOSTPORT USER PASS: run Cyrus's mupdatetest against
+## HOSTPORT with PLAIN, feeding it stdin (one command per line; at the end
+## of input mupdatetest itself sends "Q01 LOGOUT" and reads until the server
+## closes), and print what it printed with CRs removed.
+mupdatetest_run() {
+  local hostport=$1 user=$2 pass=$3 out rc=0
+  local host=${hostport%:*} port=${hostport##*:}
+  out=$(timeout 20 "$CYRUS_BIN/mupdatetest" -p "$port" -m PLAIN -a "$user" -w "$pass" "$host" 2>&1) || rc=$?
+  printf '%s\n' "$out" | tr -d '\r'
+  return "$rc"
+}
+
+## mupdate_answers: read mupdatetest output on stdin and print one line per
+## server response with every {n+} literal turned into a "quoted" string and
+## TABs shown as \t, e.g. A1 MAILBOX "user.alice" "be1!default" "alice\tlr\t".
+mupdate_answers() {
+  python3 "$INTEROP_DIR/helpers.py" decode
+}
+
+## sut_mupdate CMD...: run each CMD (one MUPDATE command line) in one
+## mupdatetest session as the admin of the server under test and print the
+## decoded answers (see mupdate_answers).
+sut_mupdate() {
+  local raw
+  raw=$(printf '%s\n' "$@" | mupdatetest_run "$SUT_HOSTPORT" "$SUT_ADMIN" "$SUT_PASS")
+  if ! grep -qx 'Authenticated.' <<<"$raw"; then
+    printf '%s\n' "$raw" >&2
+    die "mupdatetest could not authenticate to $SUT_HOSTPORT as $SUT_ADMIN"
+  fi
+  mupdate_answers <<<"$raw"
+}
+
+## start_capture_proxy TARGET_PORT LOGFILE: start a recording TCP proxy to
+## 127.0.0.1:TARGET_PORT; sets CAPTURE_PROXY_PORT.
+start_capture_proxy() {
+  local target=$1 log=$2 dir
+  dir=$(dirname "$log")
+  CAPTURE_PROXY_PORT=$(free_port)
+  spawn "$dir/proxy.out" python3 "$INTEROP_DIR/helpers.py" proxy "$CAPTURE_PROXY_PORT" "$target" "$log"
+  wait_for "capture proxy on port $CAPTURE_PROXY_PORT" grep -q '^proxy ready' "$dir/proxy.out" ||
+    die "capture proxy did not start"
+  interop_log "$log"
+}
+
+# ---------------------------------------------------------------- Corvid
+
+## start_corvid DIR ADMIN PASS: start corvid-registry with ADMIN as its only
+## (admin) user; exports CORVID_MUPDATE_PORT and CORVID_METRICS_PORT.
+start_corvid() {
+  local dir=$1 admin=$2 pass=$3 line rest
+  mkdir -p "$dir/corvid"
+  "$CORVID_BIN_DIR/corvidctl" user add --users-file "$dir/users.toml" --admin \
+    --password-stdin "$admin" <<<"$pass" >"$dir/corvidctl.log" 2>&1 ||
+    {
+      cat "$dir/corvidctl.log"
+      die "corvidctl user add failed"
+    }
+  spawn "$dir/corvid.log" "$CORVID_BIN_DIR/corvid-registry" --data-dir "$dir/corvid" \
+    --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --server-name corvid-test \
+    --users-file "$dir/users.toml"
+  local pid=$SPAWNED_PID
+  wait_for "corvid-registry ready line" _corvid_ready "$dir/corvid.log" "$pid" || true
+  line=$(grep -m1 '^corvid-registry ready mupdate=' "$dir/corvid.log") ||
+    die "corvid-registry (pid $pid) exited or did not print its ready line"
+  rest=${line#*mupdate=127.0.0.1:}
+  CORVID_MUPDATE_PORT=${rest%% *}
+  rest=${line#*metrics=127.0.0.1:}
+  CORVID_METRICS_PORT=${rest%% *}
+  [[ $CORVID_MUPDATE_PORT =~ ^[0-9]+$ && $CORVID_METRICS_PORT =~ ^[0-9]+$ ]] ||
+    die "cannot parse corvid-registry ready line: $line"
+  export CORVID_MUPDATE_PORT CORVID_METRICS_PORT
+}
+
+# _corvid_ready LOG PID: done when LOG has the ready line or PID has exited.
+_corvid_ready() {
+  grep -q '^corvid-registry ready mupdate=' "$1" || ! kill -0 "$2" 2>/dev/null
+}
+
+## start_server_under_test DIR ADMIN PASS: start the MUPDATE master chosen by
+## $SERVER; exports SUT_MUPDATE_PORT, SUT_HOSTPORT, SUT_ADMIN and SUT_PASS.
+start_server_under_test() {
+  local dir=$1 admin=$2 pass=$3
+  mkdir -p "$dir"
+  SUT_ADMIN=$admin
+  SUT_PASS=$pass
+  export SUT_ADMIN SUT_PASS
+  if [[ $SERVER == cyrus ]]; then
+    SUT_MUPDATE_PORT=$(free_port)
+    cyrus_mupdate_master "$dir/cyrus-master" "$SUT_MUPDATE_PORT" "$admin" "$pass"
+  else
+    start_corvid "$dir" "$admin" "$pass"
+    SUT_MUPDATE_PORT=$CORVID_MUPDATE_PORT
+  fi
+  SUT_HOSTPORT=127.0.0.1:$SUT_MUPDATE_PORT
+  export SUT_MUPDATE_PORT SUT_HOSTPORT
+  echo "server under test ($SERVER) listens on $SUT_HOSTPORT"
+}
