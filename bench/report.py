@@ -24,7 +24,7 @@ out.append(
     "Workloads: `reserve-activate` creates a mailbox (RESERVE then ACTIVATE: two "
     "writes); `find` looks up existing names; `backend` is what a Cyrus backend "
     "does for each mailbox it creates (new connection, greeting, AUTHENTICATE "
-    "PLAIN, RESERVE, ACTIVATE, LOGOUT); `mix` is 70% FIND and 30% writes; "
+    "PLAIN, RESERVE, ACTIVATE, LOGOUT); `mix` is 70% FIND, 20% creations and 10% ACL changes; "
     "`delete` removes the created names.\n"
 )
 out.append("| server | workload | conns | ops | errors | ops/s | writes/s | p50 ms | p99 ms | max ms |")

@@ -24,7 +24,7 @@ bench() {
   local label=$1 port=$2
   shift 2
   "$CTL" bench --server "127.0.0.1:$port" --user admin --password "$PASS" \
-    --label "$label" --json "$RESULTS" --quiet "$@" | head -n 2
+    --label "$label" --json "$RESULTS" --quiet "$@" | grep -v '^{'
 }
 
 for target in "cyrus-3.6.1 $cyrus_port" "corvid-1-node $CORVID_MUPDATE_PORT"; do
