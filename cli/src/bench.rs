@@ -266,7 +266,11 @@ async fn worker(shared: Arc<Shared>) -> anyhow::Result<Vec<u32>> {
                     location: shared.args.location.clone(),
                     acl: format!("anyone\tlrs\tu{k}\tlr\t"),
                 }],
-                2 => create(&shared, shared.args.keyspace.unwrap_or(shared.args.ops) + k, &acl),
+                2 => create(
+                    &shared,
+                    shared.args.keyspace.unwrap_or(shared.args.ops) + k,
+                    &acl,
+                ),
                 _ => vec![Command::Find {
                     name: shared.existing(&mut rng),
                 }],

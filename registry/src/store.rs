@@ -487,11 +487,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let Some(last) = last else { return Ok(()) };
-        batch.put_cf(
-            store.cf(CF_STATE),
-            KEY_APPLIED,
-            encode(&Some(last))?,
-        );
+        batch.put_cf(store.cf(CF_STATE), KEY_APPLIED, encode(&Some(last))?);
         if let Some(m) = &membership {
             batch.put_cf(store.cf(CF_STATE), KEY_MEMBERSHIP, encode(m)?);
         }

@@ -140,6 +140,16 @@ async fn first_start_creates_admin_and_serves_metrics() {
     assert!(c.find("user.m").await.unwrap().is_some());
 }
 
+/// Every mailbox name the server lists.
+async fn names(c: &mut Client) -> BTreeSet<String> {
+    c.list(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect()
+}
+
 /// Writers that record every acknowledged write until told to stop.
 async fn write_until_stopped(
     addr: String,
@@ -184,13 +194,7 @@ async fn kill_dash_nine_under_load_loses_no_acknowledged_write() {
         }
         // Everything acknowledged in earlier rounds survived the crash.
         let mut c = admin(&d.mupdate, &password).await;
-        let listed: BTreeSet<String> = c
-            .list(None)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.name)
-            .collect();
+        let listed = names(&mut c).await;
         let expected = acked.lock().unwrap().clone();
         let missing: Vec<_> = expected.difference(&listed).collect();
         assert!(
@@ -219,13 +223,7 @@ async fn kill_dash_nine_under_load_loses_no_acknowledged_write() {
     }
     let d = Daemon::start(&data, &[]);
     let mut c = admin(&d.mupdate, &password).await;
-    let listed: BTreeSet<String> = c
-        .list(None)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect();
+    let listed = names(&mut c).await;
     let expected = acked.lock().unwrap().clone();
     assert!(
         expected.len() > 100,
