@@ -160,6 +160,27 @@ pub struct Args {
     /// Raft node id [raft.node_id].
     #[arg(long)]
     pub node_id: Option<u64>,
+    /// Peer protocol listen address; port 0 picks a free port [raft.peer_listen].
+    #[arg(long)]
+    pub peer_listen: Option<SocketAddr>,
+    /// Address other nodes use to reach this one [raft.peer_advertise].
+    #[arg(long)]
+    pub peer_advertise: Option<String>,
+    /// Do not make a one-node cluster on first start (for nodes that join a
+    /// cluster) [raft.bootstrap = false].
+    #[arg(long)]
+    pub no_bootstrap: bool,
+    /// linearizable or local [raft.read_consistency].
+    #[arg(long, value_parser = parse_read_consistency)]
+    pub read_consistency: Option<crate::raft::ReadConsistency>,
+}
+
+fn parse_read_consistency(s: &str) -> Result<crate::raft::ReadConsistency, String> {
+    match s {
+        "linearizable" => Ok(crate::raft::ReadConsistency::Linearizable),
+        "local" => Ok(crate::raft::ReadConsistency::Local),
+        other => Err(format!("{other:?}: expected linearizable or local")),
+    }
 }
 
 impl Config {
@@ -200,6 +221,18 @@ impl Config {
         }
         if let Some(v) = args.node_id {
             config.raft.node_id = v;
+        }
+        if let Some(v) = args.peer_listen {
+            config.raft.peer_listen = v;
+        }
+        if let Some(v) = &args.peer_advertise {
+            config.raft.peer_advertise = Some(v.clone());
+        }
+        if args.no_bootstrap {
+            config.raft.bootstrap = false;
+        }
+        if let Some(v) = args.read_consistency {
+            config.raft.read_consistency = v;
         }
         config.validate()?;
         Ok(config)

@@ -18,6 +18,8 @@ use crate::raft::Registry;
 pub struct Running {
     /// Where MUPDATE listens.
     pub mupdate_addr: SocketAddr,
+    /// Where the peer protocol listens.
+    pub peer_addr: SocketAddr,
     /// The registry handle.
     pub registry: Registry,
     /// The MUPDATE accept loop.
@@ -75,9 +77,19 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("binding MUPDATE listener {}", config.mupdate.listen))?;
     let mupdate_addr = listener.local_addr()?;
-    let registry = Registry::start(data_dir, &config.raft, &mupdate_addr.to_string())
+    let peer_listener = TcpListener::bind(config.raft.peer_listen)
+        .await
+        .with_context(|| format!("binding peer listener {}", config.raft.peer_listen))?;
+    let peer_addr = peer_listener.local_addr()?;
+    let advertise = config
+        .raft
+        .peer_advertise
+        .clone()
+        .unwrap_or_else(|| peer_addr.to_string());
+    let registry = Registry::start(data_dir, &config.raft, &advertise)
         .await
         .with_context(|| format!("starting the registry in {}", data_dir.display()))?;
+    tokio::spawn(crate::peer::serve(peer_listener, registry.clone()));
     let tls = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
         _ => None,
@@ -103,6 +115,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let mupdate_task = tokio::spawn(server::serve(listener, ctx));
     Ok(Running {
         mupdate_addr,
+        peer_addr,
         registry,
         mupdate_task,
     })

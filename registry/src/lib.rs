@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod metrics;
 pub mod model;
 pub mod mupdate;
+pub mod peer;
 pub mod raft;
 pub mod store;
 pub mod tls;

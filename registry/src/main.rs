@@ -45,8 +45,8 @@ async fn run() -> anyhow::Result<()> {
     tracing::info!(mupdate = %running.mupdate_addr, metrics = %metrics_addr, data = %config.node.data_dir.display(), "registry ready");
     // One machine-readable line on stdout for scripts and tests.
     println!(
-        "corvid-registry ready mupdate={} metrics={}",
-        running.mupdate_addr, metrics_addr
+        "corvid-registry ready mupdate={} metrics={} peer={}",
+        running.mupdate_addr, metrics_addr, running.peer_addr
     );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

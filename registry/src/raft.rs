@@ -11,15 +11,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
-use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
+use openraft::ChangeMembers;
+use openraft::Instant as _;
 use openraft::{BasicNode, Config, RaftNetworkV2, ReadPolicy, ServerState};
 use thiserror::Error;
 
 use crate::model::{MailboxEntry, Outcome, RegistryCommand};
+use crate::peer::{
+    AdminRequest, AdminResponse, NodeStatus, PeerClient, PeerError, PeerRequest, PeerResponse,
+};
 use crate::store::{LogStore, StateMachine, Store};
 
 openraft::declare_raft_types!(
@@ -53,6 +62,30 @@ pub struct RaftSettings {
     /// A write that is not committed within this many milliseconds is
     /// answered `NO` instead of hanging.
     pub write_timeout_ms: u64,
+    /// Address the peer protocol (Raft, forwarded writes, administration)
+    /// listens on.
+    pub peer_listen: std::net::SocketAddr,
+    /// Address other nodes use to reach this one (default: `peer_listen`).
+    pub peer_advertise: Option<String>,
+    /// On first start, make this node a one-node cluster. Turn off on nodes
+    /// that will join an existing cluster (`corvidctl cluster add-learner`)
+    /// or be part of a `corvidctl cluster init`.
+    pub bootstrap: bool,
+    /// `linearizable` (default): FIND/LIST/UPDATE on any node reflect every
+    /// write acknowledged before them (ReadIndex through the leader).
+    /// `local`: answer from this node's state without asking the leader:
+    /// faster, and served without quorum, but possibly stale.
+    pub read_consistency: ReadConsistency,
+}
+
+/// How reads are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadConsistency {
+    /// Confirm with the leader's read index first.
+    Linearizable,
+    /// Read the local state as it is.
+    Local,
 }
 
 impl Default for RaftSettings {
@@ -65,6 +98,10 @@ impl Default for RaftSettings {
             snapshot_after_entries: 50_000,
             keep_log_entries: 10_000,
             write_timeout_ms: 5_000,
+            peer_listen: "127.0.0.1:3906".parse().expect("valid default address"),
+            peer_advertise: None,
+            bootstrap: true,
+            read_consistency: ReadConsistency::Linearizable,
         }
     }
 }
@@ -89,11 +126,52 @@ pub struct Registry {
     raft: Raft,
     store: Store,
     write_timeout: Duration,
+    read_consistency: ReadConsistency,
+    /// Set once the state machine has caught up with what was committed
+    /// before a restart; local reads wait for it.
+    recovered: Arc<AtomicBool>,
+    peers: PeerPool,
 }
 
+/// Idle connections to other nodes, by address, for forwarded requests.
+#[derive(Clone, Default)]
+struct PeerPool {
+    idle: Arc<Mutex<HashMap<String, Vec<PeerClient>>>>,
+}
+
+impl PeerPool {
+    async fn call(
+        &self,
+        addr: &str,
+        request: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, PeerError> {
+        let client = self
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut m| m.get_mut(addr)?.pop());
+        let mut client = client.unwrap_or_else(|| PeerClient::new(addr));
+        let res = client.call(request, timeout).await;
+        if res.is_ok() {
+            if let Ok(mut m) = self.idle.lock() {
+                let v = m.entry(addr.to_owned()).or_default();
+                if v.len() < 64 {
+                    v.push(client);
+                }
+            }
+        }
+        res
+    }
+}
+
+/// How often to look again for a leader while none is known.
+const LEADER_POLL: Duration = Duration::from_millis(20);
+
 impl Registry {
-    /// Opens the store under `data_dir`, starts Raft, and on first start
-    /// bootstraps a one-node cluster whose member address is `addr`.
+    /// Opens the store under `data_dir` and starts Raft. With
+    /// `settings.bootstrap`, a node that was never initialized makes itself
+    /// a one-node cluster whose member address is `addr` (its peer address).
     pub async fn start(
         data_dir: &Path,
         settings: &RaftSettings,
@@ -109,6 +187,7 @@ impl Registry {
                 settings.snapshot_after_entries,
             ),
             max_in_snapshot_log_to_keep: settings.keep_log_entries,
+            install_snapshot_timeout: 60_000,
             ..Default::default()
         }
         .validate()?;
@@ -120,7 +199,7 @@ impl Registry {
             StateMachine::new(store.clone()),
         )
         .await?;
-        if !raft.is_initialized().await? {
+        if settings.bootstrap && !raft.is_initialized().await? {
             let members = BTreeMap::from([(
                 settings.node_id,
                 BasicNode {
@@ -133,18 +212,43 @@ impl Registry {
                 "bootstrapped a new one-node registry cluster"
             );
         }
-        // Serve nothing until the state machine has caught up with what was
-        // committed before a restart, so no read goes backwards.
-        raft.wait_for_recovery(Some(Duration::from_secs(60)))
-            .await
-            .map_err(|e| anyhow::anyhow!("registry did not recover its committed state: {e}"))?;
         let registry = Registry {
             raft,
             store,
             write_timeout: Duration::from_millis(settings.write_timeout_ms),
+            read_consistency: settings.read_consistency,
+            recovered: Arc::new(AtomicBool::new(false)),
+            peers: PeerPool::default(),
         };
+        registry.spawn_recovery();
         registry.spawn_metrics();
         Ok(registry)
+    }
+
+    /// Waits (in the background) until the state machine holds everything
+    /// committed before a restart. On a node that lost quorum this waits
+    /// until quorum returns; until then only linearizable reads (which
+    /// need the leader anyway) are served.
+    fn spawn_recovery(&self) {
+        let raft = self.raft.clone();
+        let recovered = self.recovered.clone();
+        tokio::spawn(async move {
+            loop {
+                let initialized = raft.is_initialized().await.unwrap_or(false);
+                if !initialized {
+                    // Nothing to recover yet; check again after joining.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                match raft.wait_for_recovery(Some(Duration::from_secs(5))).await {
+                    Ok(_) => {
+                        recovered.store(true, Ordering::Release);
+                        return;
+                    }
+                    Err(e) => tracing::debug!("still recovering: {e}"),
+                }
+            }
+        });
     }
 
     /// The local store (for scans and UPDATE subscriptions).
@@ -157,34 +261,150 @@ impl Registry {
         &self.raft
     }
 
+    /// The peer address of the current leader, if one is known.
+    fn leader_addr(err: &impl LeaderHint) -> Option<String> {
+        err.leader_addr()
+    }
+
     /// Commits `command` through Raft and returns its outcome once applied.
+    /// On a follower the write is forwarded to the leader; while there is no
+    /// leader it waits, up to the write timeout, for one to be elected.
     pub async fn write(&self, command: RegistryCommand) -> Result<Outcome, RegistryError> {
         let started = Instant::now();
-        let res = tokio::time::timeout(self.write_timeout, self.raft.client_write(command)).await;
-        let out = match res {
-            Err(_) => Err(RegistryError::Timeout(self.write_timeout)),
-            Ok(Err(e)) => Err(RegistryError::Unavailable(e.to_string())),
-            Ok(Ok(resp)) => Ok(resp.data),
-        };
+        let out = self
+            .write_inner(command, started + self.write_timeout)
+            .await;
         metrics::histogram!("corvid_raft_commit_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         out
     }
 
-    /// Waits until a read on this node reflects every write committed before
-    /// the call (ReadIndex: the leader confirms its leadership, then the state
-    /// machine applies up to the read index).
-    pub async fn read_barrier(&self) -> Result<(), RegistryError> {
-        let res = tokio::time::timeout(
-            self.write_timeout,
-            self.raft.ensure_linearizable(ReadPolicy::ReadIndex),
-        )
-        .await;
-        match res {
-            Err(_) => Err(RegistryError::Timeout(self.write_timeout)),
-            Ok(Err(e)) => Err(RegistryError::Unavailable(e.to_string())),
-            Ok(Ok(_)) => Ok(()),
+    async fn write_inner(
+        &self,
+        command: RegistryCommand,
+        deadline: Instant,
+    ) -> Result<Outcome, RegistryError> {
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(RegistryError::Timeout(self.write_timeout));
+            }
+            let err = match tokio::time::timeout(remaining, self.raft.client_write(command.clone()))
+                .await
+            {
+                Err(_) => return Err(RegistryError::Timeout(self.write_timeout)),
+                Ok(Ok(resp)) => return Ok(resp.data),
+                Ok(Err(e)) => e,
+            };
+            if err.forward_to_leader().is_none() {
+                return Err(RegistryError::Unavailable(err.to_string()));
+            }
+            let Some(addr) = Self::leader_addr(&err) else {
+                tokio::time::sleep(LEADER_POLL.min(remaining)).await;
+                continue;
+            };
+            metrics::counter!("corvid_raft_forwarded_writes_total").increment(1);
+            match self
+                .peers
+                .call(&addr, &PeerRequest::Write(command.clone()), remaining)
+                .await
+            {
+                Ok(PeerResponse::Write(outcome)) => return Ok(outcome),
+                // The leader we asked was no longer leader and did not append
+                // the write: safe to try again.
+                Ok(PeerResponse::Error(m)) | Err(PeerError::Remote { message: m, .. })
+                    if m == NOT_LEADER =>
+                {
+                    tokio::time::sleep(LEADER_POLL.min(remaining)).await;
+                }
+                Ok(other) => {
+                    return Err(RegistryError::Unavailable(format!(
+                        "unexpected answer from leader: {other:?}"
+                    )))
+                }
+                Err(PeerError::Timeout(_)) => {
+                    return Err(RegistryError::Timeout(self.write_timeout))
+                }
+                // Not sent, or sent and lost: the outcome is unknown, so the
+                // client is told and may retry (every command is idempotent
+                // or answers NO on a retry).
+                Err(e) => {
+                    return Err(RegistryError::Unavailable(format!(
+                        "forwarding to the leader failed: {e}"
+                    )))
+                }
+            }
         }
+    }
+
+    /// Waits until a read on this node reflects every write committed before
+    /// the call: the leader confirms its leadership and tells its commit
+    /// index (ReadIndex), and this node applies up to it.
+    pub async fn read_barrier(&self) -> Result<(), RegistryError> {
+        if self.read_consistency == ReadConsistency::Local {
+            return if self.recovered.load(Ordering::Acquire) {
+                Ok(())
+            } else {
+                Err(RegistryError::Unavailable(
+                    "this node is still recovering its committed state".into(),
+                ))
+            };
+        }
+        let deadline = Instant::now() + self.write_timeout;
+        let index = loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(RegistryError::Unavailable(
+                    "no leader with a quorum: a linearizable read cannot be served".into(),
+                ));
+            }
+            let err = match tokio::time::timeout(
+                remaining,
+                self.raft.ensure_linearizable(ReadPolicy::ReadIndex),
+            )
+            .await
+            {
+                Err(_) => continue,
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => e,
+            };
+            if err.forward_to_leader().is_none() {
+                return Err(RegistryError::Unavailable(format!(
+                    "cannot serve a linearizable read: {err}"
+                )));
+            }
+            let Some(addr) = Self::leader_addr(&err) else {
+                tokio::time::sleep(LEADER_POLL.min(remaining)).await;
+                continue;
+            };
+            match self
+                .peers
+                .call(&addr, &PeerRequest::ReadIndex, remaining)
+                .await
+            {
+                Ok(PeerResponse::ReadIndex(i)) => break i,
+                Ok(PeerResponse::Error(_)) | Err(PeerError::Remote { .. }) => {
+                    tokio::time::sleep(LEADER_POLL.min(remaining)).await;
+                }
+                Ok(other) => {
+                    return Err(RegistryError::Unavailable(format!(
+                        "unexpected answer from leader: {other:?}"
+                    )))
+                }
+                Err(e) => {
+                    return Err(RegistryError::Unavailable(format!(
+                        "cannot reach the leader for a linearizable read: {e}"
+                    )))
+                }
+            }
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        self.raft
+            .wait(Some(remaining))
+            .applied_index_at_least(Some(index), "read index")
+            .await
+            .map(|_| ())
+            .map_err(|e| RegistryError::Unavailable(format!("this node is behind the leader: {e}")))
     }
 
     /// Linearizable lookup of one mailbox.
@@ -198,6 +418,168 @@ impl Registry {
         self.read_barrier().await?;
         let prefix = prefix.unwrap_or("");
         Ok(self.store.scan(|e| e.location.starts_with(prefix))?.1)
+    }
+
+    /// Answers a request from another node or from `corvidctl`.
+    pub async fn handle_peer(&self, request: PeerRequest) -> PeerResponse {
+        let err = |e: &dyn std::fmt::Display| PeerResponse::Error(e.to_string());
+        match request {
+            PeerRequest::AppendEntries(rpc) => match self.raft.append_entries(rpc).await {
+                Ok(r) => PeerResponse::AppendEntries(r),
+                Err(e) => err(&e),
+            },
+            PeerRequest::Vote(rpc) => match self.raft.vote(rpc).await {
+                Ok(r) => PeerResponse::Vote(r),
+                Err(e) => err(&e),
+            },
+            PeerRequest::PreVote(rpc) => match self.raft.pre_vote(rpc).await {
+                Ok(r) => PeerResponse::Vote(r),
+                Err(e) => err(&e),
+            },
+            PeerRequest::Snapshot { vote, meta, data } => {
+                let started = Instant::now();
+                let snapshot = openraft::alias::SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> {
+                    meta,
+                    snapshot: Cursor::new(data),
+                };
+                let res = self.raft.install_full_snapshot(vote, snapshot).await;
+                metrics::histogram!("corvid_snapshot_install_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                match res {
+                    Ok(r) => PeerResponse::Snapshot(r),
+                    Err(e) => err(&e),
+                }
+            }
+            PeerRequest::Write(command) => {
+                // Only the leader appends; no second hop, so a write is
+                // never forwarded in a circle.
+                match tokio::time::timeout(self.write_timeout, self.raft.client_write(command))
+                    .await
+                {
+                    Err(_) => err(&"write timed out on the leader; it may still be applied"),
+                    Ok(Ok(resp)) => PeerResponse::Write(resp.data),
+                    Ok(Err(e)) if e.forward_to_leader().is_some() => {
+                        PeerResponse::Error(NOT_LEADER.into())
+                    }
+                    Ok(Err(e)) => err(&e),
+                }
+            }
+            PeerRequest::ReadIndex => {
+                match tokio::time::timeout(
+                    self.write_timeout,
+                    self.raft.ensure_linearizable(ReadPolicy::ReadIndex),
+                )
+                .await
+                {
+                    Ok(Ok(read)) => PeerResponse::ReadIndex(read.index()),
+                    Ok(Err(e)) if e.forward_to_leader().is_some() => {
+                        PeerResponse::Error(NOT_LEADER.into())
+                    }
+                    Ok(Err(e)) => err(&e),
+                    Err(_) => err(&"leader could not confirm its leadership in time"),
+                }
+            }
+            PeerRequest::Admin(admin) => match self.admin(admin).await {
+                Ok(r) => PeerResponse::Admin(r),
+                Err(e) => err(&e),
+            },
+        }
+    }
+
+    /// Cluster administration. Membership changes run on the leader; a
+    /// follower passes them on.
+    pub async fn admin(&self, request: AdminRequest) -> Result<AdminResponse, RegistryError> {
+        let unavailable = |e: &dyn std::fmt::Display| RegistryError::Unavailable(e.to_string());
+        let res = match &request {
+            AdminRequest::Status => return Ok(AdminResponse::Status(self.status())),
+            AdminRequest::Init { members } => {
+                let members: BTreeMap<u64, BasicNode> = members
+                    .iter()
+                    .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                    .collect();
+                return self
+                    .raft
+                    .initialize(members)
+                    .await
+                    .map(|_| AdminResponse::Done)
+                    .map_err(|e| unavailable(&e));
+            }
+            AdminRequest::AddLearner { id, addr } => {
+                self.raft
+                    .add_learner(*id, BasicNode { addr: addr.clone() }, true)
+                    .await
+            }
+            AdminRequest::Promote { id } => {
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*id])), true)
+                    .await
+            }
+            AdminRequest::Remove { id } => {
+                let m = self
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .membership_config
+                    .clone();
+                let change = if m.voter_ids().any(|v| v == *id) {
+                    ChangeMembers::RemoveVoters(BTreeSet::from([*id]))
+                } else {
+                    ChangeMembers::RemoveNodes(BTreeSet::from([*id]))
+                };
+                self.raft.change_membership(change, false).await
+            }
+        };
+        match res {
+            Ok(_) => Ok(AdminResponse::Done),
+            Err(e) => match Self::leader_addr(&e) {
+                Some(addr) if e.forward_to_leader().is_some() => {
+                    match self
+                        .peers
+                        .call(
+                            &addr,
+                            &PeerRequest::Admin(request),
+                            Duration::from_secs(120),
+                        )
+                        .await
+                    {
+                        Ok(PeerResponse::Admin(r)) => Ok(r),
+                        Ok(other) => Err(RegistryError::Unavailable(format!(
+                            "leader answered {other:?}"
+                        ))),
+                        Err(e) => Err(unavailable(&e)),
+                    }
+                }
+                _ => Err(unavailable(&e)),
+            },
+        }
+    }
+
+    /// This node's view of the cluster.
+    pub fn status(&self) -> NodeStatus {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        NodeStatus {
+            id: m.id,
+            role: format!("{:?}", m.state),
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+            voters: membership.voter_ids().collect(),
+            nodes: membership
+                .nodes()
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect(),
+            matched: m
+                .replication
+                .as_ref()
+                .map(|r| {
+                    r.iter()
+                        .map(|(id, l)| (*id, l.as_ref().map(|l| l.index)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
     }
 
     /// Stops Raft.
@@ -219,8 +601,12 @@ impl Registry {
                     metrics::gauge!("corvid_raft_term").set(m.current_term as f64);
                     metrics::gauge!("corvid_raft_last_log_index")
                         .set(m.last_log_index.unwrap_or(0) as f64);
-                    metrics::gauge!("corvid_raft_applied_index")
-                        .set(m.last_applied.as_ref().map_or(0, |l| l.index) as f64);
+                    metrics::gauge!("corvid_raft_log_purged_index")
+                        .set(m.purged.as_ref().map_or(0, |l| l.index) as f64);
+                    metrics::gauge!("corvid_raft_snapshot_index")
+                        .set(m.snapshot.as_ref().map_or(0, |l| l.index) as f64);
+                    let applied = m.last_applied.as_ref().map_or(0, |l| l.index);
+                    metrics::gauge!("corvid_raft_applied_index").set(applied as f64);
                     metrics::gauge!("corvid_raft_leader_id")
                         .set(m.current_leader.unwrap_or(0) as f64);
                     metrics::gauge!("corvid_server_has_leader")
@@ -228,6 +614,24 @@ impl Registry {
                     metrics::gauge!("corvid_server_is_leader")
                         .set(f64::from(u8::from(m.state == ServerState::Leader)));
                     metrics::gauge!("corvid_disk_sst_bytes").set(store.disk_bytes() as f64);
+                    let last = m.last_log_index.unwrap_or(0);
+                    if let Some(replication) = &m.replication {
+                        for (peer, matched) in replication {
+                            let matched = matched.as_ref().map_or(0, |l| l.index);
+                            metrics::gauge!("corvid_raft_peer_lag_entries", "peer" => peer.to_string())
+                                .set(last.saturating_sub(matched) as f64);
+                        }
+                    }
+                    if let Some(heartbeat) = &m.heartbeat {
+                        for (peer, acked) in heartbeat {
+                            if let Some(at) = acked {
+                                let age =
+                                    openraft::TokioInstant::now().saturating_duration_since(**at);
+                                metrics::gauge!("corvid_raft_peer_heartbeat_age_seconds", "peer" => peer.to_string())
+                                    .set(age.as_secs_f64());
+                            }
+                        }
+                    }
                     if m.current_leader != last_leader {
                         if m.current_leader.is_some() {
                             metrics::counter!("corvid_server_leader_changes_seen_total")
@@ -244,53 +648,140 @@ impl Registry {
     }
 }
 
-/// Peer network. This release runs one-node clusters only, so there is no
-/// peer to reach: every RPC reports the target unreachable.
-#[derive(Debug, Clone, Copy)]
-pub struct Network;
+/// The text a node answers when a forwarded request reached a node that is
+/// no longer the leader (and so did nothing).
+const NOT_LEADER: &str = "not the leader";
 
-impl RaftNetworkFactory<TypeConfig> for Network {
-    type Network = Network;
+/// Errors that may name the current leader.
+trait LeaderHint {
+    fn leader_addr(&self) -> Option<String>;
+}
 
-    async fn new_client(&mut self, _target: u64, _node: &BasicNode) -> Self::Network {
-        Network
+impl<E> LeaderHint for openraft::error::RaftError<TypeConfig, E>
+where
+    E: std::fmt::Debug + openraft::TryAsRef<openraft::error::ForwardToLeader<TypeConfig>>,
+{
+    fn leader_addr(&self) -> Option<String> {
+        self.forward_to_leader()?
+            .leader_node
+            .as_ref()
+            .map(|n| n.addr.clone())
     }
 }
 
-fn unreachable() -> Unreachable<TypeConfig> {
-    Unreachable::new(&std::io::Error::other(
-        "multi-node clusters are not supported by this release",
-    ))
+/// Raft's peer network: one [`PeerClient`] per target, bincode frames over
+/// TCP.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Network;
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerLink;
+
+    async fn new_client(&mut self, _target: u64, node: &BasicNode) -> Self::Network {
+        PeerLink {
+            client: PeerClient::new(node.addr.clone()),
+        }
+    }
 }
 
-impl RaftNetworkV2<TypeConfig> for Network {
+/// The connection to one peer, as Raft uses it.
+pub struct PeerLink {
+    client: PeerClient,
+}
+
+fn rpc_error(e: PeerError) -> RPCError<TypeConfig> {
+    match e {
+        PeerError::Io { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+        _ => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerLink {
     type SnapshotData = Cursor<Vec<u8>>;
 
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        Err(RPCError::Unreachable(unreachable()))
+        match self
+            .client
+            .call(&PeerRequest::AppendEntries(rpc), option.hard_ttl())
+            .await
+        {
+            Ok(PeerResponse::AppendEntries(r)) => Ok(r),
+            Ok(other) => Err(RPCError::Network(NetworkError::new(&unexpected(other)))),
+            Err(e) => Err(rpc_error(e)),
+        }
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        Err(RPCError::Unreachable(unreachable()))
+        match self
+            .client
+            .call(&PeerRequest::Vote(rpc), option.hard_ttl())
+            .await
+        {
+            Ok(PeerResponse::Vote(r)) => Ok(r),
+            Ok(other) => Err(RPCError::Network(NetworkError::new(&unexpected(other)))),
+            Err(e) => Err(rpc_error(e)),
+        }
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self
+            .client
+            .call(&PeerRequest::PreVote(rpc), option.hard_ttl())
+            .await
+        {
+            Ok(PeerResponse::Vote(r)) => Ok(r),
+            Ok(other) => Err(RPCError::Network(NetworkError::new(&unexpected(other)))),
+            Err(e) => Err(rpc_error(e)),
+        }
     }
 
     async fn full_snapshot(
         &mut self,
-        _vote: openraft::alias::VoteOf<TypeConfig>,
-        _snapshot: openraft::alias::SnapshotOf<TypeConfig, Self::SnapshotData>,
-        _cancel: impl std::future::Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
-        _option: RPCOption,
+        vote: openraft::alias::VoteOf<TypeConfig>,
+        snapshot: openraft::alias::SnapshotOf<TypeConfig, Self::SnapshotData>,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        Err(StreamingError::Unreachable(unreachable()))
+        let started = Instant::now();
+        let request = PeerRequest::Snapshot {
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot.into_inner(),
+        };
+        let send = self
+            .client
+            .call(&request, option.hard_ttl().max(Duration::from_secs(60)));
+        let res = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            res = send => res,
+        };
+        metrics::histogram!("corvid_snapshot_send_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match res {
+            Ok(PeerResponse::Snapshot(r)) => Ok(r),
+            Ok(other) => Err(StreamingError::Network(NetworkError::new(&unexpected(
+                other,
+            )))),
+            Err(e @ PeerError::Io { .. }) => Err(StreamingError::Unreachable(Unreachable::new(&e))),
+            Err(e) => Err(StreamingError::Network(NetworkError::new(&e))),
+        }
     }
+}
+
+fn unexpected(r: PeerResponse) -> std::io::Error {
+    std::io::Error::other(format!("unexpected peer answer: {r:?}"))
 }
 
 #[cfg(test)]

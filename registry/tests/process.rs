@@ -4,74 +4,13 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command as Process, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::registry_bin;
+use common::{http_get, metric, Daemon};
 use corvid_registry::mupdate::client::Client;
 use corvid_registry::mupdate::codec::{Command, Status};
-
-/// A running `corvid-registry` child process.
-struct Daemon {
-    child: Child,
-    mupdate: String,
-    metrics: String,
-}
-
-impl Daemon {
-    /// Starts the binary on `data` with OS-chosen ports and waits for its
-    /// "ready" line.
-    fn start(data: &Path, extra: &[&str]) -> Daemon {
-        let mut child = Process::new(registry_bin())
-            .args(["--data-dir", data.to_str().unwrap()])
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-            .args(extra)
-            .env("CORVID_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn corvid-registry");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.starts_with("corvid-registry ready") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("corvid-registry printed its ready line");
-        let field = |k: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(k))
-                .unwrap()
-                .to_string()
-        };
-        Daemon {
-            mupdate: field("mupdate="),
-            metrics: field("metrics="),
-            child,
-        }
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn admin_password(data: &Path) -> String {
     let text = std::fs::read_to_string(data.join("admin-credential.txt"))
@@ -84,17 +23,6 @@ async fn admin(addr: &str, password: &str) -> Client {
     let mut c = Client::connect(addr).await.unwrap();
     c.authenticate_plain("admin", password).await.unwrap();
     c
-}
-
-async fn http_get(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,14 +197,23 @@ async fn snapshots_compact_the_log_and_survive_restart() {
     .ok()
     .unwrap();
     let built = common::wait_for(Duration::from_secs(10), || async {
-        let m = http_get(&d.metrics, "/metrics").await;
-        m.lines()
-            .find(|l| l.starts_with("corvid_snapshot_builds_total"))
-            .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        metric(&d.metrics, "corvid_snapshot_builds_total")
+            .await
             .filter(|&n| n >= 1.0)
     })
     .await;
     assert!(built.is_some(), "no snapshot was built");
+    // The log behind the snapshot is compacted.
+    let purged = common::wait_for(Duration::from_secs(10), || async {
+        metric(&d.metrics, "corvid_raft_log_purged_index")
+            .await
+            .filter(|&n| n > 0.0)
+    })
+    .await;
+    assert!(
+        purged.is_some(),
+        "the log was not compacted behind the snapshot"
+    );
     assert!(data.join("snapshot.bin").exists());
     drop(c);
     d.kill9();

@@ -415,7 +415,8 @@ start_corvid() {
       die "corvidctl user add failed"
     }
   spawn "$dir/corvid.log" "$CORVID_BIN_DIR/corvid-registry" --data-dir "$dir/corvid" \
-    --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --server-name corvid-test \
+    --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --peer-listen 127.0.0.1:0 \
+    --server-name corvid-test \
     --users-file "$dir/users.toml"
   local pid=$SPAWNED_PID
   wait_for "corvid-registry ready line" _corvid_ready "$dir/corvid.log" "$pid" || true

@@ -2,7 +2,9 @@
 //! directory, listening on ports chosen by the OS on 127.0.0.1.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
 use std::time::Duration;
 
 use corvid_registry::auth::UserFile;
@@ -50,6 +52,7 @@ pub fn test_config(dir: &Path) -> Config {
     c.node.server_name = "corvid-test".into();
     c.mupdate.listen = "127.0.0.1:0".parse().unwrap();
     c.metrics.listen = "127.0.0.1:0".parse().unwrap();
+    c.raft.peer_listen = "127.0.0.1:0".parse().unwrap();
     c.mupdate.failed_auth_delay_ms = 10;
     c.auth.users_file = Some(dir.join("users.toml"));
     c
@@ -86,4 +89,95 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A running `corvid-registry` child process.
+pub struct Daemon {
+    pub child: Child,
+    pub mupdate: String,
+    pub metrics: String,
+    pub peer: String,
+}
+
+impl Daemon {
+    /// Starts the binary on `data` with OS-chosen ports and waits for its
+    /// "ready" line.
+    pub fn start(data: &Path, extra: &[&str]) -> Daemon {
+        let mut child = Process::new(registry_bin())
+            .args(["--data-dir", data.to_str().unwrap()])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            // Ports from the OS unless the caller fixes them.
+            .args(
+                ["--listen", "127.0.0.1:0"]
+                    .iter()
+                    .filter(|_| !extra.contains(&"--listen")),
+            )
+            .args(
+                ["--peer-listen", "127.0.0.1:0"]
+                    .iter()
+                    .filter(|_| !extra.contains(&"--peer-listen")),
+            )
+            .args(extra)
+            .env("CORVID_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn corvid-registry");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with("corvid-registry ready") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("corvid-registry printed its ready line");
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap()
+                .to_string()
+        };
+        Daemon {
+            mupdate: field("mupdate="),
+            metrics: field("metrics="),
+            peer: field("peer="),
+            child,
+        }
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// The value of an unlabelled metric.
+pub async fn metric(addr: &str, name: &str) -> Option<f64> {
+    let text = http_get(addr, "/metrics").await;
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
 }

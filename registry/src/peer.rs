@@ -1,0 +1,372 @@
+//! The peer protocol between registry nodes: Raft RPCs, forwarded writes,
+//! read-index requests and cluster administration, as length-prefixed
+//! bincode frames over TCP.
+//!
+//! Framing ([`write_frame`], [`FrameDecoder`]) is pure; [`PeerClient`] and
+//! [`serve`] own the sockets. The peer port carries cluster control, so it
+//! belongs on a network only the registry nodes and their operators reach.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use openraft::alias::{SnapshotMetaOf, VoteOf};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::model::{Outcome, RegistryCommand};
+use crate::raft::{Registry, TypeConfig};
+
+/// Largest frame accepted (a snapshot travels in one frame).
+pub const MAX_FRAME_BYTES: usize = 1 << 30;
+
+/// A request from one node (or `corvidctl`) to another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// Raft log replication and heartbeats.
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    /// Raft election.
+    Vote(VoteRequest<TypeConfig>),
+    /// Raft pre-vote.
+    PreVote(VoteRequest<TypeConfig>),
+    /// A whole snapshot from the leader.
+    Snapshot {
+        /// The leader's vote.
+        vote: VoteOf<TypeConfig>,
+        /// What the snapshot covers.
+        meta: SnapshotMetaOf<TypeConfig>,
+        /// The snapshot's data.
+        data: Vec<u8>,
+    },
+    /// A write forwarded by a node that is not the leader.
+    Write(RegistryCommand),
+    /// "What must I apply before a linearizable read?" (to the leader).
+    ReadIndex,
+    /// Cluster administration.
+    Admin(AdminRequest),
+}
+
+/// The answer to a [`PeerRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerResponse {
+    /// Answer to `AppendEntries`.
+    AppendEntries(AppendEntriesResponse<TypeConfig>),
+    /// Answer to `Vote` and `PreVote`.
+    Vote(VoteResponse<TypeConfig>),
+    /// Answer to `Snapshot`.
+    Snapshot(SnapshotResponse<TypeConfig>),
+    /// The outcome of a forwarded write.
+    Write(Outcome),
+    /// The log index a reader must have applied.
+    ReadIndex(u64),
+    /// Answer to `Admin`.
+    Admin(AdminResponse),
+    /// The request failed; the text says why.
+    Error(String),
+}
+
+/// Cluster administration requests (`corvidctl cluster ...`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// Initialize a new cluster with these voters (id, peer address).
+    Init {
+        /// Voters.
+        members: Vec<(u64, String)>,
+    },
+    /// Add a non-voting member that starts replicating.
+    AddLearner {
+        /// Node id.
+        id: u64,
+        /// Its peer address.
+        addr: String,
+    },
+    /// Make a learner a voter.
+    Promote {
+        /// Node id.
+        id: u64,
+    },
+    /// Remove a voter or learner.
+    Remove {
+        /// Node id.
+        id: u64,
+    },
+    /// This node's view of the cluster.
+    Status,
+}
+
+/// Answers to [`AdminRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AdminResponse {
+    /// Done.
+    Done,
+    /// A node's status.
+    Status(NodeStatus),
+}
+
+/// One node's view, for `corvidctl cluster status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node id.
+    pub id: u64,
+    /// Leader, Follower, Candidate or Learner.
+    pub role: String,
+    /// Current term.
+    pub term: u64,
+    /// Known leader.
+    pub leader: Option<u64>,
+    /// Last log index.
+    pub last_log_index: u64,
+    /// Last applied index.
+    pub applied_index: u64,
+    /// Voter ids.
+    pub voters: Vec<u64>,
+    /// Peer address of every member.
+    pub nodes: BTreeMap<u64, String>,
+    /// On the leader: each member's matched log index.
+    pub matched: BTreeMap<u64, Option<u64>>,
+}
+
+/// Peer protocol errors.
+#[derive(Debug, Error)]
+pub enum PeerError {
+    /// Socket error.
+    #[error("peer {addr}: {source}")]
+    Io {
+        /// Peer address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// No answer in time.
+    #[error("peer {0}: timed out")]
+    Timeout(String),
+    /// A frame could not be decoded or was too large.
+    #[error("peer {addr}: bad frame: {reason}")]
+    Frame {
+        /// Peer address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer answered with an error.
+    #[error("peer {addr}: {message}")]
+    Remote {
+        /// Peer address.
+        addr: String,
+        /// Its message.
+        message: String,
+    },
+}
+
+/// Appends `value` as one frame: a 4-byte big-endian length, then bincode.
+pub fn write_frame<T: Serialize>(out: &mut Vec<u8>, value: &T) -> Result<(), String> {
+    let body = bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .map_err(|e| e.to_string())?;
+    if body.len() > MAX_FRAME_BYTES {
+        return Err(format!(
+            "frame of {} bytes exceeds {MAX_FRAME_BYTES}",
+            body.len()
+        ));
+    }
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(())
+}
+
+/// Decodes one frame from the front of `buf`: `Ok(None)` until it is whole.
+pub fn decode_frame<T: DeserializeOwned>(
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<T>, String> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > max {
+        return Err(format!("frame of {len} bytes exceeds {max}"));
+    }
+    if buf.len() < 4 + len {
+        buf.reserve(4 + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(4);
+    let body = buf.split_to(len);
+    bincode::serde::decode_from_slice(&body, bincode::config::standard())
+        .map(|(v, _)| Some(v))
+        .map_err(|e| e.to_string())
+}
+
+/// A connection to one peer, re-established on demand.
+pub struct PeerClient {
+    addr: String,
+    conn: Option<(TcpStream, BytesMut)>,
+}
+
+impl PeerClient {
+    /// A client for `addr` (connects on first call).
+    pub fn new(addr: impl Into<String>) -> PeerClient {
+        PeerClient {
+            addr: addr.into(),
+            conn: None,
+        }
+    }
+
+    /// The peer's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends `request` and waits up to `timeout` for the answer. Any failure
+    /// drops the connection, so the next call starts clean.
+    pub async fn call(
+        &mut self,
+        request: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, PeerError> {
+        let addr = self.addr.clone();
+        let res = tokio::time::timeout(timeout, self.call_inner(request)).await;
+        let res = match res {
+            Err(_) => Err(PeerError::Timeout(addr.clone())),
+            Ok(r) => r,
+        };
+        match res {
+            Ok(PeerResponse::Error(message)) => Err(PeerError::Remote { addr, message }),
+            Ok(r) => Ok(r),
+            Err(e) => {
+                self.conn = None;
+                Err(e)
+            }
+        }
+    }
+
+    async fn call_inner(&mut self, request: &PeerRequest) -> Result<PeerResponse, PeerError> {
+        let addr = self.addr.clone();
+        let io = |source| PeerError::Io {
+            addr: addr.clone(),
+            source,
+        };
+        if self.conn.is_none() {
+            let s = TcpStream::connect(&self.addr).await.map_err(io)?;
+            s.set_nodelay(true).map_err(io)?;
+            self.conn = Some((s, BytesMut::with_capacity(8192)));
+        }
+        let (stream, buf) = self.conn.as_mut().expect("connected above");
+        let mut out = Vec::new();
+        write_frame(&mut out, request).map_err(|reason| PeerError::Frame {
+            addr: addr.clone(),
+            reason,
+        })?;
+        stream.write_all(&out).await.map_err(io)?;
+        loop {
+            match decode_frame::<PeerResponse>(buf, MAX_FRAME_BYTES) {
+                Ok(Some(r)) => return Ok(r),
+                Ok(None) => {}
+                Err(reason) => {
+                    return Err(PeerError::Frame {
+                        addr: addr.clone(),
+                        reason,
+                    })
+                }
+            }
+            if stream.read_buf(buf).await.map_err(io)? == 0 {
+                return Err(io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "peer closed the connection",
+                )));
+            }
+        }
+    }
+}
+
+/// Serves peer requests on `listener` until it fails.
+pub async fn serve(listener: TcpListener, registry: Registry) -> std::io::Result<()> {
+    loop {
+        let (socket, peer) = listener.accept().await?;
+        let _ = socket.set_nodelay(true);
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_connection(socket, peer, registry).await {
+                tracing::debug!(%peer, "peer connection ended: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_connection(
+    mut socket: TcpStream,
+    peer: SocketAddr,
+    registry: Registry,
+) -> std::io::Result<()> {
+    let mut buf = BytesMut::with_capacity(8192);
+    let registry = Arc::new(registry);
+    loop {
+        let request = loop {
+            match decode_frame::<PeerRequest>(&mut buf, MAX_FRAME_BYTES) {
+                Ok(Some(r)) => break r,
+                Ok(None) => {}
+                Err(reason) => {
+                    tracing::warn!(%peer, "dropping peer connection: {reason}");
+                    return Ok(());
+                }
+            }
+            if socket.read_buf(&mut buf).await? == 0 {
+                return Ok(());
+            }
+        };
+        let response = registry.handle_peer(request).await;
+        let mut out = Vec::new();
+        if let Err(e) = write_frame(&mut out, &response) {
+            out.clear();
+            write_frame(&mut out, &PeerResponse::Error(e)).map_err(std::io::Error::other)?;
+        }
+        socket.write_all(&out).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_in_pieces() {
+        let mut out = Vec::new();
+        write_frame(
+            &mut out,
+            &PeerRequest::Write(RegistryCommand::Delete {
+                name: "user.a".into(),
+            }),
+        )
+        .unwrap();
+        write_frame(&mut out, &PeerRequest::ReadIndex).unwrap();
+        for chunk in [1, 2, 3, 7, 64] {
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            for piece in out.chunks(chunk) {
+                buf.extend_from_slice(piece);
+                while let Some(r) = decode_frame::<PeerRequest>(&mut buf, MAX_FRAME_BYTES).unwrap()
+                {
+                    got.push(format!("{r:?}"));
+                }
+            }
+            assert_eq!(got.len(), 2, "chunk {chunk}");
+            assert!(got[0].contains("user.a"));
+            assert_eq!(got[1], "ReadIndex");
+        }
+    }
+
+    #[test]
+    fn oversized_and_garbage_frames_are_refused() {
+        let mut buf = BytesMut::from(&[0xFFu8, 0xFF, 0xFF, 0xFF][..]);
+        assert!(decode_frame::<PeerRequest>(&mut buf, 1024).is_err());
+        let mut buf = BytesMut::from(&[0, 0, 0, 3, 0xFF, 0xFF, 0xFF][..]);
+        assert!(decode_frame::<PeerRequest>(&mut buf, 1024).is_err());
+    }
+}
