@@ -7,7 +7,7 @@ CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/release
 ARGS ?=
 
-.PHONY: run build test lint unit interop bench docs deps-build deps-test clean-data
+.PHONY: run build test lint unit interop bench bench-failover docs deps-build deps-test clean-data
 
 deps-build:
 	@bash scripts/install-deps.sh build
@@ -39,6 +39,11 @@ interop: build deps-test
 ## Benchmarks against a real Cyrus master; writes docs/src/benchmarks.md.
 bench: build deps-test
 	CORVID_BIN_DIR=$(BIN) bash bench/run.sh
+
+## Kill -9 the leader of a 3-node cluster 20 times; writes docs/src/failover.md.
+bench-failover: deps-build
+	CORVID_FAILOVER_REPORT=$(CURDIR)/docs/src/failover.md \
+		$(CARGO) test --release --locked --test failover -- --ignored --nocapture
 
 docs:
 	@command -v mdbook >/dev/null || $(CARGO) install --locked mdbook --version "~0.4"

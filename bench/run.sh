@@ -39,6 +39,20 @@ for target in "cyrus-3.6.1 $cyrus_port" "corvid-1-node $CORVID_MUPDATE_PORT"; do
   bench "$label" "$port" --workload delete -C 32 -n "$OPS" --prefix ra8
 done
 
+# A 3-node cluster on this same machine (fsync on every node): writes and
+# the backend pattern through the leader and through a follower, FINDs on a
+# follower (linearizable: each asks the leader for its read index).
+start_corvid_cluster 3 "$WORK/cluster" admin "$PASS"
+read -r -a nodes <<<"$CORVID_CLUSTER_MUPDATE"
+leader_id=$("$CTL" cluster --peer "$CORVID_CLUSTER_PEER" status | awk '$3 == "Leader" {print $1}')
+leader=${nodes[$((leader_id - 1))]}
+follower=${nodes[$((leader_id % 3))]}
+echo "== corvid-3-node (leader ${leader}, follower ${follower})"
+bench corvid-3-node "${leader##*:}" --workload reserve-activate -C 32 -n "$OPS" --prefix ra32
+bench corvid-3-node-via-follower "${follower##*:}" --workload reserve-activate -C 32 -n "$OPS" --prefix raf32
+bench corvid-3-node-follower "${follower##*:}" --workload find -C 32 -n $((OPS * 3)) --prefix ra32 --keyspace "$OPS"
+bench corvid-3-node-via-follower "${follower##*:}" --workload backend -C 8 -n $((OPS / 4)) --prefix backend
+
 python3 "$ROOT/bench/report.py" "$RESULTS" "make bench (BENCH_OPS=$OPS)" >"$ROOT/docs/src/benchmarks.md"
 echo "wrote docs/src/benchmarks.md"
 cp "$RESULTS" "$ROOT/bench/last-results.jsonl"

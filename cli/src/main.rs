@@ -2,6 +2,7 @@
 //! generator for Corvid or any Cyrus MUPDATE server.
 
 mod bench;
+mod cluster;
 mod conn;
 
 use std::io::Read;
@@ -48,6 +49,14 @@ enum Cmd {
     User(UserCmd),
     /// Load generator: drives a MUPDATE server and prints throughput and latency.
     Bench(bench::BenchArgs),
+    /// Cluster membership and status (talks to a node's peer port).
+    Cluster {
+        /// Peer address of any node.
+        #[arg(long, default_value = "127.0.0.1:3906")]
+        peer: String,
+        #[command(subcommand)]
+        command: cluster::ClusterCmd,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -159,6 +168,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::User(cmd) => user(cmd),
         Cmd::Bench(args) => bench::run(args).await,
+        Cmd::Cluster { peer, command } => cluster::run(&peer, command).await,
     }
 }
 

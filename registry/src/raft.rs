@@ -188,6 +188,12 @@ impl Registry {
             ),
             max_in_snapshot_log_to_keep: settings.keep_log_entries,
             install_snapshot_timeout: 60_000,
+            // A node that rejoins with a stale log would otherwise bump the
+            // term with elections it cannot win and delay failover.
+            enable_pre_vote: Some(true),
+            // A restarted leader rejoins as a follower instead of believing
+            // in its old term until someone tells it otherwise.
+            enable_leader_restore: Some(false),
             ..Default::default()
         }
         .validate()?;

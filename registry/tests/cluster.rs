@@ -4,171 +4,13 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{metric, wait_for, write_users, Daemon, ADMIN};
+use common::{metric, wait_for, TestCluster, ADMIN};
 use corvid_registry::mupdate::client::Client;
 use corvid_registry::mupdate::codec::{Command, Status};
-use corvid_registry::peer::{
-    AdminRequest, AdminResponse, NodeStatus, PeerClient, PeerRequest, PeerResponse,
-};
-
-/// A port that is free now (the OS picks it; the node keeps it across restarts).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One node's fixed identity: id, ports and data directory.
-struct NodeSpec {
-    id: u64,
-    mupdate: String,
-    peer: String,
-    data: PathBuf,
-}
-
-struct TestCluster {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    users: PathBuf,
-    specs: Vec<NodeSpec>,
-    nodes: Vec<Option<Daemon>>,
-}
-
-impl TestCluster {
-    /// Starts `n` nodes (not yet a cluster) with `raft_toml` appended to
-    /// their `[raft]` section.
-    fn start(n: u64, raft_toml: &str) -> TestCluster {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("corvid.toml");
-        std::fs::write(
-            &config,
-            format!("[mupdate]\nfailed_auth_delay_ms = 10\n[raft]\nwrite_timeout_ms = 3000\n{raft_toml}\n"),
-        )
-        .unwrap();
-        let users = dir.path().join("users.toml");
-        write_users(&users);
-        let mut c = TestCluster {
-            config,
-            users,
-            specs: Vec::new(),
-            nodes: Vec::new(),
-            dir,
-        };
-        for _ in 0..n {
-            c.add_node();
-        }
-        c
-    }
-
-    /// Starts one more node, outside the cluster until it is added.
-    fn add_node(&mut self) -> u64 {
-        let id = self.specs.len() as u64 + 1;
-        self.specs.push(NodeSpec {
-            id,
-            mupdate: format!("127.0.0.1:{}", free_port()),
-            peer: format!("127.0.0.1:{}", free_port()),
-            data: self.dir.path().join(format!("node{id}")),
-        });
-        self.nodes.push(None);
-        self.restart(id);
-        id
-    }
-
-    fn spec(&self, id: u64) -> &NodeSpec {
-        &self.specs[(id - 1) as usize]
-    }
-
-    fn restart(&mut self, id: u64) {
-        let s = self.spec(id);
-        let id_s = s.id.to_string();
-        let d = Daemon::start(
-            &s.data,
-            &[
-                "--config",
-                self.config.to_str().unwrap(),
-                "--users-file",
-                self.users.to_str().unwrap(),
-                "--node-id",
-                &id_s,
-                "--no-bootstrap",
-                "--listen",
-                &s.mupdate,
-                "--peer-listen",
-                &s.peer,
-            ],
-        );
-        self.nodes[(id - 1) as usize] = Some(d);
-    }
-
-    fn kill(&mut self, id: u64) {
-        if let Some(d) = self.nodes[(id - 1) as usize].take() {
-            d.kill9();
-        }
-    }
-
-    fn daemon(&self, id: u64) -> &Daemon {
-        self.nodes[(id - 1) as usize]
-            .as_ref()
-            .expect("node is running")
-    }
-
-    async fn admin(&self, id: u64, request: AdminRequest) -> Result<AdminResponse, String> {
-        let mut c = PeerClient::new(self.spec(id).peer.clone());
-        match c
-            .call(&PeerRequest::Admin(request), Duration::from_secs(60))
-            .await
-        {
-            Ok(PeerResponse::Admin(r)) => Ok(r),
-            Ok(other) => Err(format!("{other:?}")),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
-    async fn status(&self, id: u64) -> Option<NodeStatus> {
-        match self.admin(id, AdminRequest::Status).await {
-            Ok(AdminResponse::Status(s)) => Some(s),
-            _ => None,
-        }
-    }
-
-    /// Initializes nodes `1..=n` as the voters.
-    async fn init(&self, n: u64) {
-        let members = (1..=n).map(|id| (id, self.spec(id).peer.clone())).collect();
-        self.admin(1, AdminRequest::Init { members }).await.unwrap();
-    }
-
-    /// The leader as seen by `from`, once one is elected.
-    async fn leader(&self, from: &[u64]) -> u64 {
-        wait_for(Duration::from_secs(15), || async {
-            for &id in from {
-                if let Some(s) = self.status(id).await {
-                    if let Some(l) = s.leader {
-                        if from.contains(&l)
-                            && self.status(l).await.is_some_and(|ls| ls.role == "Leader")
-                        {
-                            return Some(l);
-                        }
-                    }
-                }
-            }
-            None
-        })
-        .await
-        .expect("a leader is elected")
-    }
-
-    async fn client(&self, id: u64) -> Client {
-        let mut c = Client::connect(&self.spec(id).mupdate).await.unwrap();
-        c.authenticate_plain(ADMIN.0, ADMIN.1).await.unwrap();
-        c
-    }
-}
+use corvid_registry::peer::AdminRequest;
 
 fn activate(name: &str) -> Command {
     Command::Activate {
@@ -430,4 +272,81 @@ async fn membership_changes_under_load_and_snapshot_install_to_a_new_node() {
         "node {new} misses acknowledged writes"
     );
     assert!(have.contains("user.pre000") && have.contains("user.pre299"));
+}
+
+/// Writes `name` through the first node in `addrs` that answers; `true`
+/// when acknowledged.
+async fn write_via_any(addrs: &[String], name: &str) -> bool {
+    for addr in addrs {
+        let Ok(mut c) = Client::connect(addr).await else {
+            continue;
+        };
+        if c.authenticate_plain(ADMIN.0, ADMIN.1).await.is_err() {
+            continue;
+        }
+        if let Ok(r) = c.command(&activate(name)).await {
+            return r.status == Status::Ok;
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_under_load_loses_no_acknowledged_write() {
+    let mut cluster = TestCluster::start(3, "");
+    cluster.init(3).await;
+    let leader = cluster.leader(&[1, 2, 3]).await;
+    let addrs: Vec<String> = (1..=3).map(|i| cluster.spec(i).mupdate.clone()).collect();
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (acked, stop, addrs) = (acked.clone(), stop.clone(), addrs.clone());
+        tokio::spawn(async move {
+            for i in 0.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let name = format!("user.roll{i:05}");
+                // Start with a different node each time.
+                let mut order = addrs.clone();
+                order.rotate_left(i % 3);
+                if write_via_any(&order, &name).await {
+                    acked.lock().unwrap().insert(name);
+                }
+            }
+        })
+    };
+    // Followers first, the leader last; each must catch up before the next.
+    let mut order: Vec<u64> = (1..=3).filter(|&i| i != leader).collect();
+    order.push(leader);
+    for id in order {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.kill(id);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cluster.restart(id);
+        let caught_up = wait_for(Duration::from_secs(15), || async {
+            let me = cluster.status(id).await?;
+            let leader = cluster.status(me.leader?).await?;
+            (me.applied_index + 5 >= leader.applied_index && me.applied_index > 0).then_some(())
+        })
+        .await;
+        assert!(
+            caught_up.is_some(),
+            "node {id} did not catch up after its restart"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 50, "too little load: {}", acked.len());
+    for id in 1..=3 {
+        let mut c = cluster.client(id).await;
+        let have = names(&mut c).await;
+        let missing: Vec<_> = acked.difference(&have).take(5).collect();
+        assert!(
+            missing.is_empty(),
+            "node {id} lacks acknowledged writes {missing:?}"
+        );
+    }
 }

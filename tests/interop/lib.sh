@@ -455,3 +455,37 @@ start_server_under_test() {
   export SUT_MUPDATE_PORT SUT_HOSTPORT
   echo "server under test ($SERVER) listens on $SUT_HOSTPORT"
 }
+
+## start_corvid_cluster N DIR ADMIN PASS: start N corvid-registry nodes on
+## 127.0.0.1 (ports from the OS, kept for the run), form a cluster with
+## `corvidctl cluster init`, and wait for a leader. Exports
+## CORVID_CLUSTER_MUPDATE (space-separated host:port per node, node 1 first)
+## and CORVID_CLUSTER_PEER (node 1's peer address).
+start_corvid_cluster() {
+  local n=$1 dir=$2 admin=$3 pass=$4 i mport pport members=() mupdates=()
+  mkdir -p "$dir"
+  "$CORVID_BIN_DIR/corvidctl" user add --users-file "$dir/users.toml" --admin \
+    --password-stdin "$admin" <<<"$pass" >"$dir/corvidctl.log" 2>&1 || die "corvidctl user add failed"
+  for ((i = 1; i <= n; i++)); do
+    mport=$(free_port)
+    pport=$(free_port)
+    spawn "$dir/node$i.log" "$CORVID_BIN_DIR/corvid-registry" --data-dir "$dir/node$i" \
+      --node-id "$i" --no-bootstrap --listen "127.0.0.1:$mport" --peer-listen "127.0.0.1:$pport" \
+      --metrics-listen 127.0.0.1:0 --server-name "corvid-node$i" --users-file "$dir/users.toml"
+    wait_for "node $i ready line" _corvid_ready "$dir/node$i.log" "$SPAWNED_PID" || true
+    grep -q '^corvid-registry ready' "$dir/node$i.log" || die "cluster node $i did not start"
+    members+=("$i=127.0.0.1:$pport")
+    mupdates+=("127.0.0.1:$mport")
+  done
+  CORVID_CLUSTER_PEER=${members[0]#*=}
+  "$CORVID_BIN_DIR/corvidctl" cluster --peer "$CORVID_CLUSTER_PEER" init "${members[@]}" >>"$dir/corvidctl.log" 2>&1 ||
+    die "corvidctl cluster init failed: $(cat "$dir/corvidctl.log")"
+  wait_for "cluster leader" _corvid_cluster_has_leader "$CORVID_CLUSTER_PEER" || die "no leader elected"
+  CORVID_CLUSTER_MUPDATE="${mupdates[*]}"
+  export CORVID_CLUSTER_MUPDATE CORVID_CLUSTER_PEER
+}
+
+# _corvid_cluster_has_leader PEER: done when status shows a leader.
+_corvid_cluster_has_leader() {
+  "$CORVID_BIN_DIR/corvidctl" cluster --peer "$1" status 2>/dev/null | grep -q ' Leader '
+}

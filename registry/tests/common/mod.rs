@@ -11,6 +11,9 @@ use corvid_registry::auth::UserFile;
 use corvid_registry::config::Config;
 use corvid_registry::daemon::{self, Running};
 use corvid_registry::mupdate::client::Client;
+use corvid_registry::peer::{
+    AdminRequest, AdminResponse, NodeStatus, PeerClient, PeerRequest, PeerResponse,
+};
 
 /// Administrator created in every test node.
 pub const ADMIN: (&str, &str) = ("admin", "admin-secret");
@@ -118,7 +121,10 @@ impl Daemon {
                     .filter(|_| !extra.contains(&"--peer-listen")),
             )
             .args(extra)
-            .env("CORVID_LOG", "warn")
+            .env(
+                "CORVID_LOG",
+                std::env::var("CORVID_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -180,4 +186,160 @@ pub async fn metric(addr: &str, name: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.split_whitespace().next() == Some(name))
         .and_then(|l| l.split_whitespace().last()?.parse().ok())
+}
+
+/// A port that is free now (the OS picks it; the node keeps it across restarts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One node's fixed identity: id, ports and data directory.
+pub struct NodeSpec {
+    pub id: u64,
+    pub mupdate: String,
+    pub peer: String,
+    pub data: PathBuf,
+}
+
+pub struct TestCluster {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    users: PathBuf,
+    specs: Vec<NodeSpec>,
+    nodes: Vec<Option<Daemon>>,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes (not yet a cluster) with `raft_toml` appended to
+    /// their `[raft]` section.
+    pub fn start(n: u64, raft_toml: &str) -> TestCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("corvid.toml");
+        std::fs::write(
+            &config,
+            format!("[mupdate]\nfailed_auth_delay_ms = 10\n[raft]\nwrite_timeout_ms = 3000\n{raft_toml}\n"),
+        )
+        .unwrap();
+        let users = dir.path().join("users.toml");
+        write_users(&users);
+        let mut c = TestCluster {
+            config,
+            users,
+            specs: Vec::new(),
+            nodes: Vec::new(),
+            dir,
+        };
+        for _ in 0..n {
+            c.add_node();
+        }
+        c
+    }
+
+    /// Starts one more node, outside the cluster until it is added.
+    pub fn add_node(&mut self) -> u64 {
+        let id = self.specs.len() as u64 + 1;
+        self.specs.push(NodeSpec {
+            id,
+            mupdate: format!("127.0.0.1:{}", free_port()),
+            peer: format!("127.0.0.1:{}", free_port()),
+            data: self.dir.path().join(format!("node{id}")),
+        });
+        self.nodes.push(None);
+        self.restart(id);
+        id
+    }
+
+    pub fn spec(&self, id: u64) -> &NodeSpec {
+        &self.specs[(id - 1) as usize]
+    }
+
+    pub fn restart(&mut self, id: u64) {
+        let s = self.spec(id);
+        let id_s = s.id.to_string();
+        let d = Daemon::start(
+            &s.data,
+            &[
+                "--config",
+                self.config.to_str().unwrap(),
+                "--users-file",
+                self.users.to_str().unwrap(),
+                "--node-id",
+                &id_s,
+                "--no-bootstrap",
+                "--listen",
+                &s.mupdate,
+                "--peer-listen",
+                &s.peer,
+            ],
+        );
+        self.nodes[(id - 1) as usize] = Some(d);
+    }
+
+    pub fn kill(&mut self, id: u64) {
+        if let Some(d) = self.nodes[(id - 1) as usize].take() {
+            d.kill9();
+        }
+    }
+
+    pub fn daemon(&self, id: u64) -> &Daemon {
+        self.nodes[(id - 1) as usize]
+            .as_ref()
+            .expect("node is running")
+    }
+
+    pub async fn admin(&self, id: u64, request: AdminRequest) -> Result<AdminResponse, String> {
+        let mut c = PeerClient::new(self.spec(id).peer.clone());
+        match c
+            .call(&PeerRequest::Admin(request), Duration::from_secs(60))
+            .await
+        {
+            Ok(PeerResponse::Admin(r)) => Ok(r),
+            Ok(other) => Err(format!("{other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub async fn status(&self, id: u64) -> Option<NodeStatus> {
+        match self.admin(id, AdminRequest::Status).await {
+            Ok(AdminResponse::Status(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Initializes nodes `1..=n` as the voters.
+    pub async fn init(&self, n: u64) {
+        let members = (1..=n).map(|id| (id, self.spec(id).peer.clone())).collect();
+        self.admin(1, AdminRequest::Init { members }).await.unwrap();
+    }
+
+    /// The leader as seen by `from`, once one is elected.
+    /// The leader of the nodes in `from`, once every running one of them
+    /// agrees on it and it says it leads (a restarted node may briefly
+    /// believe in an old leader).
+    pub async fn leader(&self, from: &[u64]) -> u64 {
+        wait_for(Duration::from_secs(15), || async {
+            let mut agreed = None;
+            for &id in from {
+                let s = self.status(id).await?;
+                let l = s.leader?;
+                if *agreed.get_or_insert(l) != l {
+                    return None;
+                }
+            }
+            let l = agreed?;
+            (from.contains(&l) && self.status(l).await?.role == "Leader").then_some(l)
+        })
+        .await
+        .expect("a leader is elected")
+    }
+
+    pub async fn client(&self, id: u64) -> Client {
+        let mut c = Client::connect(&self.spec(id).mupdate).await.unwrap();
+        c.authenticate_plain(ADMIN.0, ADMIN.1).await.unwrap();
+        c
+    }
 }
