@@ -7,7 +7,7 @@ CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/release
 ARGS ?=
 
-.PHONY: run build test lint unit interop bench bench-failover docs deps-build deps-test clean-data
+.PHONY: run build test lint unit interop bench bench-failover bench-join docs deps-build deps-test clean-data
 
 deps-build:
 	@bash scripts/install-deps.sh build
@@ -39,6 +39,10 @@ interop: build deps-test
 ## Benchmarks against a real Cyrus master; writes docs/src/benchmarks.md.
 bench: build deps-test
 	CORVID_BIN_DIR=$(BIN) bash bench/run.sh
+
+## Time for a new node to join a cluster holding 1,000,000 mailboxes.
+bench-join: build deps-test
+	CORVID_BIN_DIR=$(BIN) bash bench/join.sh
 
 ## Kill -9 the leader of a 3-node cluster 20 times; writes docs/src/failover.md.
 bench-failover: deps-build

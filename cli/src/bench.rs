@@ -25,6 +25,9 @@ use crate::conn::ConnectArgs;
 pub enum Workload {
     /// RESERVE then ACTIVATE a new name (a mailbox creation: two writes).
     ReserveActivate,
+    /// ACTIVATE a new name (one write, as `ctl_mboxlist -m` pushes a
+    /// backend's list); also the fastest way to load a registry.
+    Activate,
     /// FIND a name created by an earlier reserve-activate run.
     Find,
     /// DELETE a name created by an earlier reserve-activate run.
@@ -249,6 +252,11 @@ async fn worker(shared: Arc<Shared>) -> anyhow::Result<Vec<u32>> {
         let started = Instant::now();
         let commands: Vec<Command> = match shared.args.workload {
             Workload::ReserveActivate | Workload::Backend => create(&shared, k, &acl),
+            Workload::Activate => vec![Command::Activate {
+                name: shared.name(k),
+                location: shared.args.location.clone(),
+                acl: acl.clone(),
+            }],
             Workload::Find => vec![Command::Find {
                 name: shared.existing(&mut rng),
             }],

@@ -41,7 +41,7 @@ pub enum ClusterCmd {
 async fn call(peer: &str, request: AdminRequest) -> anyhow::Result<AdminResponse> {
     let mut c = PeerClient::new(peer);
     match c
-        .call(&PeerRequest::Admin(request), Duration::from_secs(120))
+        .call(&PeerRequest::Admin(request), Duration::from_secs(1800))
         .await
         .with_context(|| format!("asking {peer}"))?
     {
