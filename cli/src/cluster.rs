@@ -8,6 +8,31 @@ use corvid_registry::peer::{
     AdminRequest, AdminResponse, NodeStatus, PeerClient, PeerRequest, PeerResponse,
 };
 
+/// Mutual TLS towards the peer port, when the cluster uses it.
+#[derive(Debug, clap::Args)]
+pub struct PeerTlsArgs {
+    /// PEM certificate signed by the cluster CA.
+    #[arg(long, requires_all = ["peer_key", "peer_ca"])]
+    peer_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --peer-cert.
+    #[arg(long)]
+    peer_key: Option<std::path::PathBuf>,
+    /// PEM cluster CA.
+    #[arg(long)]
+    peer_ca: Option<std::path::PathBuf>,
+}
+
+impl PeerTlsArgs {
+    fn client(&self) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+        match (&self.peer_cert, &self.peer_key, &self.peer_ca) {
+            (Some(c), Some(k), Some(a)) => {
+                Ok(Some(corvid_registry::tls::peer_tls(c, k, a)?.client))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
 /// Cluster administration commands.
 #[derive(Debug, Subcommand)]
 pub enum ClusterCmd {
@@ -38,8 +63,10 @@ pub enum ClusterCmd {
     Status,
 }
 
-async fn call(peer: &str, request: AdminRequest) -> anyhow::Result<AdminResponse> {
-    let mut c = PeerClient::new(peer);
+type Tls = Option<std::sync::Arc<rustls::ClientConfig>>;
+
+async fn call(peer: &str, tls: &Tls, request: AdminRequest) -> anyhow::Result<AdminResponse> {
+    let mut c = PeerClient::with_tls(peer, tls.clone());
     match c
         .call(&PeerRequest::Admin(request), Duration::from_secs(1800))
         .await
@@ -50,17 +77,18 @@ async fn call(peer: &str, request: AdminRequest) -> anyhow::Result<AdminResponse
     }
 }
 
-async fn status(peer: &str) -> anyhow::Result<NodeStatus> {
-    match call(peer, AdminRequest::Status).await? {
+async fn status(peer: &str, tls: &Tls) -> anyhow::Result<NodeStatus> {
+    match call(peer, tls, AdminRequest::Status).await? {
         AdminResponse::Status(s) => Ok(s),
         other => bail!("unexpected answer from {peer}: {other:?}"),
     }
 }
 
 /// Runs one cluster command against the node at `peer`.
-pub async fn run(peer: &str, cmd: ClusterCmd) -> anyhow::Result<()> {
+pub async fn run(peer: &str, tls: &PeerTlsArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
+    let tls = tls.client()?;
     let request = match cmd {
-        ClusterCmd::Status => return print_status(peer).await,
+        ClusterCmd::Status => return print_status(peer, &tls).await,
         ClusterCmd::Init { members } => {
             let members = members
                 .iter()
@@ -78,16 +106,16 @@ pub async fn run(peer: &str, cmd: ClusterCmd) -> anyhow::Result<()> {
         ClusterCmd::Promote { id } => AdminRequest::Promote { id },
         ClusterCmd::Remove { id } => AdminRequest::Remove { id },
     };
-    call(peer, request).await?;
+    call(peer, &tls, request).await?;
     println!("done");
     Ok(())
 }
 
-async fn print_status(peer: &str) -> anyhow::Result<()> {
-    let here = status(peer).await?;
+async fn print_status(peer: &str, tls: &Tls) -> anyhow::Result<()> {
+    let here = status(peer, tls).await?;
     // The leader's view has every member's matched index.
     let leader_view = match here.leader.and_then(|l| here.nodes.get(&l)) {
-        Some(addr) if here.leader != Some(here.id) => status(addr).await.ok(),
+        Some(addr) if here.leader != Some(here.id) => status(addr, tls).await.ok(),
         _ => Some(here.clone()),
     };
     println!(
@@ -98,7 +126,7 @@ async fn print_status(peer: &str) -> anyhow::Result<()> {
         let s = if *id == here.id {
             Ok(here.clone())
         } else {
-            status(addr).await
+            status(addr, tls).await
         };
         let voter = here.voters.contains(id);
         let (matched, lag) = match leader_view

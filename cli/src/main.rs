@@ -54,6 +54,8 @@ enum Cmd {
         /// Peer address of any node.
         #[arg(long, default_value = "127.0.0.1:3906")]
         peer: String,
+        #[command(flatten)]
+        tls: cluster::PeerTlsArgs,
         #[command(subcommand)]
         command: cluster::ClusterCmd,
     },
@@ -168,7 +170,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::User(cmd) => user(cmd),
         Cmd::Bench(args) => bench::run(args).await,
-        Cmd::Cluster { peer, command } => cluster::run(&peer, command).await,
+        Cmd::Cluster { peer, tls, command } => cluster::run(&peer, &tls, command).await,
     }
 }
 

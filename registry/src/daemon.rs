@@ -89,7 +89,11 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let registry = Registry::start(data_dir, &config.raft, &advertise)
         .await
         .with_context(|| format!("starting the registry in {}", data_dir.display()))?;
-    tokio::spawn(crate::peer::serve(peer_listener, registry.clone()));
+    tokio::spawn(crate::peer::serve(
+        peer_listener,
+        registry.clone(),
+        registry.peer_server_tls(),
+    ));
     let tls = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
         _ => None,

@@ -204,17 +204,28 @@ pub fn decode_frame<T: DeserializeOwned>(
         .map_err(|e| e.to_string())
 }
 
+/// A socket to a peer, plain or TLS.
+trait PeerIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync> PeerIo for T {}
+
 /// A connection to one peer, re-established on demand.
 pub struct PeerClient {
     addr: String,
-    conn: Option<(TcpStream, BytesMut)>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    conn: Option<(Box<dyn PeerIo>, BytesMut)>,
 }
 
 impl PeerClient {
-    /// A client for `addr` (connects on first call).
+    /// A plain-TCP client for `addr` (connects on first call).
     pub fn new(addr: impl Into<String>) -> PeerClient {
+        PeerClient::with_tls(addr, None)
+    }
+
+    /// A client for `addr` that uses mutual TLS when `tls` is set.
+    pub fn with_tls(addr: impl Into<String>, tls: Option<Arc<rustls::ClientConfig>>) -> PeerClient {
         PeerClient {
             addr: addr.into(),
+            tls,
             conn: None,
         }
     }
@@ -256,7 +267,28 @@ impl PeerClient {
         if self.conn.is_none() {
             let s = TcpStream::connect(&self.addr).await.map_err(io)?;
             s.set_nodelay(true).map_err(io)?;
-            self.conn = Some((s, BytesMut::with_capacity(8192)));
+            let stream: Box<dyn PeerIo> =
+                match &self.tls {
+                    None => Box::new(s),
+                    Some(config) => {
+                        let host = self
+                            .addr
+                            .rsplit_once(':')
+                            .map_or(self.addr.as_str(), |(h, _)| h);
+                        let host = host.trim_start_matches('[').trim_end_matches(']');
+                        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                            .map_err(|e| PeerError::Frame {
+                                addr: addr.clone(),
+                                reason: format!("bad TLS server name: {e}"),
+                            })?;
+                        let tls = tokio_rustls::TlsConnector::from(config.clone())
+                            .connect(name, s)
+                            .await
+                            .map_err(io)?;
+                        Box::new(tls)
+                    }
+                };
+            self.conn = Some((stream, BytesMut::with_capacity(8192)));
         }
         let (stream, buf) = self.conn.as_mut().expect("connected above");
         let mut out = Vec::new();
@@ -286,25 +318,49 @@ impl PeerClient {
     }
 }
 
-/// Serves peer requests on `listener` until it fails.
-pub async fn serve(listener: TcpListener, registry: Registry) -> std::io::Result<()> {
+/// Serves peer requests on `listener` until it fails; with `tls`, only peers
+/// presenting a certificate of the cluster's CA get past the handshake.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<()> {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let (socket, peer) = listener.accept().await?;
         let _ = socket.set_nodelay(true);
         let registry = registry.clone();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_connection(socket, peer, registry).await {
+            let res = match acceptor {
+                None => serve_connection(socket, peer, registry).await,
+                Some(a) => {
+                    match tokio::time::timeout(Duration::from_secs(10), a.accept(socket)).await {
+                        Ok(Ok(tls)) => serve_connection(tls, peer, registry).await,
+                        Ok(Err(e)) => {
+                            metrics::counter!("corvid_peer_tls_refused_total").increment(1);
+                            tracing::warn!(%peer, "peer TLS handshake refused: {e}");
+                            Ok(())
+                        }
+                        Err(_) => Ok(()),
+                    }
+                }
+            };
+            if let Err(e) = res {
                 tracing::debug!(%peer, "peer connection ended: {e}");
             }
         });
     }
 }
 
-async fn serve_connection(
-    mut socket: TcpStream,
+async fn serve_connection<S>(
+    mut socket: S,
     peer: SocketAddr,
     registry: Registry,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut buf = BytesMut::with_capacity(8192);
     let registry = Arc::new(registry);
     loop {

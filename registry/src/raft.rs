@@ -30,6 +30,7 @@ use crate::peer::{
     AdminRequest, AdminResponse, NodeStatus, PeerClient, PeerError, PeerRequest, PeerResponse,
 };
 use crate::store::{LogStore, StateMachine, Store};
+use crate::tls::PeerTls;
 
 openraft::declare_raft_types!(
     /// Corvid's Raft types: log entries carry registry commands and answer
@@ -76,6 +77,13 @@ pub struct RaftSettings {
     /// `local`: answer from this node's state without asking the leader:
     /// faster, and served without quorum, but possibly stale.
     pub read_consistency: ReadConsistency,
+    /// Mutual TLS on the peer port: this node's PEM certificate (signed by
+    /// `peer_tls_ca`). Set all three or none.
+    pub peer_tls_cert: Option<std::path::PathBuf>,
+    /// This node's PEM private key.
+    pub peer_tls_key: Option<std::path::PathBuf>,
+    /// The PEM CA that signs every node's certificate.
+    pub peer_tls_ca: Option<std::path::PathBuf>,
 }
 
 /// How reads are served.
@@ -102,6 +110,9 @@ impl Default for RaftSettings {
             peer_advertise: None,
             bootstrap: true,
             read_consistency: ReadConsistency::Linearizable,
+            peer_tls_cert: None,
+            peer_tls_key: None,
+            peer_tls_ca: None,
         }
     }
 }
@@ -131,12 +142,24 @@ pub struct Registry {
     /// before a restart; local reads wait for it.
     recovered: Arc<AtomicBool>,
     peers: PeerPool,
+    read_batches: Arc<Mutex<ReadBatch>>,
+    peer_tls: Option<PeerTls>,
+}
+
+/// Readers on a follower waiting for the leader's read index. One request
+/// is in flight at a time; readers arriving meanwhile share the next one
+/// (an answer may only serve readers that arrived before it was asked).
+#[derive(Default)]
+struct ReadBatch {
+    in_flight: bool,
+    waiting: Vec<tokio::sync::oneshot::Sender<Result<u64, String>>>,
 }
 
 /// Idle connections to other nodes, by address, for forwarded requests.
 #[derive(Clone, Default)]
 struct PeerPool {
     idle: Arc<Mutex<HashMap<String, Vec<PeerClient>>>>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl PeerPool {
@@ -151,7 +174,7 @@ impl PeerPool {
             .lock()
             .ok()
             .and_then(|mut m| m.get_mut(addr)?.pop());
-        let mut client = client.unwrap_or_else(|| PeerClient::new(addr));
+        let mut client = client.unwrap_or_else(|| PeerClient::with_tls(addr, self.tls.clone()));
         let res = client.call(request, timeout).await;
         if res.is_ok() {
             if let Ok(mut m) = self.idle.lock() {
@@ -177,6 +200,16 @@ impl Registry {
         settings: &RaftSettings,
         addr: &str,
     ) -> anyhow::Result<Registry> {
+        let peer_tls = match (
+            &settings.peer_tls_cert,
+            &settings.peer_tls_key,
+            &settings.peer_tls_ca,
+        ) {
+            (Some(cert), Some(key), Some(ca)) => Some(crate::tls::peer_tls(cert, key, ca)?),
+            (None, None, None) => None,
+            _ => anyhow::bail!("[raft] peer_tls_cert, peer_tls_key and peer_tls_ca go together"),
+        };
+        let client_tls = peer_tls.as_ref().map(|t| t.client.clone());
         let store = Store::open(data_dir)?;
         let config = Config {
             cluster_name: "corvid".into(),
@@ -200,7 +233,9 @@ impl Registry {
         let raft = Raft::new(
             settings.node_id,
             Arc::new(config),
-            Network,
+            Network {
+                tls: client_tls.clone(),
+            },
             LogStore::new(store.clone()),
             StateMachine::new(store.clone()),
         )
@@ -224,7 +259,12 @@ impl Registry {
             write_timeout: Duration::from_millis(settings.write_timeout_ms),
             read_consistency: settings.read_consistency,
             recovered: Arc::new(AtomicBool::new(false)),
-            peers: PeerPool::default(),
+            peers: PeerPool {
+                idle: Arc::default(),
+                tls: client_tls,
+            },
+            read_batches: Arc::default(),
+            peer_tls,
         };
         registry.spawn_recovery();
         registry.spawn_metrics();
@@ -255,6 +295,11 @@ impl Registry {
                 }
             }
         });
+    }
+
+    /// The TLS configuration for accepting peers, when mutual TLS is on.
+    pub fn peer_server_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.peer_tls.as_ref().map(|t| t.server.clone())
     }
 
     /// The local store (for scans and UPDATE subscriptions).
@@ -383,24 +428,11 @@ impl Registry {
                 tokio::time::sleep(LEADER_POLL.min(remaining)).await;
                 continue;
             };
-            match self
-                .peers
-                .call(&addr, &PeerRequest::ReadIndex, remaining)
-                .await
-            {
-                Ok(PeerResponse::ReadIndex(i)) => break i,
-                Ok(PeerResponse::Error(_)) | Err(PeerError::Remote { .. }) => {
-                    tokio::time::sleep(LEADER_POLL.min(remaining)).await;
-                }
-                Ok(other) => {
-                    return Err(RegistryError::Unavailable(format!(
-                        "unexpected answer from leader: {other:?}"
-                    )))
-                }
+            match self.leader_read_index(&addr, remaining).await {
+                Ok(i) => break i,
                 Err(e) => {
-                    return Err(RegistryError::Unavailable(format!(
-                        "cannot reach the leader for a linearizable read: {e}"
-                    )))
+                    tracing::debug!("read index from {addr}: {e}");
+                    tokio::time::sleep(LEADER_POLL.min(remaining)).await;
                 }
             }
         };
@@ -411,6 +443,48 @@ impl Registry {
             .await
             .map(|_| ())
             .map_err(|e| RegistryError::Unavailable(format!("this node is behind the leader: {e}")))
+    }
+
+    /// Asks the leader at `addr` for its read index, sharing the request
+    /// with other readers as [`ReadBatch`] describes.
+    async fn leader_read_index(&self, addr: &str, timeout: Duration) -> Result<u64, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start_sender = {
+            let mut b = self.read_batches.lock().map_err(|e| e.to_string())?;
+            b.waiting.push(tx);
+            !std::mem::replace(&mut b.in_flight, true)
+        };
+        if start_sender {
+            let (this, addr) = (self.clone(), addr.to_owned());
+            tokio::spawn(async move {
+                loop {
+                    let batch = {
+                        let Ok(mut b) = this.read_batches.lock() else {
+                            return;
+                        };
+                        if b.waiting.is_empty() {
+                            b.in_flight = false;
+                            return;
+                        }
+                        std::mem::take(&mut b.waiting)
+                    };
+                    let res = match this
+                        .peers
+                        .call(&addr, &PeerRequest::ReadIndex, timeout)
+                        .await
+                    {
+                        Ok(PeerResponse::ReadIndex(i)) => Ok(i),
+                        Ok(other) => Err(format!("unexpected answer from the leader: {other:?}")),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    for w in batch {
+                        let _ = w.send(res.clone());
+                    }
+                }
+            });
+        }
+        rx.await
+            .map_err(|_| "read-index request dropped".to_string())?
     }
 
     /// Linearizable lookup of one mailbox.
@@ -677,15 +751,17 @@ where
 
 /// Raft's peer network: one [`PeerClient`] per target, bincode frames over
 /// TCP.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Network;
+#[derive(Debug, Clone, Default)]
+pub struct Network {
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerLink;
 
     async fn new_client(&mut self, _target: u64, node: &BasicNode) -> Self::Network {
         PeerLink {
-            client: PeerClient::new(node.addr.clone()),
+            client: PeerClient::with_tls(node.addr.clone(), self.tls.clone()),
         }
     }
 }

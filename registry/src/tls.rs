@@ -144,3 +144,78 @@ impl AsyncWrite for MaybeTls {
         }
     }
 }
+
+/// Mutual TLS between registry nodes: every node presents a certificate
+/// signed by the cluster's CA and accepts only peers that do the same.
+#[derive(Clone)]
+pub struct PeerTls {
+    /// For accepting peer connections (client certificates required).
+    pub server: Arc<rustls::ServerConfig>,
+    /// For connecting to peers (presents this node's certificate).
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerTls")
+    }
+}
+
+fn read_pem(p: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(p).map_err(|source| TlsError::Read {
+        path: p.display().to_string(),
+        source,
+    })
+}
+
+fn certs_of(p: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsError> {
+    let pem = read_pem(p)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::Read {
+            path: p.display().to_string(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(p.display().to_string()));
+    }
+    Ok(certs)
+}
+
+fn key_of(p: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>, TlsError> {
+    let pem = read_pem(p)?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|source| TlsError::Read {
+            path: p.display().to_string(),
+            source,
+        })?
+        .ok_or_else(|| TlsError::NoKey(p.display().to_string()))
+}
+
+/// Loads this node's certificate and key and the cluster CA.
+pub fn peer_tls(cert: &Path, key: &Path, ca: &Path) -> Result<PeerTls, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs_of(ca)? {
+        roots.add(c)?;
+    }
+    let roots = Arc::new(roots);
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs_of(cert)?, key_of(key)?)?;
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs_of(cert)?, key_of(key)?)?;
+    Ok(PeerTls {
+        server: Arc::new(server),
+        client: Arc::new(client),
+    })
+}

@@ -4,13 +4,14 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{metric, wait_for, TestCluster, ADMIN};
 use corvid_registry::mupdate::client::Client;
 use corvid_registry::mupdate::codec::{Command, Status};
-use corvid_registry::peer::AdminRequest;
+use corvid_registry::peer::{AdminRequest, PeerClient, PeerRequest};
 
 fn activate(name: &str) -> Command {
     Command::Activate {
@@ -349,4 +350,79 @@ async fn rolling_restart_under_load_loses_no_acknowledged_write() {
             "node {id} lacks acknowledged writes {missing:?}"
         );
     }
+}
+
+/// A CA and one certificate (for 127.0.0.1) it signed, as PEM files in `dir`.
+fn cluster_pki(dir: &std::path::Path, tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+    let paths = (
+        dir.join(format!("{tag}-cert.pem")),
+        dir.join(format!("{tag}-key.pem")),
+        dir.join(format!("{tag}-ca.pem")),
+    );
+    std::fs::write(&paths.0, cert.pem()).unwrap();
+    std::fs::write(&paths.1, key.serialize_pem()).unwrap();
+    std::fs::write(&paths.2, ca.pem()).unwrap();
+    paths
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_use_mutual_tls_and_refuse_strangers() {
+    let pki = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = cluster_pki(pki.path(), "cluster");
+    let raft_toml = format!(
+        "peer_tls_cert = {:?}\npeer_tls_key = {:?}\npeer_tls_ca = {:?}",
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+        ca.to_str().unwrap()
+    );
+    let mut cluster = TestCluster::start(3, &raft_toml);
+    cluster.peer_tls = Some(
+        corvid_registry::tls::peer_tls(&cert, &key, &ca)
+            .unwrap()
+            .client,
+    );
+    cluster.init(3).await;
+    let leader = cluster.leader(&[1, 2, 3]).await;
+    let follower = (1..=3).find(|&i| i != leader).unwrap();
+    let mut c = cluster.client(follower).await;
+    c.command(&activate("user.tls"))
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    let mut c = cluster.client(leader).await;
+    assert!(c.find("user.tls").await.unwrap().is_some());
+
+    // Without TLS, or with a certificate from another CA: no way in.
+    let peer = cluster.spec(leader).peer.clone();
+    let mut plain = PeerClient::new(peer.clone());
+    assert!(plain
+        .call(
+            &PeerRequest::Admin(AdminRequest::Status),
+            Duration::from_secs(5)
+        )
+        .await
+        .is_err());
+    let (c2, k2, a2) = cluster_pki(pki.path(), "stranger");
+    let stranger = corvid_registry::tls::peer_tls(&c2, &k2, &a2)
+        .unwrap()
+        .client;
+    let mut s = PeerClient::with_tls(peer, Some(stranger));
+    assert!(s
+        .call(
+            &PeerRequest::Admin(AdminRequest::Status),
+            Duration::from_secs(5)
+        )
+        .await
+        .is_err());
 }

@@ -206,6 +206,8 @@ pub struct NodeSpec {
 }
 
 pub struct TestCluster {
+    /// Client side of mutual TLS on the peer port, when the cluster uses it.
+    pub peer_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     dir: tempfile::TempDir,
     config: PathBuf,
     users: PathBuf,
@@ -227,6 +229,7 @@ impl TestCluster {
         let users = dir.path().join("users.toml");
         write_users(&users);
         let mut c = TestCluster {
+            peer_tls: None,
             config,
             users,
             specs: Vec::new(),
@@ -292,7 +295,7 @@ impl TestCluster {
     }
 
     pub async fn admin(&self, id: u64, request: AdminRequest) -> Result<AdminResponse, String> {
-        let mut c = PeerClient::new(self.spec(id).peer.clone());
+        let mut c = PeerClient::with_tls(self.spec(id).peer.clone(), self.peer_tls.clone());
         match c
             .call(&PeerRequest::Admin(request), Duration::from_secs(60))
             .await
