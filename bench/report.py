@@ -16,7 +16,9 @@ out.append(
     "runs against a real Cyrus 3.6.1 `mupdate -m` master and a one-node Corvid "
     "registry (RocksDB, every write fsynced before it is acknowledged), one after "
     "the other in the same run, on 127.0.0.1. Each connection keeps one command "
-    "in flight, as Cyrus clients do.\n"
+    "in flight, as Cyrus clients do. Each master (Cyrus, the Corvid node, the "
+    "Corvid cluster) has a real Cyrus frontend's mupdate slave attached that follows "
+    "every change through UPDATE; the run checks at the end that each slave has the data.\n"
     % (command, platform.node() or "this machine", os.cpu_count() or 0, platform.machine(),
        datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 )

@@ -19,6 +19,17 @@ PASS=bench-secret
 cyrus_port=$(free_port)
 cyrus_mupdate_master "$WORK/cyrus" "$cyrus_port" admin "$PASS"
 start_corvid "$WORK/corvid" admin "$PASS"
+# Each master has a real Cyrus frontend's mupdate slave attached, as in a
+# murder: it holds an UPDATE stream open and receives every change.
+cyrus_slave_port=$(free_port)
+cyrus_mupdate_slave "$WORK/cyrus-slave" frontend1 "$cyrus_slave_port" "127.0.0.1:$cyrus_port" admin "$PASS"
+corvid_slave_port=$(free_port)
+cyrus_mupdate_slave "$WORK/corvid-slave" frontend2 "$corvid_slave_port" "127.0.0.1:$CORVID_MUPDATE_PORT" admin "$PASS"
+
+# slave_has SLAVE_PORT NAME: the slave answers FIND NAME with an entry.
+slave_has() {
+  printf 'S1 FIND "%s"\n' "$2" | mupdatetest_run "127.0.0.1:$1" admin "$PASS" | grep -q '^S1 MAILBOX'
+}
 
 bench() {
   local label=$1 port=$2
@@ -38,12 +49,19 @@ for target in "cyrus-3.6.1 $cyrus_port" "corvid-1-node $CORVID_MUPDATE_PORT"; do
   bench "$label" "$port" --workload mix -C 32 -n "$OPS" --prefix ra32 --keyspace "$OPS"
   bench "$label" "$port" --workload delete -C 32 -n "$OPS" --prefix ra8
 done
+# The slaves followed their masters through all of it.
+wait_for "Cyrus slave has ra32.0" slave_has "$cyrus_slave_port" ra32.0 ||
+  die "the slave of the Cyrus master fell behind"
+wait_for "Corvid's Cyrus slave has ra32.0" slave_has "$corvid_slave_port" ra32.0 ||
+  die "the Cyrus slave of Corvid fell behind"
 
 # A 3-node cluster on this same machine (fsync on every node): writes and
 # the backend pattern through the leader and through a follower, FINDs on a
 # follower (linearizable: each asks the leader for its read index).
 start_corvid_cluster 3 "$WORK/cluster" admin "$PASS"
 read -r -a nodes <<<"$CORVID_CLUSTER_MUPDATE"
+cluster_slave_port=$(free_port)
+cyrus_mupdate_slave "$WORK/cluster-slave" frontend3 "$cluster_slave_port" "${nodes[0]}" admin "$PASS"
 leader_id=$("$CTL" cluster --peer "$CORVID_CLUSTER_PEER" status | awk '$3 == "Leader" {print $1}')
 leader=${nodes[$((leader_id - 1))]}
 follower=${nodes[$((leader_id % 3))]}
@@ -52,6 +70,9 @@ bench corvid-3-node "${leader##*:}" --workload reserve-activate -C 32 -n "$OPS" 
 bench corvid-3-node-via-follower "${follower##*:}" --workload reserve-activate -C 32 -n "$OPS" --prefix raf32
 bench corvid-3-node-follower "${follower##*:}" --workload find -C 32 -n $((OPS * 3)) --prefix ra32 --keyspace "$OPS"
 bench corvid-3-node-via-follower "${follower##*:}" --workload backend -C 8 -n $((OPS / 4)) --prefix backend
+
+wait_for "the cluster's Cyrus slave has raf32.0" slave_has "$cluster_slave_port" raf32.0 ||
+  die "the Cyrus slave of the cluster fell behind"
 
 python3 "$ROOT/bench/report.py" "$RESULTS" "make bench (BENCH_OPS=$OPS)" >"$ROOT/docs/src/benchmarks.md"
 echo "wrote docs/src/benchmarks.md"

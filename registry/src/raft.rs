@@ -771,6 +771,30 @@ pub struct PeerLink {
     client: PeerClient,
 }
 
+fn vote_response(r: PeerResponse) -> Result<VoteResponse<TypeConfig>, Box<PeerResponse>> {
+    match r {
+        PeerResponse::Vote(v) => Ok(v),
+        other => Err(Box::new(other)),
+    }
+}
+
+impl PeerLink {
+    /// Sends one Raft RPC and picks the expected answer out of the response.
+    async fn rpc<T>(
+        &mut self,
+        request: PeerRequest,
+        option: RPCOption,
+        expect: impl FnOnce(PeerResponse) -> Result<T, Box<PeerResponse>>,
+    ) -> Result<T, RPCError<TypeConfig>> {
+        match self.client.call(&request, option.hard_ttl()).await {
+            Ok(r) => {
+                expect(r).map_err(|other| RPCError::Network(NetworkError::new(&unexpected(*other))))
+            }
+            Err(e) => Err(rpc_error(e)),
+        }
+    }
+}
+
 fn rpc_error(e: PeerError) -> RPCError<TypeConfig> {
     match e {
         PeerError::Io { .. } => RPCError::Unreachable(Unreachable::new(&e)),
@@ -786,15 +810,11 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self
-            .client
-            .call(&PeerRequest::AppendEntries(rpc), option.hard_ttl())
-            .await
-        {
-            Ok(PeerResponse::AppendEntries(r)) => Ok(r),
-            Ok(other) => Err(RPCError::Network(NetworkError::new(&unexpected(other)))),
-            Err(e) => Err(rpc_error(e)),
-        }
+        self.rpc(PeerRequest::AppendEntries(rpc), option, |r| match r {
+            PeerResponse::AppendEntries(r) => Ok(r),
+            other => Err(Box::new(other)),
+        })
+        .await
     }
 
     async fn vote(
@@ -802,15 +822,8 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self
-            .client
-            .call(&PeerRequest::Vote(rpc), option.hard_ttl())
+        self.rpc(PeerRequest::Vote(rpc), option, vote_response)
             .await
-        {
-            Ok(PeerResponse::Vote(r)) => Ok(r),
-            Ok(other) => Err(RPCError::Network(NetworkError::new(&unexpected(other)))),
-            Err(e) => Err(rpc_error(e)),
-        }
     }
 
     async fn pre_vote(
@@ -818,15 +831,8 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self
-            .client
-            .call(&PeerRequest::PreVote(rpc), option.hard_ttl())
+        self.rpc(PeerRequest::PreVote(rpc), option, vote_response)
             .await
-        {
-            Ok(PeerResponse::Vote(r)) => Ok(r),
-            Ok(other) => Err(RPCError::Network(NetworkError::new(&unexpected(other)))),
-            Err(e) => Err(rpc_error(e)),
-        }
     }
 
     async fn full_snapshot(

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{metric, wait_for, TestCluster, ADMIN};
+use common::{metric, names, wait_for, TestCluster, ADMIN};
 use corvid_registry::mupdate::client::Client;
 use corvid_registry::mupdate::codec::{Command, Status};
 use corvid_registry::peer::{AdminRequest, PeerClient, PeerRequest};
@@ -19,15 +19,6 @@ fn activate(name: &str) -> Command {
         location: "be1!default".into(),
         acl: "anyone\tlrs\t".into(),
     }
-}
-
-async fn names(c: &mut Client) -> BTreeSet<String> {
-    c.list(None)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{http_get, metric, Daemon};
+use common::{http_get, metric, names, Daemon};
 use corvid_registry::mupdate::client::Client;
 use corvid_registry::mupdate::codec::{Command, Status};
 
@@ -66,16 +66,6 @@ async fn first_start_creates_admin_and_serves_metrics() {
     );
     let mut c = admin(&d.mupdate, &password).await;
     assert!(c.find("user.m").await.unwrap().is_some());
-}
-
-/// Every mailbox name the server lists.
-async fn names(c: &mut Client) -> BTreeSet<String> {
-    c.list(None)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect()
 }
 
 /// Writers that record every acknowledged write until told to stop.

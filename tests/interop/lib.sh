@@ -350,6 +350,27 @@ EOF
     "$imap_port"
 }
 
+## cyrus_mupdate_slave DIR NAME PORT MASTER_HOSTPORT USER PASS: start the
+## mupdate slave of a Cyrus frontend (servername NAME) on 127.0.0.1:PORT,
+## following the MUPDATE master at MASTER_HOSTPORT as USER: it syncs the
+## whole list, then streams UPDATE, exactly as a frontend's slave does.
+cyrus_mupdate_slave() {
+  local dir=$1 name=$2 port=$3 master=$4 user=$5 pass=$6
+  _cyrus_instance "$dir" "$name" "$user"
+  cat >>"$dir/imapd.conf" <<EOF
+mupdate_server: $master
+mupdate_authname: $user
+mupdate_password: $pass
+EOF
+  if [[ -n $CYRUS_CLIENT_MECH ]]; then
+    echo "force_sasl_client_mech: $CYRUS_CLIENT_MECH" >>"$dir/imapd.conf"
+  fi
+  _cyrus_user "$dir" "$name" "$user" "$pass"
+  _cyrus_start "$dir" \
+    "  mupdate cmd=\"$CYRUS_BIN/mupdate -C $dir/imapd.conf\" listen=\"127.0.0.1:$port\" prefork=1 maxchild=1" \
+    "$port"
+}
+
 ## imap_admin_cmd PORT USER PASS CMD...: log in to 127.0.0.1:PORT and run
 ## each CMD ("CREATE name", "RENAME old new", "DELETE name",
 ## "SETACL name id rights"); fails on the first NO/BAD.

@@ -346,3 +346,13 @@ impl TestCluster {
         c
     }
 }
+
+/// Every mailbox name the server lists.
+pub async fn names(c: &mut Client) -> std::collections::BTreeSet<String> {
+    c.list(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect()
+}
