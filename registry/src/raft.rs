@@ -146,9 +146,9 @@ pub struct Registry {
     peer_tls: Option<PeerTls>,
 }
 
-/// Readers on a follower waiting for the leader's read index. One request
-/// is in flight at a time; readers arriving meanwhile share the next one
-/// (an answer may only serve readers that arrived before it was asked).
+/// Readers waiting for a read index. One request is in flight at a time;
+/// readers arriving meanwhile share the next one (an answer may only serve
+/// readers that arrived before it was asked for).
 #[derive(Default)]
 struct ReadBatch {
     in_flight: bool,
@@ -402,36 +402,18 @@ impl Registry {
             };
         }
         let deadline = Instant::now() + self.write_timeout;
+        let mut last = String::from("no leader is known");
         let index = loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Err(RegistryError::Unavailable(
-                    "no leader with a quorum: a linearizable read cannot be served".into(),
-                ));
-            }
-            let err = match tokio::time::timeout(
-                remaining,
-                self.raft.ensure_linearizable(ReadPolicy::ReadIndex),
-            )
-            .await
-            {
-                Err(_) => continue,
-                Ok(Ok(_)) => return Ok(()),
-                Ok(Err(e)) => e,
-            };
-            if err.forward_to_leader().is_none() {
                 return Err(RegistryError::Unavailable(format!(
-                    "cannot serve a linearizable read: {err}"
+                    "no leader with a quorum: a linearizable read cannot be served ({last})"
                 )));
             }
-            let Some(addr) = Self::leader_addr(&err) else {
-                tokio::time::sleep(LEADER_POLL.min(remaining)).await;
-                continue;
-            };
-            match self.leader_read_index(&addr, remaining).await {
+            match self.shared_read_index(remaining).await {
                 Ok(i) => break i,
                 Err(e) => {
-                    tracing::debug!("read index from {addr}: {e}");
+                    last = e;
                     tokio::time::sleep(LEADER_POLL.min(remaining)).await;
                 }
             }
@@ -445,9 +427,9 @@ impl Registry {
             .map_err(|e| RegistryError::Unavailable(format!("this node is behind the leader: {e}")))
     }
 
-    /// Asks the leader at `addr` for its read index, sharing the request
-    /// with other readers as [`ReadBatch`] describes.
-    async fn leader_read_index(&self, addr: &str, timeout: Duration) -> Result<u64, String> {
+    /// The index a linearizable read must see applied, shared by every
+    /// reader that arrived before it was asked for (see [`ReadBatch`]).
+    async fn shared_read_index(&self, timeout: Duration) -> Result<u64, String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let start_sender = {
             let mut b = self.read_batches.lock().map_err(|e| e.to_string())?;
@@ -455,7 +437,7 @@ impl Registry {
             !std::mem::replace(&mut b.in_flight, true)
         };
         if start_sender {
-            let (this, addr) = (self.clone(), addr.to_owned());
+            let this = self.clone();
             tokio::spawn(async move {
                 loop {
                     let batch = {
@@ -468,15 +450,7 @@ impl Registry {
                         }
                         std::mem::take(&mut b.waiting)
                     };
-                    let res = match this
-                        .peers
-                        .call(&addr, &PeerRequest::ReadIndex, timeout)
-                        .await
-                    {
-                        Ok(PeerResponse::ReadIndex(i)) => Ok(i),
-                        Ok(other) => Err(format!("unexpected answer from the leader: {other:?}")),
-                        Err(e) => Err(e.to_string()),
-                    };
+                    let res = this.fetch_read_index(timeout).await;
                     for w in batch {
                         let _ = w.send(res.clone());
                     }
@@ -485,6 +459,27 @@ impl Registry {
         }
         rx.await
             .map_err(|_| "read-index request dropped".to_string())?
+    }
+
+    /// One read index: Raft's own on the leader (it confirms its leadership
+    /// with a quorum), or the leader's, asked over the peer protocol.
+    async fn fetch_read_index(&self, timeout: Duration) -> Result<u64, String> {
+        let linearize = self.raft.ensure_linearizable(ReadPolicy::ReadIndex);
+        let err = match tokio::time::timeout(timeout, linearize).await {
+            Err(_) => return Err("the leader did not confirm its leadership in time".into()),
+            Ok(Ok(read)) => return Ok(read.index()),
+            Ok(Err(e)) => e,
+        };
+        let addr = Self::leader_addr(&err).ok_or_else(|| err.to_string())?;
+        match self
+            .peers
+            .call(&addr, &PeerRequest::ReadIndex, timeout)
+            .await
+        {
+            Ok(PeerResponse::ReadIndex(i)) => Ok(i),
+            Ok(other) => Err(format!("unexpected answer from the leader: {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Linearizable lookup of one mailbox.

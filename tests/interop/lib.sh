@@ -315,6 +315,20 @@ EOF
   fi
 }
 
+# _cyrus_mupdate_client DIR MASTER_HOSTPORT USER PASS: how an instance
+# reaches and logs in to its MUPDATE master.
+_cyrus_mupdate_client() {
+  local dir=$1 master=$2 user=$3 pass=$4
+  cat >>"$dir/imapd.conf" <<EOF
+mupdate_server: $master
+mupdate_authname: $user
+mupdate_password: $pass
+EOF
+  if [[ -n $CYRUS_CLIENT_MECH ]]; then
+    echo "force_sasl_client_mech: $CYRUS_CLIENT_MECH" >>"$dir/imapd.conf"
+  fi
+}
+
 ## cyrus_mupdate_master DIR PORT ADMIN PASS: start a real Cyrus `mupdate -m`
 ## master on 127.0.0.1:PORT (servername mupdate-master) with ADMIN/PASS as
 ## its administrator.
@@ -335,15 +349,8 @@ cyrus_mupdate_master() {
 cyrus_backend() {
   local dir=$1 name=$2 imap_port=$3 mupdate=$4 user=$5 pass=$6
   _cyrus_instance "$dir" "$name" "$user"
-  cat >>"$dir/imapd.conf" <<EOF
-proxyservers: murder-proxy
-mupdate_server: $mupdate
-mupdate_authname: $user
-mupdate_password: $pass
-EOF
-  if [[ -n $CYRUS_CLIENT_MECH ]]; then
-    echo "force_sasl_client_mech: $CYRUS_CLIENT_MECH" >>"$dir/imapd.conf"
-  fi
+  echo "proxyservers: murder-proxy" >>"$dir/imapd.conf"
+  _cyrus_mupdate_client "$dir" "$mupdate" "$user" "$pass"
   _cyrus_user "$dir" "$name" "$user" "$pass"
   _cyrus_start "$dir" \
     "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"127.0.0.1:$imap_port\" prefork=0 maxchild=20" \
@@ -357,14 +364,7 @@ EOF
 cyrus_mupdate_slave() {
   local dir=$1 name=$2 port=$3 master=$4 user=$5 pass=$6
   _cyrus_instance "$dir" "$name" "$user"
-  cat >>"$dir/imapd.conf" <<EOF
-mupdate_server: $master
-mupdate_authname: $user
-mupdate_password: $pass
-EOF
-  if [[ -n $CYRUS_CLIENT_MECH ]]; then
-    echo "force_sasl_client_mech: $CYRUS_CLIENT_MECH" >>"$dir/imapd.conf"
-  fi
+  _cyrus_mupdate_client "$dir" "$master" "$user" "$pass"
   _cyrus_user "$dir" "$name" "$user" "$pass"
   _cyrus_start "$dir" \
     "  mupdate cmd=\"$CYRUS_BIN/mupdate -C $dir/imapd.conf\" listen=\"127.0.0.1:$port\" prefork=1 maxchild=1" \
