@@ -38,6 +38,10 @@ pub enum Workload {
     /// What Cyrus backends do: a new connection per creation (greeting,
     /// AUTHENTICATE PLAIN, RESERVE, ACTIVATE, LOGOUT).
     Backend,
+    /// What a Cyrus mupdate slave does when it (re)connects: a new
+    /// connection, UPDATE, and the whole list read until the OK. The
+    /// latency is the time of the dump; the report counts the entries.
+    UpdateDump,
 }
 
 /// Options of `corvidctl bench`.
@@ -81,19 +85,93 @@ pub struct BenchArgs {
 /// One run's figures.
 #[derive(Debug, Serialize)]
 pub struct BenchResult {
-    label: String,
-    server: String,
-    workload: Workload,
-    connections: usize,
-    ops: u64,
-    writes: u64,
-    errors: u64,
-    seconds: f64,
-    ops_per_sec: f64,
-    writes_per_sec: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
+    pub label: String,
+    pub server: String,
+    pub workload: String,
+    pub connections: usize,
+    pub ops: u64,
+    pub writes: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub ops_per_sec: f64,
+    pub writes_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Workload-specific count: mailboxes received per UPDATE dump; for
+    /// propagation, changes visible before the master's OK arrived.
+    pub entries: u64,
+}
+
+/// Latency percentiles of microsecond samples.
+pub struct Percentiles {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    /// Percentiles of `micros` (in any order).
+    pub fn of(mut micros: Vec<u32>) -> Percentiles {
+        micros.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if micros.is_empty() {
+                return 0.0;
+            }
+            let i = ((micros.len() as f64 * p).ceil() as usize).clamp(1, micros.len()) - 1;
+            f64::from(micros[i]) / 1000.0
+        };
+        Percentiles {
+            count: micros.len() as u64,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            max_ms: micros.last().map_or(0.0, |&m| f64::from(m) / 1000.0),
+        }
+    }
+}
+
+/// Prints `result` as a table row and a JSON line, and appends the JSON
+/// line to `json` if given.
+pub fn write_result(result: &BenchResult, json: Option<&std::path::Path>) -> anyhow::Result<()> {
+    println!(
+        "{:<24} {:<17} {:>5} {:>8} {:>7} {:>10} {:>10} {:>8} {:>8} {:>8}",
+        "label",
+        "workload",
+        "conns",
+        "ops",
+        "errors",
+        "ops/s",
+        "writes/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms"
+    );
+    println!(
+        "{:<24} {:<17} {:>5} {:>8} {:>7} {:>10.0} {:>10.0} {:>8.2} {:>8.2} {:>8.2}",
+        result.label,
+        result.workload,
+        result.connections,
+        result.ops,
+        result.errors,
+        result.ops_per_sec,
+        result.writes_per_sec,
+        result.p50_ms,
+        result.p99_ms,
+        result.max_ms
+    );
+    let line = serde_json::to_string(result)?;
+    println!("{line}");
+    if let Some(path) = json {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(f, "{line}")?;
+    }
+    Ok(())
 }
 
 struct Shared {
@@ -101,6 +179,7 @@ struct Shared {
     next: AtomicU64,
     errors: AtomicU64,
     writes: AtomicU64,
+    entries: AtomicU64,
     deadline: Instant,
     progress: ProgressBar,
 }
@@ -136,6 +215,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         next: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         writes: AtomicU64::new(0),
+        entries: AtomicU64::new(0),
         progress,
     });
     let started = Instant::now();
@@ -150,73 +230,33 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     }
     let seconds = started.elapsed().as_secs_f64();
     shared.progress.finish_and_clear();
-    latencies.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
-        f64::from(latencies[i]) / 1000.0
-    };
+    let p = Percentiles::of(latencies);
     let args = &shared.args;
-    let ops = latencies.len() as u64;
     let writes = shared.writes.load(Ordering::Relaxed);
+    let workload = args
+        .workload
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_owned());
     let result = BenchResult {
         label: args
             .label
             .clone()
             .unwrap_or_else(|| args.conn.server.clone()),
         server: args.conn.server.clone(),
-        workload: args.workload,
+        workload,
         connections: args.connections,
-        ops,
+        ops: p.count,
         writes,
         errors: shared.errors.load(Ordering::Relaxed),
         seconds,
-        ops_per_sec: ops as f64 / seconds,
+        ops_per_sec: p.count as f64 / seconds,
         writes_per_sec: writes as f64 / seconds,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        max_ms: latencies.last().map_or(0.0, |&m| f64::from(m) / 1000.0),
+        p50_ms: p.p50_ms,
+        p99_ms: p.p99_ms,
+        max_ms: p.max_ms,
+        entries: shared.entries.load(Ordering::Relaxed) / p.count.max(1),
     };
-    println!(
-        "{:<24} {:<17} {:>5} {:>8} {:>7} {:>10} {:>10} {:>8} {:>8} {:>8}",
-        "label",
-        "workload",
-        "conns",
-        "ops",
-        "errors",
-        "ops/s",
-        "writes/s",
-        "p50 ms",
-        "p99 ms",
-        "max ms"
-    );
-    println!(
-        "{:<24} {:<17} {:>5} {:>8} {:>7} {:>10.0} {:>10.0} {:>8.2} {:>8.2} {:>8.2}",
-        result.label,
-        format!("{:?}", result.workload),
-        result.connections,
-        result.ops,
-        result.errors,
-        result.ops_per_sec,
-        result.writes_per_sec,
-        result.p50_ms,
-        result.p99_ms,
-        result.max_ms
-    );
-    let json = serde_json::to_string(&result)?;
-    println!("{json}");
-    if let Some(path) = &args.json {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        writeln!(f, "{json}")?;
-    }
-    Ok(())
+    write_result(&result, args.json.as_deref())
 }
 
 impl Shared {
@@ -241,7 +281,11 @@ impl Shared {
 
 async fn worker(shared: Arc<Shared>) -> anyhow::Result<Vec<u32>> {
     let mut latencies = Vec::new();
-    let mut client = if shared.args.workload == Workload::Backend {
+    let per_op_connection = matches!(
+        shared.args.workload,
+        Workload::Backend | Workload::UpdateDump
+    );
+    let mut client = if per_op_connection {
         None
     } else {
         Some(shared.args.conn.connect().await?)
@@ -252,6 +296,7 @@ async fn worker(shared: Arc<Shared>) -> anyhow::Result<Vec<u32>> {
         let started = Instant::now();
         let commands: Vec<Command> = match shared.args.workload {
             Workload::ReserveActivate | Workload::Backend => create(&shared, k, &acl),
+            Workload::UpdateDump => vec![Command::Update { servers: vec![] }],
             Workload::Activate => vec![Command::Activate {
                 name: shared.name(k),
                 location: shared.args.location.clone(),
@@ -286,10 +331,15 @@ async fn worker(shared: Arc<Shared>) -> anyhow::Result<Vec<u32>> {
         };
         let writes = commands
             .iter()
-            .filter(|c| !matches!(c, Command::Find { .. }))
+            .filter(|c| !matches!(c, Command::Find { .. } | Command::Update { .. }))
             .count() as u64;
         let ok = match &mut client {
             Some(c) => run_commands(c, &commands).await?,
+            None if shared.args.workload == Workload::UpdateDump => {
+                let entries = update_dump(&shared.args.conn).await?;
+                shared.entries.fetch_add(entries, Ordering::Relaxed);
+                true
+            }
             None => backend_op(&shared.args.conn, &commands).await?,
         };
         if !ok {
@@ -338,4 +388,16 @@ async fn backend_op(conn: &ConnectArgs, commands: &[Command]) -> anyhow::Result<
     c.send(&Command::Logout);
     c.flush().await.ok();
     Ok(ok)
+}
+
+/// One UPDATE dump on a new connection, as a (re)connecting Cyrus slave
+/// takes it: the number of entries received before the OK.
+async fn update_dump(conn: &ConnectArgs) -> anyhow::Result<u64> {
+    let mut c = conn.connect().await?;
+    let tag = c.send(&Command::Update { servers: vec![] });
+    c.flush().await?;
+    let reply = c.receive(&tag).await?;
+    anyhow::ensure!(reply.status == Status::Ok, "UPDATE: {}", reply.text);
+    // The connection is streaming now; a slave would stay. Just close.
+    Ok(reply.lines.len() as u64)
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod cluster;
 mod conn;
+mod propagation;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -49,6 +50,9 @@ enum Cmd {
     User(UserCmd),
     /// Load generator: drives a MUPDATE server and prints throughput and latency.
     Bench(bench::BenchArgs),
+    /// Commit-to-visible time: ACTIVATE on a master, wait until another
+    /// server (a replica, a Cyrus slave) shows the change.
+    Propagation(propagation::PropagationArgs),
     /// Cluster membership and status (talks to a node's peer port).
     Cluster {
         /// Peer address of any node.
@@ -170,6 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::User(cmd) => user(cmd),
         Cmd::Bench(args) => bench::run(args).await,
+        Cmd::Propagation(args) => propagation::run(args).await,
         Cmd::Cluster { peer, tls, command } => cluster::run(&peer, &tls, command).await,
     }
 }

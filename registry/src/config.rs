@@ -23,8 +23,49 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The Prometheus endpoint.
     pub metrics: MetricsConfig,
-    /// Raft timing and log retention.
+    /// Raft timing and log retention (masters; replicas use only the
+    /// `peer_tls_*` keys, to reach the masters' peer ports).
     pub raft: RaftSettings,
+    /// What a replica follows (`node.role = "replica"`).
+    pub replica: ReplicaConfig,
+}
+
+/// What a node is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A Raft member: votes, holds the log, serves the log stream.
+    #[default]
+    Master,
+    /// Follows the masters' log stream; serves reads from its copy and
+    /// forwards writes.
+    Replica,
+}
+
+/// `[replica]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicaConfig {
+    /// Peer addresses (`host:port` of `raft.peer_listen`) of the master
+    /// nodes, tried in turn.
+    pub masters: Vec<String>,
+    /// Give up a log stream silent for this many milliseconds.
+    pub silence_timeout_ms: u64,
+    /// Leave a master that has known no leader for this many milliseconds.
+    pub leaderless_timeout_ms: u64,
+    /// A write forwarded to the masters fails after this many milliseconds.
+    pub write_timeout_ms: u64,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            masters: Vec::new(),
+            silence_timeout_ms: 5_000,
+            leaderless_timeout_ms: 3_000,
+            write_timeout_ms: 5_000,
+        }
+    }
 }
 
 /// `[node]`
@@ -35,6 +76,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Name sent in the MUPDATE greeting.
     pub server_name: String,
+    /// `master` (a Raft member) or `replica`.
+    pub role: Role,
 }
 
 impl Default for NodeConfig {
@@ -42,6 +85,7 @@ impl Default for NodeConfig {
         NodeConfig {
             data_dir: PathBuf::from("./data"),
             server_name: "corvid".into(),
+            role: Role::Master,
         }
     }
 }
@@ -133,6 +177,13 @@ pub struct Args {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// master or replica [node.role].
+    #[arg(long, value_enum)]
+    pub role: Option<Role>,
+    /// Master peer addresses a replica follows, comma-separated
+    /// [replica.masters].
+    #[arg(long, value_delimiter = ',')]
+    pub masters: Vec<String>,
     /// Data directory [node.data_dir].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -198,6 +249,12 @@ impl Config {
         if let Some(v) = &args.data_dir {
             config.node.data_dir = v.clone();
         }
+        if let Some(v) = args.role {
+            config.node.role = v;
+        }
+        if !args.masters.is_empty() {
+            config.replica.masters = args.masters.clone();
+        }
         if let Some(v) = &args.server_name {
             config.node.server_name = v.clone();
         }
@@ -257,6 +314,10 @@ impl Config {
         );
         anyhow::ensure!(self.raft.node_id > 0, "raft.node_id must be positive");
         anyhow::ensure!(
+            self.node.role == Role::Master || !self.replica.masters.is_empty(),
+            "a replica needs the peer addresses of its masters: [replica] masters or --masters"
+        );
+        anyhow::ensure!(
             self.raft.election_timeout_min_ms > self.raft.heartbeat_ms
                 && self.raft.election_timeout_max_ms > self.raft.election_timeout_min_ms,
             "raft: need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms"
@@ -311,6 +372,23 @@ mod tests {
         let c = Config::load(&args).unwrap();
         assert_eq!(c.mupdate.listen.port(), 2222);
         assert_eq!(c.node.server_name, "file");
+    }
+
+    #[test]
+    fn a_replica_needs_masters() {
+        let args = Args::parse_from(["corvid-registry", "--role", "replica"]);
+        let err = Config::load(&args).unwrap_err();
+        assert!(err.to_string().contains("masters"), "{err}");
+        let args = Args::parse_from([
+            "corvid-registry",
+            "--role",
+            "replica",
+            "--masters",
+            "127.0.0.1:1,127.0.0.1:2",
+        ]);
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.replica.masters.len(), 2);
+        assert_eq!(c.node.role, Role::Replica);
     }
 
     #[test]

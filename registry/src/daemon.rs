@@ -9,19 +9,21 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::auth::{CredentialStore, SaslServer, UserFile};
-use crate::config::Config;
+use crate::config::{Config, Role};
+use crate::directory::Directory;
 use crate::mupdate::codec::Limits;
 use crate::mupdate::server::{self, ServerContext, ServerSettings};
 use crate::raft::Registry;
+use crate::replica::{Replica, ReplicaSettings};
 
 /// A started node.
 pub struct Running {
     /// Where MUPDATE listens.
     pub mupdate_addr: SocketAddr,
-    /// Where the peer protocol listens.
-    pub peer_addr: SocketAddr,
-    /// The registry handle.
-    pub registry: Registry,
+    /// Where the peer protocol listens (masters only).
+    pub peer_addr: Option<SocketAddr>,
+    /// The registry, master or replica.
+    pub directory: Directory,
     /// The MUPDATE accept loop.
     pub mupdate_task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -70,37 +72,27 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// Starts Raft and the MUPDATE listener as `config` says.
+/// Starts the node as `config` says: Raft (master) or the log-stream
+/// follower (replica), then the MUPDATE listener.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
-    let data_dir = &config.node.data_dir;
     let listener = TcpListener::bind(config.mupdate.listen)
         .await
         .with_context(|| format!("binding MUPDATE listener {}", config.mupdate.listen))?;
     let mupdate_addr = listener.local_addr()?;
-    let peer_listener = TcpListener::bind(config.raft.peer_listen)
-        .await
-        .with_context(|| format!("binding peer listener {}", config.raft.peer_listen))?;
-    let peer_addr = peer_listener.local_addr()?;
-    let advertise = config
-        .raft
-        .peer_advertise
-        .clone()
-        .unwrap_or_else(|| peer_addr.to_string());
-    let registry = Registry::start(data_dir, &config.raft, &advertise)
-        .await
-        .with_context(|| format!("starting the registry in {}", data_dir.display()))?;
-    tokio::spawn(crate::peer::serve(
-        peer_listener,
-        registry.clone(),
-        registry.peer_server_tls(),
-    ));
+    let (directory, peer_addr) = match config.node.role {
+        Role::Master => {
+            let (registry, peer_addr) = start_master(config).await?;
+            (Directory::Master(registry), Some(peer_addr))
+        }
+        Role::Replica => (Directory::Replica(start_replica(config)?), None),
+    };
     let tls = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
         _ => None,
     };
     let credentials = Arc::new(CredentialStore::new(config.users_file()));
     let ctx = Arc::new(ServerContext {
-        registry: registry.clone(),
+        directory: directory.clone(),
         sasl: SaslServer::new(credentials),
         tls,
         settings: ServerSettings {
@@ -120,7 +112,54 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     Ok(Running {
         mupdate_addr,
         peer_addr,
-        registry,
+        directory,
         mupdate_task,
     })
+}
+
+/// Raft, its store and the peer listener.
+async fn start_master(config: &Config) -> anyhow::Result<(Registry, SocketAddr)> {
+    let data_dir = &config.node.data_dir;
+    let peer_listener = TcpListener::bind(config.raft.peer_listen)
+        .await
+        .with_context(|| format!("binding peer listener {}", config.raft.peer_listen))?;
+    let peer_addr = peer_listener.local_addr()?;
+    let advertise = config
+        .raft
+        .peer_advertise
+        .clone()
+        .unwrap_or_else(|| peer_addr.to_string());
+    let registry = Registry::start(data_dir, &config.raft, &advertise)
+        .await
+        .with_context(|| format!("starting the registry in {}", data_dir.display()))?;
+    tokio::spawn(crate::peer::serve(
+        peer_listener,
+        registry.clone(),
+        registry.peer_server_tls(),
+    ));
+    Ok((registry, peer_addr))
+}
+
+/// The replica's store and its log-stream follower.
+fn start_replica(config: &Config) -> anyhow::Result<Replica> {
+    let r = &config.replica;
+    let tls = match (
+        &config.raft.peer_tls_cert,
+        &config.raft.peer_tls_key,
+        &config.raft.peer_tls_ca,
+    ) {
+        (Some(cert), Some(key), Some(ca)) => Some(crate::tls::peer_tls(cert, key, ca)?.client),
+        (None, None, None) => None,
+        _ => anyhow::bail!("[raft] peer_tls_cert, peer_tls_key and peer_tls_ca go together"),
+    };
+    let settings = ReplicaSettings {
+        masters: r.masters.clone(),
+        silence_timeout: Duration::from_millis(r.silence_timeout_ms),
+        leaderless_timeout: Duration::from_millis(r.leaderless_timeout_ms),
+        write_timeout: Duration::from_millis(r.write_timeout_ms),
+        tls,
+    };
+    let data_dir = &config.node.data_dir;
+    Replica::start(data_dir, settings)
+        .with_context(|| format!("starting the replica in {}", data_dir.display()))
 }

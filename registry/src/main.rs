@@ -44,10 +44,16 @@ async fn run() -> anyhow::Result<()> {
     tokio::spawn(metrics::serve(metrics_listener, prometheus));
     tracing::info!(mupdate = %running.mupdate_addr, metrics = %metrics_addr, data = %config.node.data_dir.display(), "registry ready");
     // One machine-readable line on stdout for scripts and tests.
-    println!(
-        "corvid-registry ready mupdate={} metrics={} peer={}",
-        running.mupdate_addr, metrics_addr, running.peer_addr
-    );
+    match running.peer_addr {
+        Some(peer) => println!(
+            "corvid-registry ready mupdate={} metrics={metrics_addr} peer={peer}",
+            running.mupdate_addr
+        ),
+        None => println!(
+            "corvid-registry ready mupdate={} metrics={metrics_addr} role=replica",
+            running.mupdate_addr
+        ),
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -55,6 +61,6 @@ async fn run() -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
         _ = term.recv() => tracing::info!("terminated; shutting down"),
     }
-    running.registry.shutdown().await;
+    running.directory.shutdown().await;
     Ok(())
 }

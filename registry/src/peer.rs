@@ -6,9 +6,9 @@
 //! [`serve`] own the sockets. The peer port carries cluster control, so it
 //! belongs on a network only the registry nodes and their operators reach.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -52,6 +52,15 @@ pub enum PeerRequest {
     ReadIndex,
     /// Cluster administration.
     Admin(AdminRequest),
+    /// A write from a replica: the node commits it as its own MUPDATE
+    /// sessions do (forwarding it to the leader if need be).
+    ClientWrite(RegistryCommand),
+    /// Turn this connection into a log stream of every committed entry
+    /// after index `after` (see [`crate::stream`]).
+    Follow {
+        /// The last index the follower applied (0 for none).
+        after: u64,
+    },
 }
 
 /// The answer to a [`PeerRequest`].
@@ -204,8 +213,80 @@ pub fn decode_frame<T: DeserializeOwned>(
         .map_err(|e| e.to_string())
 }
 
+/// Opens a connection to the peer at `addr`, with mutual TLS when `tls` is
+/// set.
+pub async fn connect(
+    addr: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Box<dyn PeerIo>, PeerError> {
+    let io = |source| PeerError::Io {
+        addr: addr.to_owned(),
+        source,
+    };
+    let s = TcpStream::connect(addr).await.map_err(io)?;
+    s.set_nodelay(true).map_err(io)?;
+    let Some(config) = tls else {
+        return Ok(Box::new(s));
+    };
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name =
+        rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| PeerError::Frame {
+            addr: addr.to_owned(),
+            reason: format!("bad TLS server name: {e}"),
+        })?;
+    let tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, s)
+        .await
+        .map_err(io)?;
+    Ok(Box::new(tls))
+}
+
+/// Idle connections to other nodes, by address, for forwarded requests.
+#[derive(Clone, Default)]
+pub struct PeerPool {
+    idle: Arc<Mutex<HashMap<String, Vec<PeerClient>>>>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl PeerPool {
+    /// An empty pool; connections use mutual TLS when `tls` is set.
+    pub fn new(tls: Option<Arc<rustls::ClientConfig>>) -> PeerPool {
+        PeerPool {
+            idle: Arc::default(),
+            tls,
+        }
+    }
+
+    /// Sends `request` to `addr` on an idle connection (or a new one) and
+    /// keeps the connection for reuse when the call succeeds.
+    pub async fn call(
+        &self,
+        addr: &str,
+        request: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, PeerError> {
+        let client = self
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut m| m.get_mut(addr)?.pop());
+        let mut client = client.unwrap_or_else(|| PeerClient::with_tls(addr, self.tls.clone()));
+        let res = client.call(request, timeout).await;
+        if res.is_ok() {
+            if let Ok(mut m) = self.idle.lock() {
+                let v = m.entry(addr.to_owned()).or_default();
+                if v.len() < 64 {
+                    v.push(client);
+                }
+            }
+        }
+        res
+    }
+}
+
 /// A socket to a peer, plain or TLS.
-trait PeerIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync {}
+pub trait PeerIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync> PeerIo for T {}
 
 /// A connection to one peer, re-established on demand.
@@ -265,29 +346,7 @@ impl PeerClient {
             source,
         };
         if self.conn.is_none() {
-            let s = TcpStream::connect(&self.addr).await.map_err(io)?;
-            s.set_nodelay(true).map_err(io)?;
-            let stream: Box<dyn PeerIo> =
-                match &self.tls {
-                    None => Box::new(s),
-                    Some(config) => {
-                        let host = self
-                            .addr
-                            .rsplit_once(':')
-                            .map_or(self.addr.as_str(), |(h, _)| h);
-                        let host = host.trim_start_matches('[').trim_end_matches(']');
-                        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-                            .map_err(|e| PeerError::Frame {
-                                addr: addr.clone(),
-                                reason: format!("bad TLS server name: {e}"),
-                            })?;
-                        let tls = tokio_rustls::TlsConnector::from(config.clone())
-                            .connect(name, s)
-                            .await
-                            .map_err(io)?;
-                        Box::new(tls)
-                    }
-                };
+            let stream = connect(&self.addr, self.tls.as_ref()).await?;
             self.conn = Some((stream, BytesMut::with_capacity(8192)));
         }
         let (stream, buf) = self.conn.as_mut().expect("connected above");
@@ -366,6 +425,10 @@ where
     loop {
         let request = loop {
             match decode_frame::<PeerRequest>(&mut buf, MAX_FRAME_BYTES) {
+                Ok(Some(PeerRequest::Follow { after })) => {
+                    tracing::info!(%peer, after, "a follower opened a log stream");
+                    return crate::stream::serve_follower(&mut socket, &registry, after).await;
+                }
                 Ok(Some(r)) => break r,
                 Ok(None) => {}
                 Err(reason) => {

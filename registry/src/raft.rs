@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -27,7 +27,8 @@ use thiserror::Error;
 
 use crate::model::{MailboxEntry, Outcome, RegistryCommand};
 use crate::peer::{
-    AdminRequest, AdminResponse, NodeStatus, PeerClient, PeerError, PeerRequest, PeerResponse,
+    AdminRequest, AdminResponse, NodeStatus, PeerClient, PeerError, PeerPool, PeerRequest,
+    PeerResponse,
 };
 use crate::store::{LogStore, StateMachine, Store};
 use crate::tls::PeerTls;
@@ -155,39 +156,6 @@ struct ReadBatch {
     waiting: Vec<tokio::sync::oneshot::Sender<Result<u64, String>>>,
 }
 
-/// Idle connections to other nodes, by address, for forwarded requests.
-#[derive(Clone, Default)]
-struct PeerPool {
-    idle: Arc<Mutex<HashMap<String, Vec<PeerClient>>>>,
-    tls: Option<Arc<rustls::ClientConfig>>,
-}
-
-impl PeerPool {
-    async fn call(
-        &self,
-        addr: &str,
-        request: &PeerRequest,
-        timeout: Duration,
-    ) -> Result<PeerResponse, PeerError> {
-        let client = self
-            .idle
-            .lock()
-            .ok()
-            .and_then(|mut m| m.get_mut(addr)?.pop());
-        let mut client = client.unwrap_or_else(|| PeerClient::with_tls(addr, self.tls.clone()));
-        let res = client.call(request, timeout).await;
-        if res.is_ok() {
-            if let Ok(mut m) = self.idle.lock() {
-                let v = m.entry(addr.to_owned()).or_default();
-                if v.len() < 64 {
-                    v.push(client);
-                }
-            }
-        }
-        res
-    }
-}
-
 /// How often to look again for a leader while none is known.
 const LEADER_POLL: Duration = Duration::from_millis(20);
 
@@ -259,10 +227,7 @@ impl Registry {
             write_timeout: Duration::from_millis(settings.write_timeout_ms),
             read_consistency: settings.read_consistency,
             recovered: Arc::new(AtomicBool::new(false)),
-            peers: PeerPool {
-                idle: Arc::default(),
-                tls: client_tls,
-            },
+            peers: PeerPool::new(client_tls),
             read_batches: Arc::default(),
             peer_tls,
         };
@@ -558,6 +523,12 @@ impl Registry {
                 Ok(r) => PeerResponse::Admin(r),
                 Err(e) => err(&e),
             },
+            PeerRequest::ClientWrite(command) => match self.write(command).await {
+                Ok(outcome) => PeerResponse::Write(outcome),
+                Err(e) => err(&e),
+            },
+            // Served by the connection loop, which hands the socket over.
+            PeerRequest::Follow { .. } => err(&"a log stream needs its own connection"),
         }
     }
 

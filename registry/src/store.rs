@@ -25,10 +25,10 @@ use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 use serde::de::DeserializeOwned;
-use serde::Serialize;
-use tokio::sync::broadcast;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
 
-use crate::model::{apply, Change, MailboxEntry, MailboxLookup, Outcome};
+use crate::model::{apply, Change, MailboxEntry, MailboxLookup, Outcome, RegistryCommand};
 use crate::raft::TypeConfig;
 
 const CF_LOGS: &str = "logs";
@@ -41,6 +41,8 @@ const KEY_PURGED: &[u8] = b"last_purged";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_APPLIED: &[u8] = b"applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
+/// Present on a replica while a snapshot from a master is half written.
+const KEY_SYNCING: &[u8] = b"syncing";
 
 /// Upper bound of every mailbox key: names are UTF-8, which never holds 0xFF.
 const MAILBOX_KEY_END: &[u8] = &[0xFF];
@@ -55,6 +57,16 @@ pub struct CommittedChanges {
     pub index: u64,
     /// The changes, in order.
     pub changes: Vec<Change>,
+}
+
+/// One committed log entry as the log stream carries it: its id and, for a
+/// registry command, the command (blank and membership entries carry none).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// The entry's log id.
+    pub log_id: LogIdOf<TypeConfig>,
+    /// The registry command, if the entry holds one.
+    pub command: Option<RegistryCommand>,
 }
 
 /// Events for followers of the committed state.
@@ -90,6 +102,7 @@ pub struct Store {
     db: Arc<DB>,
     dir: PathBuf,
     events: broadcast::Sender<StateEvent>,
+    applied: Arc<watch::Sender<u64>>,
 }
 
 impl Debug for Store {
@@ -110,11 +123,14 @@ impl Store {
             .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir.join("db"), cfs).map_err(db_err)?;
         let (events, _) = broadcast::channel(4096);
-        Ok(Store {
+        let store = Store {
             db: Arc::new(db),
             dir: dir.to_owned(),
             events,
-        })
+            applied: Arc::new(watch::channel(0).0),
+        };
+        store.applied.send_replace(store.applied_index()?);
+        Ok(store)
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -149,6 +165,11 @@ impl Store {
     /// Number of current subscribers (UPDATE streams).
     pub fn subscriber_count(&self) -> usize {
         self.events.receiver_count()
+    }
+
+    /// Watches the applied index (the log stream waits on it).
+    pub fn watch_applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     /// The mailbox named `name`.
@@ -187,6 +208,127 @@ impl Store {
         // Stored in byte order; peers expect Cyrus's mailbox order.
         out.sort_by(|a, b| crate::model::cyrus_mailbox_cmp(&a.name, &b.name));
         Ok((applied.map_or(0, |l| l.index()), out))
+    }
+
+    /// Walks every mailbox of one point-in-time view in chunks of `chunk`,
+    /// in key order: `each` gets the applied log id of the view first
+    /// (`Ok(id)`), then the chunks (`Err(entries)`), and stops the walk by
+    /// returning `false`. Memory stays bounded by one chunk.
+    pub fn scan_chunks(
+        &self,
+        chunk: usize,
+        mut each: impl FnMut(Result<Option<LogIdOf<TypeConfig>>, Vec<MailboxEntry>>) -> bool,
+    ) -> io::Result<()> {
+        let snap = self.db.snapshot();
+        let applied: Option<LogIdOf<TypeConfig>> = match snap
+            .get_cf(self.cf(CF_STATE), KEY_APPLIED)
+            .map_err(db_err)?
+        {
+            Some(b) => decode(&b)?,
+            None => None,
+        };
+        if !each(Ok(applied)) {
+            return Ok(());
+        }
+        let mut out = Vec::with_capacity(chunk);
+        for item in snap.iterator_cf(self.cf(CF_MAILBOXES), IteratorMode::Start) {
+            let (_, v) = item.map_err(db_err)?;
+            out.push(decode(&v)?);
+            if out.len() >= chunk
+                && !each(Err(std::mem::replace(&mut out, Vec::with_capacity(chunk))))
+            {
+                return Ok(());
+            }
+        }
+        if !out.is_empty() {
+            each(Err(out));
+        }
+        Ok(())
+    }
+
+    /// Committed log entries from index `from` up to `to` (inclusive), at
+    /// most `max` of them; `None` when `from` has been compacted away (the
+    /// reader then needs a snapshot). Only call with `to` at or below the
+    /// applied index: those entries are committed and never change.
+    pub fn committed_records(
+        &self,
+        from: u64,
+        to: u64,
+        max: usize,
+    ) -> io::Result<Option<Vec<LogRecord>>> {
+        let mut out = Vec::new();
+        let key = index_key(from);
+        for item in self.db.iterator_cf(
+            self.cf(CF_LOGS),
+            IteratorMode::From(&key, Direction::Forward),
+        ) {
+            let (k, v) = item.map_err(db_err)?;
+            let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(codec_err)?);
+            if idx > to || out.len() >= max {
+                break;
+            }
+            // A gap means a purge ran under us: the rest must come by snapshot.
+            if idx != from + out.len() as u64 {
+                return Ok(None);
+            }
+            let e: EntryOf<TypeConfig> = decode(&v)?;
+            let command = match e.payload {
+                EntryPayload::Normal(c) => Some(c),
+                _ => None,
+            };
+            out.push(LogRecord {
+                log_id: e.log_id,
+                command,
+            });
+        }
+        Ok(if out.is_empty() { None } else { Some(out) })
+    }
+
+    /// Where a replica resumes: its applied index, or 0 when a snapshot was
+    /// being written when it stopped (the state is then mixed and must be
+    /// replaced whole).
+    pub fn resume_index(&self) -> io::Result<u64> {
+        if self
+            .db
+            .get_cf(self.cf(CF_STATE), KEY_SYNCING)
+            .map_err(db_err)?
+            .is_some()
+        {
+            return Ok(0);
+        }
+        self.applied_index()
+    }
+
+    /// Starts replacing the whole state with a master's snapshot (replicas):
+    /// drops every mailbox and marks the state as incomplete until
+    /// [`Store::finish_reset`].
+    pub fn begin_reset(&self) -> io::Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_STATE), KEY_SYNCING, b"1");
+        batch.delete_range_cf(self.cf(CF_MAILBOXES), b"".as_slice(), MAILBOX_KEY_END);
+        self.db.write(batch).map_err(db_err)
+    }
+
+    /// Writes one chunk of a snapshot begun with [`Store::begin_reset`].
+    pub fn put_entries(&self, entries: &[MailboxEntry]) -> io::Result<()> {
+        let mut batch = WriteBatch::default();
+        for e in entries {
+            batch.put_cf(self.cf(CF_MAILBOXES), e.name.as_bytes(), encode(e)?);
+        }
+        self.db.write(batch).map_err(db_err)
+    }
+
+    /// Completes a snapshot: the state is now the master's at `log_id`.
+    /// Subscribers get [`StateEvent::Reset`].
+    pub fn finish_reset(&self, log_id: Option<LogIdOf<TypeConfig>>) -> io::Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_STATE), KEY_APPLIED, encode(&log_id)?);
+        batch.delete_cf(self.cf(CF_STATE), KEY_SYNCING);
+        self.db.write(batch).map_err(db_err)?;
+        self.sync_wal()?;
+        self.applied.send_replace(log_id.map_or(0, |l| l.index()));
+        let _ = self.events.send(StateEvent::Reset);
+        Ok(())
     }
 
     /// Size of the live data on disk, for metrics.
@@ -403,19 +545,111 @@ impl StateMachine {
     }
 }
 
-/// Pending writes of one `apply` call, read through before the database.
-struct Pending<'a> {
+/// Committed entries being applied in log order with the one
+/// [`crate::model::apply`]: each command sees the changes of the ones before
+/// it, and [`ApplyBatch::commit`] writes them all, with the applied log id,
+/// in one atomic RocksDB write. The Raft state machine and replicas both
+/// apply through it, so they cannot disagree on what a command does.
+pub struct ApplyBatch<'a> {
     store: &'a Store,
     overlay: std::collections::HashMap<String, Option<MailboxEntry>>,
+    batch: WriteBatch,
+    committed: Vec<CommittedChanges>,
+    last: Option<LogIdOf<TypeConfig>>,
+    membership: Option<StoredMembershipOf<TypeConfig>>,
 }
 
-impl MailboxLookup for Pending<'_> {
+impl MailboxLookup for ApplyBatch<'_> {
     type Error = io::Error;
     fn mailbox(&self, name: &str) -> io::Result<Option<MailboxEntry>> {
         match self.overlay.get(name) {
             Some(e) => Ok(e.clone()),
             None => self.store.mailbox(name),
         }
+    }
+}
+
+impl<'a> ApplyBatch<'a> {
+    /// An empty batch on `store`.
+    pub fn new(store: &'a Store) -> Self {
+        ApplyBatch {
+            store,
+            overlay: Default::default(),
+            batch: WriteBatch::default(),
+            committed: Vec::new(),
+            last: None,
+            membership: None,
+        }
+    }
+
+    /// Applies the entry `log_id`; `command` is `None` for entries that
+    /// carry no registry command.
+    pub fn entry(
+        &mut self,
+        log_id: LogIdOf<TypeConfig>,
+        command: Option<&RegistryCommand>,
+    ) -> io::Result<Outcome> {
+        let index = log_id.index();
+        self.last = Some(log_id);
+        let Some(cmd) = command else {
+            return Ok(Outcome::Done);
+        };
+        let applied = apply(&*self, index, cmd)?;
+        let store = self.store;
+        let cf = store.cf(CF_MAILBOXES);
+        for change in &applied.changes {
+            match change {
+                Change::Put { entry: e, .. } => {
+                    self.batch.put_cf(cf, e.name.as_bytes(), encode(e)?);
+                    self.overlay.insert(e.name.clone(), Some(e.clone()));
+                }
+                Change::Removed { name, .. } => {
+                    self.batch.delete_cf(cf, name.as_bytes());
+                    self.overlay.insert(name.clone(), None);
+                }
+            }
+        }
+        if !applied.changes.is_empty() {
+            self.committed.push(CommittedChanges {
+                index,
+                changes: applied.changes,
+            });
+        }
+        Ok(applied.outcome)
+    }
+
+    /// Records a membership change applied at its entry.
+    fn membership(&mut self, m: StoredMembershipOf<TypeConfig>) {
+        self.membership = Some(m);
+    }
+
+    /// Writes everything applied so far (not fsynced: the log it came from
+    /// is durable, see the module notes), then tells subscribers. Returns
+    /// the last applied log id, `None` when the batch was empty.
+    pub fn commit(self) -> io::Result<Option<LogIdOf<TypeConfig>>> {
+        let ApplyBatch {
+            store,
+            mut batch,
+            committed,
+            last,
+            membership,
+            ..
+        } = self;
+        let Some(last) = last else { return Ok(None) };
+        batch.put_cf(store.cf(CF_STATE), KEY_APPLIED, encode(&Some(last))?);
+        if let Some(m) = &membership {
+            batch.put_cf(store.cf(CF_STATE), KEY_MEMBERSHIP, encode(m)?);
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        store.db.write_opt(batch, &wo).map_err(db_err)?;
+        store.applied.send_replace(last.index());
+        // Only once the changes are readable, so a client's next FIND sees
+        // its own write.
+        for c in committed {
+            let _ = store.events.send(StateEvent::Changes(Arc::new(c)));
+        }
+        Ok(Some(last))
     }
 }
 
@@ -438,67 +672,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Strm: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
         let store = self.store.clone();
-        let mut pending = Pending {
-            store: &store,
-            overlay: Default::default(),
-        };
-        let mut batch = WriteBatch::default();
+        let mut batch = ApplyBatch::new(&store);
         let mut replies = Vec::new();
-        let mut committed = Vec::new();
-        let mut last = None;
-        let mut membership = None;
         while let Some((entry, responder)) = entries.try_next().await? {
-            let index = entry.index();
-            let outcome = match &entry.payload {
-                EntryPayload::Blank => Outcome::Done,
-                EntryPayload::Normal(cmd) => {
-                    let applied = apply(&pending, index, cmd)?;
-                    for change in &applied.changes {
-                        match change {
-                            Change::Put { entry: e, .. } => {
-                                batch.put_cf(store.cf(CF_MAILBOXES), e.name.as_bytes(), encode(e)?);
-                                pending.overlay.insert(e.name.clone(), Some(e.clone()));
-                            }
-                            Change::Removed { name, .. } => {
-                                batch.delete_cf(store.cf(CF_MAILBOXES), name.as_bytes());
-                                pending.overlay.insert(name.clone(), None);
-                            }
-                        }
-                    }
-                    if !applied.changes.is_empty() {
-                        committed.push(CommittedChanges {
-                            index,
-                            changes: applied.changes,
-                        });
-                    }
-                    applied.outcome
-                }
+            let command = match &entry.payload {
+                EntryPayload::Normal(cmd) => Some(cmd),
                 EntryPayload::Membership(m) => {
-                    membership = Some(StoredMembershipOf::<TypeConfig>::new(
+                    batch.membership(StoredMembershipOf::<TypeConfig>::new(
                         Some(entry.log_id()),
                         m.clone(),
                     ));
-                    Outcome::Done
+                    None
                 }
+                EntryPayload::Blank => None,
             };
-            last = Some(entry.log_id());
+            let outcome = batch.entry(entry.log_id(), command)?;
             if let Some(r) = responder {
                 replies.push((r, outcome));
             }
         }
-        let Some(last) = last else { return Ok(()) };
-        batch.put_cf(store.cf(CF_STATE), KEY_APPLIED, encode(&Some(last))?);
-        if let Some(m) = &membership {
-            batch.put_cf(store.cf(CF_STATE), KEY_MEMBERSHIP, encode(m)?);
-        }
-        let mut wo = WriteOptions::default();
-        wo.set_sync(false);
-        store.db.write_opt(batch, &wo).map_err(db_err)?;
-        metrics::gauge!("corvid_raft_applied_index").set(last.index() as f64);
-        // Answer only once the changes are readable, so a client's next FIND
-        // sees its own write.
-        for c in committed {
-            let _ = store.events.send(StateEvent::Changes(Arc::new(c)));
+        if let Some(last) = batch.commit()? {
+            metrics::gauge!("corvid_raft_applied_index").set(last.index() as f64);
         }
         for (r, outcome) in replies {
             r.send(outcome);
@@ -541,6 +735,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(io::Error::other)??;
         metrics::counter!("corvid_snapshot_installs_total").increment(1);
+        self.store
+            .applied
+            .send_replace(meta.last_log_id.as_ref().map_or(0, |l| l.index()));
         let _ = self.store.events.send(StateEvent::Reset);
         Ok(())
     }

@@ -18,8 +18,8 @@ use tokio::sync::{broadcast, Semaphore};
 
 use super::codec::{self, Command, Frame, Greeting, Limits, Request, RequestDecoder, Status};
 use crate::auth::{Identity, SaslServer, SaslStep};
+use crate::directory::Directory;
 use crate::model::{server_of, Change, MailboxEntry, MailboxState, Outcome, RegistryCommand};
-use crate::raft::Registry;
 use crate::store::StateEvent;
 use crate::tls::MaybeTls;
 
@@ -55,8 +55,8 @@ impl Default for ServerSettings {
 
 /// Everything a session needs, shared by all sessions.
 pub struct ServerContext {
-    /// The registry.
-    pub registry: Registry,
+    /// The registry: a master node or a replica.
+    pub directory: Directory,
     /// SASL mechanisms and credentials.
     pub sasl: SaslServer,
     /// TLS configuration for STARTTLS, if any.
@@ -270,7 +270,7 @@ impl Session {
                     .await?
             }
             _ if !authenticated => self.reply(&tag, name, Status::Bad, "Please login first"),
-            Command::Find { name: mailbox } => match self.ctx.registry.find(&mailbox).await {
+            Command::Find { name: mailbox } => match self.ctx.directory.find(&mailbox).await {
                 Ok(entry) => {
                     if let Some(e) = entry {
                         write_entry(&mut self.output, &tag, &e);
@@ -279,7 +279,7 @@ impl Session {
                 }
                 Err(e) => self.reply(&tag, name, Status::No, &e.to_string()),
             },
-            Command::List { prefix } => match self.ctx.registry.list(prefix.as_deref()).await {
+            Command::List { prefix } => match self.ctx.directory.list(prefix.as_deref()).await {
                 Ok(entries) => {
                     for e in &entries {
                         write_entry(&mut self.output, &tag, e);
@@ -308,7 +308,7 @@ impl Session {
                 let Some(cmd) = registry_command(command) else {
                     return Ok(());
                 };
-                match self.ctx.registry.write(cmd).await {
+                match self.ctx.directory.write(cmd).await {
                     Ok(Outcome::Done) => self.reply(&tag, name, Status::Ok, "done"),
                     Ok(Outcome::Refused(r)) => self.reply(&tag, name, Status::No, &r.to_string()),
                     Ok(Outcome::Batch(_)) => self.reply(&tag, name, Status::Ok, "done"),
@@ -463,12 +463,12 @@ impl Session {
 
     async fn start_update(&mut self, tag: &str, servers: Vec<String>) -> Result<(), SessionEnd> {
         // Subscribe before the dump so that no change falls between the two.
-        let events = self.ctx.registry.store().subscribe();
-        if let Err(e) = self.ctx.registry.read_barrier().await {
+        let events = self.ctx.directory.store().subscribe();
+        if let Err(e) = self.ctx.directory.read_barrier().await {
             self.reply(tag, "UPDATE", Status::No, &e.to_string());
             return Ok(());
         }
-        let store = self.ctx.registry.store().clone();
+        let store = self.ctx.directory.store().clone();
         let filter = servers.clone();
         let dump = tokio::task::spawn_blocking(move || {
             store.scan(|e| filter.is_empty() || filter.iter().any(|s| s == e.server()))

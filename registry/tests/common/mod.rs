@@ -118,7 +118,7 @@ impl Daemon {
             .args(
                 ["--peer-listen", "127.0.0.1:0"]
                     .iter()
-                    .filter(|_| !extra.contains(&"--peer-listen")),
+                    .filter(|_| !extra.contains(&"--peer-listen") && !extra.contains(&"replica")),
             )
             .args(extra)
             .env(
@@ -151,7 +151,11 @@ impl Daemon {
         Daemon {
             mupdate: field("mupdate="),
             metrics: field("metrics="),
-            peer: field("peer="),
+            peer: line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("peer="))
+                .unwrap_or_default()
+                .to_string(),
             child,
         }
     }
@@ -280,6 +284,30 @@ impl TestCluster {
             ],
         );
         self.nodes[(id - 1) as usize] = Some(d);
+    }
+
+    /// Starts (or restarts, on the same data and MUPDATE port) the replica
+    /// named `name`, following the nodes in `masters`.
+    pub fn replica(&self, name: &str, masters: &[u64], mupdate: &str) -> Daemon {
+        let masters: Vec<&str> = masters
+            .iter()
+            .map(|&id| self.spec(id).peer.as_str())
+            .collect();
+        Daemon::start(
+            &self.dir.path().join(name),
+            &[
+                "--config",
+                self.config.to_str().unwrap(),
+                "--users-file",
+                self.users.to_str().unwrap(),
+                "--role",
+                "replica",
+                "--masters",
+                &masters.join(","),
+                "--listen",
+                mupdate,
+            ],
+        )
     }
 
     pub fn kill(&mut self, id: u64) {

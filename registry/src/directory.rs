@@ -1,0 +1,70 @@
+//! What a MUPDATE session reads and writes: a master node or a replica.
+//!
+//! Masters read linearizably (or locally, as configured) and commit writes
+//! through Raft; replicas read their local copy and forward writes to a
+//! master. Sessions see one interface and do not care which.
+
+use crate::model::{MailboxEntry, Outcome, RegistryCommand};
+use crate::raft::{Registry, RegistryError};
+use crate::replica::Replica;
+use crate::store::Store;
+
+/// The registry as a MUPDATE session sees it.
+#[derive(Clone)]
+pub enum Directory {
+    /// A Raft master node.
+    Master(Registry),
+    /// A replica following the masters' log stream.
+    Replica(Replica),
+}
+
+impl Directory {
+    /// The mailbox named `name`.
+    pub async fn find(&self, name: &str) -> Result<Option<MailboxEntry>, RegistryError> {
+        match self {
+            Directory::Master(r) => r.find(name).await,
+            Directory::Replica(r) => Ok(r.lookup(name)?),
+        }
+    }
+
+    /// The mailboxes whose location starts with `prefix`, in Cyrus's order.
+    pub async fn list(&self, prefix: Option<&str>) -> Result<Vec<MailboxEntry>, RegistryError> {
+        match self {
+            Directory::Master(r) => r.list(prefix).await,
+            Directory::Replica(r) => Ok(r.list_locations(prefix.unwrap_or(""))?),
+        }
+    }
+
+    /// Commits `command` (a replica has a master do it).
+    pub async fn write(&self, command: RegistryCommand) -> Result<Outcome, RegistryError> {
+        match self {
+            Directory::Master(r) => r.write(command).await,
+            Directory::Replica(r) => r.write(command).await,
+        }
+    }
+
+    /// Waits until local reads reflect what they must (on a master, every
+    /// write acknowledged before the call; a replica serves its copy as is).
+    pub async fn read_barrier(&self) -> Result<(), RegistryError> {
+        match self {
+            Directory::Master(r) => r.read_barrier().await,
+            Directory::Replica(_) => Ok(()),
+        }
+    }
+
+    /// The local store (dumps and change subscriptions).
+    pub fn store(&self) -> &Store {
+        match self {
+            Directory::Master(r) => r.store(),
+            Directory::Replica(r) => r.store(),
+        }
+    }
+
+    /// Stops Raft or the stream follower.
+    pub async fn shutdown(&self) {
+        match self {
+            Directory::Master(r) => r.shutdown().await,
+            Directory::Replica(r) => r.shutdown(),
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! The log stream: "every committed change after index N", served by every
+//! master node on its peer port to replicas.
+//!
+//! A follower sends [`crate::peer::PeerRequest::Follow`] with the last index
+//! it applied; the connection then carries only [`StreamFrame`]s, master to
+//! follower, in commit order. Records are read from the Raft log in RocksDB
+//! at or below the node's applied index (so only committed entries cross),
+//! a frame at a time, and each is written before the next is read: a slow
+//! follower slows its own stream and costs the master one frame of memory.
+//! When the follower's position has been compacted away, the stream sends
+//! the state as a chunked snapshot and continues after it. While there is
+//! nothing to send, a heartbeat tells the follower the master's applied
+//! index and whether it knows a leader, so a follower can measure its lag
+//! and leave a master cut off from the cluster.
+
+use std::time::Duration;
+
+use openraft::alias::LogIdOf;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::model::MailboxEntry;
+use crate::peer::write_frame;
+use crate::raft::{Registry, TypeConfig};
+use crate::store::{LogRecord, Store};
+
+/// Most log records in one frame.
+pub const RECORDS_PER_FRAME: usize = 1024;
+/// Most mailboxes in one snapshot frame.
+pub const ENTRIES_PER_CHUNK: usize = 2048;
+/// How often an idle stream sends a heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// What a master sends down a log stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum StreamFrame {
+    /// The follower's state is replaced: the mailboxes of the snapshot
+    /// follow in [`StreamFrame::SnapshotChunk`]s, then
+    /// [`StreamFrame::SnapshotEnd`].
+    SnapshotBegin {
+        /// The last log entry the snapshot reflects.
+        log_id: Option<LogIdOf<TypeConfig>>,
+    },
+    /// Some of the snapshot's mailboxes.
+    SnapshotChunk(Vec<MailboxEntry>),
+    /// The snapshot is complete; records after it follow.
+    SnapshotEnd,
+    /// Committed log entries, consecutive, in order.
+    Records {
+        /// The entries.
+        records: Vec<LogRecord>,
+        /// The master's applied index when they were sent.
+        master_applied: u64,
+    },
+    /// Nothing new.
+    Heartbeat {
+        /// The master's applied index.
+        master_applied: u64,
+        /// Whether the master knows a leader (a master cut off from the
+        /// cluster stops seeing new entries; followers should go elsewhere).
+        has_leader: bool,
+    },
+}
+
+async fn send<S: AsyncWrite + Unpin>(socket: &mut S, frame: &StreamFrame) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    write_frame(&mut out, frame).map_err(std::io::Error::other)?;
+    socket.write_all(&out).await
+}
+
+/// Serves one follower that has applied everything up to `after`, until the
+/// connection fails.
+pub async fn serve_follower<S: AsyncWrite + Unpin>(
+    socket: &mut S,
+    registry: &Registry,
+    after: u64,
+) -> std::io::Result<()> {
+    metrics::gauge!("corvid_stream_followers").increment(1.0);
+    let res = follow_loop(socket, registry, after).await;
+    metrics::gauge!("corvid_stream_followers").decrement(1.0);
+    res
+}
+
+async fn follow_loop<S: AsyncWrite + Unpin>(
+    socket: &mut S,
+    registry: &Registry,
+    after: u64,
+) -> std::io::Result<()> {
+    let store = registry.store().clone();
+    let mut applied_rx = store.watch_applied();
+    let mut next = after + 1;
+    loop {
+        let applied = *applied_rx.borrow_and_update();
+        if next <= applied {
+            let s = store.clone();
+            let records = tokio::task::spawn_blocking(move || {
+                s.committed_records(next, applied, RECORDS_PER_FRAME)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            match records {
+                Some(records) => {
+                    next = records.last().map_or(next, |r| r.log_id.index + 1);
+                    metrics::counter!("corvid_stream_records_sent_total")
+                        .increment(records.len() as u64);
+                    send(
+                        socket,
+                        &StreamFrame::Records {
+                            records,
+                            master_applied: applied,
+                        },
+                    )
+                    .await?;
+                }
+                None => next = send_snapshot(socket, &store).await? + 1,
+            }
+            continue;
+        }
+        tokio::select! {
+            changed = applied_rx.changed() => changed.map_err(std::io::Error::other)?,
+            _ = tokio::time::sleep(HEARTBEAT) => {
+                send(socket, &StreamFrame::Heartbeat {
+                    master_applied: applied,
+                    has_leader: registry.status().leader.is_some(),
+                })
+                .await?;
+            }
+        }
+    }
+}
+
+/// Sends the current state in chunks; returns the index it reflects.
+async fn send_snapshot<S: AsyncWrite + Unpin>(
+    socket: &mut S,
+    store: &Store,
+) -> std::io::Result<u64> {
+    let started = std::time::Instant::now();
+    // The scan runs on a blocking thread over one RocksDB point-in-time
+    // view; the channel holds two chunks, so memory stays bounded however
+    // slowly the follower reads.
+    let (tx, mut rx) = mpsc::channel(2);
+    let s = store.clone();
+    let scan = tokio::task::spawn_blocking(move || {
+        s.scan_chunks(ENTRIES_PER_CHUNK, |part| {
+            let frame = match part {
+                Ok(log_id) => StreamFrame::SnapshotBegin { log_id },
+                Err(entries) => StreamFrame::SnapshotChunk(entries),
+            };
+            tx.blocking_send(frame).is_ok()
+        })
+    });
+    let mut index = 0;
+    let mut sent = 0u64;
+    while let Some(frame) = rx.recv().await {
+        match &frame {
+            StreamFrame::SnapshotBegin { log_id } => index = log_id.map_or(0, |l| l.index),
+            StreamFrame::SnapshotChunk(c) => sent += c.len() as u64,
+            _ => {}
+        }
+        send(socket, &frame).await?;
+    }
+    scan.await.map_err(std::io::Error::other)??;
+    send(socket, &StreamFrame::SnapshotEnd).await?;
+    metrics::counter!("corvid_stream_snapshots_sent_total").increment(1);
+    metrics::counter!("corvid_stream_snapshot_entries_sent_total").increment(sent);
+    tracing::info!(
+        index,
+        mailboxes = sent,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "sent a snapshot down a log stream"
+    );
+    Ok(index)
+}
