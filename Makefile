@@ -40,7 +40,7 @@ interop: build deps-test
 bench: build deps-test
 	CORVID_BIN_DIR=$(BIN) bash bench/run.sh
 
-## Time for a new node to join a cluster holding 1,000,000 mailboxes.
+## A node and a replica join a cluster of 1,000,000 mailboxes; UPDATE dump time.
 bench-join: build deps-test
 	CORVID_BIN_DIR=$(BIN) bash bench/join.sh
 

@@ -2,7 +2,10 @@
 # make bench-join: how long a new node takes to join a 3-node cluster that
 # holds JOIN_MAILBOXES mailboxes (default 1,000,000). The log behind the
 # last snapshot is compacted, so the new node is sent the leader's snapshot.
-# Appends the figures to docs/src/benchmarks.md.
+# Then an empty replica follows the same cluster (cold sync by the log
+# stream's snapshot), and classic UPDATE clients take the initial dump from
+# a master node and from the replica. Writes the figures to
+# bench/join-results.md, which docs/src/benchmarks.md includes.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export SERVER=corvid
@@ -47,9 +50,49 @@ db_mb=$(du -sm "$WORK/node4" | cut -f1)
 join_s=$(python3 -c "print(f'{$join_end - $join_start:.1f}')")
 load_s=$(python3 -c "print(f'{$load_end - $load_start:.1f}')")
 echo "join of a node to a cluster of $N mailboxes: ${join_s}s (peak RSS $((rss_kb / 1024)) MiB, data ${db_mb} MiB)"
+
+# metric_of HOSTPORT NAME: the value of an unlabelled metric.
+metric_of() {
+  python3 - "$1" "$2" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode()
+print(next((l.split()[-1] for l in text.splitlines() if l.split(" ")[0] == sys.argv[2]), "0"))
+PY
+}
+target=$("$CTL" cluster --peer "$CORVID_CLUSTER_PEER" status | awk '$3 == "Leader" {print $8}')
+echo "== cold sync of a replica to index $target"
+sync_start=$(date +%s.%N)
+spawn "$WORK/replica.log" "$CORVID_BIN_DIR/corvid-registry" --role replica \
+  --masters "$CORVID_CLUSTER_PEER" --data-dir "$WORK/replica" --listen 127.0.0.1:0 \
+  --metrics-listen 127.0.0.1:0 --users-file "$WORK/cluster/users.toml"
+replica_pid=$SPAWNED_PID
+wait_for "replica ready" _corvid_ready "$WORK/replica.log" "$replica_pid"
+line=$(grep -m1 '^corvid-registry ready' "$WORK/replica.log")
+replica_mupdate=${line#*mupdate=}
+replica_mupdate=${replica_mupdate%% *}
+replica_metrics=${line#*metrics=}
+replica_metrics=${replica_metrics%% *}
+_replica_synced() {
+  local a
+  a=$(metric_of "$replica_metrics" corvid_replica_applied_index)
+  python3 -c "import sys; sys.exit(0 if float('$a') >= $target else 1)"
+}
+INTEROP_TIMEOUT=300 wait_for "replica synced" _replica_synced
+sync_end=$(date +%s.%N)
+sync_s=$(python3 -c "print(f'{$sync_end - $sync_start:.1f}')")
+replica_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$replica_pid/status")
+replica_mb=$(du -sm "$WORK/replica" | cut -f1)
+echo "replica cold sync: ${sync_s}s (peak RSS $((replica_rss_kb / 1024)) MiB, data ${replica_mb} MiB)"
+
+echo "== classic UPDATE initial dump of $N mailboxes"
+dumps=$WORK/dumps.jsonl
+"$CTL" bench --server "$leader" --user admin --password "$PASS" --workload update-dump \
+  -C 1 -n 3 --max-seconds 600 --label "corvid master node" --json "$dumps" --quiet | grep -v '^{'
+"$CTL" bench --server "$replica_mupdate" --user admin --password "$PASS" --workload update-dump \
+  -C 1 -n 3 --max-seconds 600 --label "corvid replica" --json "$dumps" --quiet | grep -v '^{'
+
 {
-  echo
-  echo "## A new node joins a cluster of $N mailboxes"
+  echo "## A new node and a new replica join a cluster of $N mailboxes"
   echo
   echo "Measured by \`make bench-join\` ($(date -u '+%Y-%m-%d %H:%M UTC')): a 3-node cluster on 127.0.0.1"
   echo "is loaded with $N ACTIVATEs through the leader (32 connections: ${load_s} s), then an empty"
@@ -60,4 +103,27 @@ echo "join of a node to a cluster of $N mailboxes: ${join_s}s (peak RSS $((rss_k
   echo "| mailboxes | join time s | learner peak RSS MiB | learner data MiB |"
   echo "| ---: | ---: | ---: | ---: |"
   echo "| $N | $join_s | $((rss_kb / 1024)) | $db_mb |"
-} >>"$ROOT/docs/src/benchmarks.md"
+  echo
+  echo "Then an empty replica (\`--role replica\`) follows the cluster: its log stream sends the"
+  echo "state in chunks of 2,048 mailboxes, written as they arrive, then the log after it. The"
+  echo "time runs from starting the process until it has applied the leader's index (target:"
+  echo "under 10 s)."
+  echo
+  echo "| mailboxes | replica cold sync s | replica peak RSS MiB | replica data MiB |"
+  echo "| ---: | ---: | ---: | ---: |"
+  echo "| $N | $sync_s | $((replica_rss_kb / 1024)) | $replica_mb |"
+  echo
+  echo "A classic UPDATE client (what a Cyrus mupdate slave does on every (re)connect) takes the"
+  echo "initial dump of the same list: a new connection, UPDATE, every mailbox read until the OK."
+  echo
+  echo "| server | mailboxes | dumps | p50 s | max s |"
+  echo "| --- | ---: | ---: | ---: | ---: |"
+  python3 - "$dumps" <<'PY'
+import json, sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    print("| %s | %d | %d | %.2f | %.2f |" % (r["label"], r["entries"], r["ops"], r["p50_ms"] / 1000, r["max_ms"] / 1000))
+PY
+} >"$ROOT/bench/join-results.md"
+python3 "$ROOT/bench/report.py" "$ROOT/bench/last-results.jsonl" "make bench" >"$ROOT/docs/src/benchmarks.md"
+echo "wrote bench/join-results.md and docs/src/benchmarks.md"

@@ -6,7 +6,11 @@ import platform
 import sys
 from datetime import datetime, timezone
 
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+all_rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+SPECIAL = ("propagation", "update-dump")
+rows = [r for r in all_rows if r["workload"] not in SPECIAL]
+propagation = [r for r in all_rows if r["workload"] == "propagation"]
+dumps = [r for r in all_rows if r["workload"] == "update-dump"]
 command = sys.argv[2] if len(sys.argv) > 2 else "make bench"
 
 out = []
@@ -20,7 +24,7 @@ out.append(
     "Corvid cluster) has a real Cyrus frontend's mupdate slave attached that follows "
     "every change through UPDATE; the run checks at the end that each slave has the data.\n"
     % (command, platform.node() or "this machine", os.cpu_count() or 0, platform.machine(),
-       datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+       datetime.fromtimestamp(os.path.getmtime(sys.argv[1]), timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 )
 out.append(
     "Workloads: `reserve-activate` creates a mailbox (RESERVE then ACTIVATE: two "
@@ -64,4 +68,33 @@ out.append(
     "3x Cyrus's writes at 32 connections. "
     "Raw results of the last run: `bench/last-results.jsonl`.\n"
 )
+if propagation:
+    out.append("\n## Propagation: commit to visible\n")
+    out.append(
+        "`corvidctl propagation` ACTIVATEs new names on a master one at a time and times, "
+        "for each, from the master's OK to the moment the watched server shows the name: "
+        "a Corvid replica by an UPDATE push on a subscription to the replica, a Cyrus "
+        "mupdate slave by FINDs repeated back to back (a Cyrus slave's own UPDATE cannot be "
+        "watched). Target for a Corvid replica: p99 under 5 ms on loopback.\n"
+    )
+    out.append("| watched server | writes on | changes | p50 ms | p99 ms | max ms |")
+    out.append("| --- | --- | ---: | ---: | ---: | ---: |")
+    for r in propagation:
+        out.append("| %s | %s | %d | %.2f | %.2f | %.2f |" % (
+            r["label"], r["server"].split(" -> ")[0], r["ops"], r["p50_ms"], r["p99_ms"], r["max_ms"]))
+if dumps:
+    out.append("\n## Classic UPDATE: the initial dump\n")
+    out.append("| server | mailboxes | dumps | p50 s | max s |")
+    out.append("| --- | ---: | ---: | ---: | ---: |")
+    for r in dumps:
+        out.append("| %s | %d | %d | %.2f | %.2f |" % (
+            r["label"], r["entries"], r["ops"], r["p50_ms"] / 1000, r["max_ms"] / 1000))
+# Figures from `make bench-join` and the hand-written analysis live beside
+# this script, so a new run of `make bench` keeps them.
+here = os.path.dirname(os.path.abspath(__file__))
+for extra in ("join-results.md", "notes.md"):
+    path = os.path.join(here, extra)
+    if os.path.exists(path):
+        out.append("")
+        out.append(open(path).read().rstrip())
 print("\n".join(out))

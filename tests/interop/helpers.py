@@ -3,12 +3,24 @@
 
     helpers.py free-port
         print a free TCP port on 127.0.0.1
-    helpers.py greeting PORT TIMEOUT
+    helpers.py greeting [HOST:]PORT TIMEOUT
         succeed once PORT answers with a line starting "* OK" (MUPDATE or IMAP)
-    helpers.py imap PORT USER PASS COMMAND...
-        log in to an IMAP server and run each COMMAND ("CREATE user.alice",
-        "RENAME old new", "DELETE name", "SETACL name id rights"); prints one
-        line per command and fails on the first tagged NO/BAD
+    helpers.py imap [HOST:]PORT USER PASS COMMAND...
+        log in (IMAP LOGIN) and run each COMMAND: "CREATE name", "RENAME old
+        new", "DELETE name", "SETACL name id rights", "SELECT name" (prints
+        the EXISTS count), "APPEND name subject" (a short message with that
+        Subject), "SEARCH SUBJECT text" (in the selected mailbox; prints the
+        matching sequence numbers), "LIST" (prints "LIST-MAILBOX name" per
+        mailbox of LIST "" "*"); prints one line per command and fails on the
+        first tagged NO/BAD
+    helpers.py mboxlist
+        read `ctl_mboxlist -d` output (JSON) on stdin; print one line per
+        mailbox, in the database's order: "NAME SERVER!PARTITION" (SERVER is
+        empty for a local mailbox); tombstones (mbtype with "d", which a
+        backend keeps for a deleted name) are left out
+    helpers.py connected PORT ARGV...
+        succeed when a process whose command line is exactly ARGV has an
+        established TCP connection to 127.0.0.1:PORT; print its pid
     helpers.py decode
         read mupdatetest output on stdin; print the server's answers after
         "Authenticated." one per line, every {n+} literal turned into a
@@ -19,6 +31,8 @@
 """
 
 import imaplib
+import json
+import os
 import re
 import shlex
 import socket
@@ -29,17 +43,23 @@ import time
 HOST = "127.0.0.1"
 
 
+def hostport(arg):
+    """PORT (on 127.0.0.1) or HOST:PORT -> (host, port)."""
+    host, _, port = arg.rpartition(":")
+    return (host or HOST), int(port)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind((HOST, 0))
         print(s.getsockname()[1])
 
 
-def greeting(port, timeout):
+def greeting(address, timeout):
     """One attempt: connect, read lines until "* OK" or the timeout."""
     deadline = time.monotonic() + timeout
     try:
-        with socket.create_connection((HOST, port), timeout=timeout) as s:
+        with socket.create_connection(address, timeout=timeout) as s:
             buf = b""
             while time.monotonic() < deadline:
                 s.settimeout(max(0.05, deadline - time.monotonic()))
@@ -56,8 +76,39 @@ def greeting(port, timeout):
     return 1
 
 
-def imap(port, user, password, commands):
-    conn = imaplib.IMAP4(HOST, port, timeout=20)
+LIST_LINE = re.compile(rb'^\((?P<flags>[^)]*)\) (?P<sep>NIL|"(?:[^"\\]|\\.)*") (?P<name>.*)$')
+
+
+def list_names(data):
+    """Mailbox names of LIST answers as imaplib returns them."""
+    names = []
+    for item in data:
+        if item is None:
+            continue
+        if isinstance(item, tuple):  # name sent as a literal
+            names.append(item[1].decode("utf-8", "replace"))
+            continue
+        m = LIST_LINE.match(item)
+        if not m:
+            names.append("?" + item.decode("utf-8", "replace"))
+            continue
+        name = m.group("name")
+        if name.startswith(b'"') and name.endswith(b'"') and len(name) >= 2:
+            name = re.sub(rb"\\(.)", rb"\1", name[1:-1])
+        names.append(name.decode("utf-8", "replace"))
+    return names
+
+
+def message(subject):
+    return (
+        f"From: interop@example.org\r\nTo: someone@example.org\r\n"
+        f"Subject: {subject}\r\nMessage-ID: <{subject}@interop.example.org>\r\n"
+        f"\r\nDelivered through the interop tests.\r\n"
+    ).encode()
+
+
+def imap(address, user, password, commands):
+    conn = imaplib.IMAP4(address[0], address[1], timeout=20)
     typ, data = conn.login(user, password)
     if typ != "OK":
         print(f"LOGIN {typ} {data}")
@@ -75,6 +126,21 @@ def imap(port, user, password, commands):
             typ, data = conn.delete(args[0])
         elif verb == "SETACL" and len(args) == 3:
             typ, data = conn.setacl(args[0], args[1], args[2])
+        elif verb == "SELECT" and len(args) == 1:
+            typ, data = conn.select(args[0])
+        elif verb == "APPEND" and len(args) == 2:
+            typ, data = conn.append(args[0], None, None, message(args[1]))
+        elif verb == "SEARCH" and len(args) == 2 and args[0].upper() == "SUBJECT":
+            typ, data = conn.search(None, "SUBJECT", '"' + args[1] + '"')
+        elif verb == "LIST" and not args:
+            typ, data = conn.list('""', '"*"')
+            print(f"{command} -> {typ}")
+            if typ == "OK":
+                for name in list_names(data):
+                    print(f"LIST-MAILBOX {name}")
+                continue
+            status = 1
+            break
         else:
             print(f"imap: unsupported command {command!r}", file=sys.stderr)
             return 2
@@ -88,6 +154,45 @@ def imap(port, user, password, commands):
     except (imaplib.IMAP4.error, OSError):
         pass
     return status
+
+
+def mboxlist(text):
+    for name, entry in json.loads(text or "{}").items():
+        if "d" in entry.get("mbtype", ""):
+            continue
+        print(f"{name} {entry.get('server', '')}!{entry.get('partition', '')}")
+
+
+def tcp_peers(inodes, port):
+    """Whether one of these socket inodes is connected to 127.0.0.1:port."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp", encoding="ascii") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if fields[2] == want and fields[3] == "01" and fields[9] in inodes:
+                return True
+    return False
+
+
+def connected(port, argv):
+    target = "\0".join(argv).encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().rstrip(b"\0") != target:
+                    continue
+            inodes = set()
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
+        if tcp_peers(inodes, port):
+            print(pid)
+            return 0
+    return 1
 
 
 LITERAL = re.compile(rb"\{(\d+)\+?\}$")
@@ -193,9 +298,14 @@ def main(argv):
         free_port()
         return 0
     if cmd == "greeting" and len(args) == 2:
-        return greeting(int(args[0]), float(args[1]))
+        return greeting(hostport(args[0]), float(args[1]))
     if cmd == "imap" and len(args) >= 4:
-        return imap(int(args[0]), args[1], args[2], args[3:])
+        return imap(hostport(args[0]), args[1], args[2], args[3:])
+    if cmd == "mboxlist" and not args:
+        mboxlist(sys.stdin.read())
+        return 0
+    if cmd == "connected" and len(args) >= 2:
+        return connected(int(args[0]), args[1:])
     if cmd == "decode" and not args:
         decode(sys.stdin.buffer.read())
         return 0

@@ -253,9 +253,10 @@ free_port() {
   python3 "$INTEROP_DIR/helpers.py" free-port
 }
 
-## wait_greeting PORT: wait until PORT on 127.0.0.1 sends a "* OK" greeting.
+## wait_greeting [HOST:]PORT: wait until PORT (on 127.0.0.1 unless HOST is
+## given) sends a "* OK" greeting.
 wait_greeting() {
-  wait_for "greeting on 127.0.0.1:$1" python3 "$INTEROP_DIR/helpers.py" greeting "$1" 2
+  wait_for "greeting on $1" python3 "$INTEROP_DIR/helpers.py" greeting "$1" 2
 }
 
 # ---------------------------------------------------------------- Cyrus
@@ -292,10 +293,23 @@ _cyrus_user() {
   fi
 }
 
-# _cyrus_start DIR SERVICES_BLOCK PORT: write cyrus.conf, start master, wait
-# for the greeting on PORT.
+## cyrus_add_user DIR USER PASS: add a SASL user (realm: the instance's
+## servername) to a Cyrus instance, before or after it started.
+cyrus_add_user() {
+  local dir=$1 user=$2 pass=$3 realm
+  realm=$(awk '$1 == "servername:" { print $2 }' "$dir/imapd.conf")
+  [[ -n $realm ]] || die "no servername in $dir/imapd.conf"
+  _cyrus_user "$dir" "$realm" "$user" "$pass"
+  chown -R cyrus:mail "$dir/sasldb2" "$dir/conf/log"
+  chmod 0640 "$dir/sasldb2"
+}
+
+# _cyrus_start DIR SERVICES_BLOCK [HOST:]PORT [WRAPPER...]: write cyrus.conf,
+# start master (as the last argument(s) of WRAPPER when given, which must
+# exec it), wait for the greeting on [HOST:]PORT.
 _cyrus_start() {
   local dir=$1 services=$2 port=$3
+  shift 3
   cat >"$dir/cyrus.conf" <<EOF
 START {
 }
@@ -308,10 +322,10 @@ EOF
   chown -R cyrus:mail "$dir"
   chmod 0640 "$dir/sasldb2"
   interop_log "$dir/master.err"
-  spawn "$dir/master.out" "$CYRUS_BIN/master" -C "$dir/imapd.conf" -M "$dir/cyrus.conf" \
+  spawn "$dir/master.out" "$@" "$CYRUS_BIN/master" -C "$dir/imapd.conf" -M "$dir/cyrus.conf" \
     -p "$dir/master.pid" -L "$dir/master.err"
   if ! wait_greeting "$port"; then
-    die "Cyrus master in $dir did not greet on 127.0.0.1:$port"
+    die "Cyrus master in $dir did not greet on $port"
   fi
 }
 
@@ -342,19 +356,22 @@ cyrus_mupdate_master() {
     "$port"
 }
 
-## cyrus_backend DIR NAME IMAP_PORT MUPDATE_HOSTPORT MUPDATE_USER MUPDATE_PASS:
-## start a real Cyrus backend imapd (servername NAME, partition default) on
-## 127.0.0.1:IMAP_PORT that reports to the MUPDATE master at MUPDATE_HOSTPORT
-## as MUPDATE_USER. MUPDATE_USER/MUPDATE_PASS is also the backend's IMAP admin.
+## cyrus_backend DIR NAME IMAP_PORT MUPDATE_HOSTPORT MUPDATE_USER MUPDATE_PASS
+## [LISTEN_HOST]: start a real Cyrus backend imapd (servername NAME,
+## partition default) on LISTEN_HOST:IMAP_PORT (default 127.0.0.1) that
+## reports to the MUPDATE master at MUPDATE_HOSTPORT as MUPDATE_USER.
+## MUPDATE_USER/MUPDATE_PASS is also the backend's IMAP admin; frontends
+## proxy to it as $CYRUS_PROXY_USER (see cyrus_frontend).
+CYRUS_PROXY_USER=murder-proxy
 cyrus_backend() {
-  local dir=$1 name=$2 imap_port=$3 mupdate=$4 user=$5 pass=$6
+  local dir=$1 name=$2 imap_port=$3 mupdate=$4 user=$5 pass=$6 host=${7:-127.0.0.1}
   _cyrus_instance "$dir" "$name" "$user"
-  echo "proxyservers: murder-proxy" >>"$dir/imapd.conf"
+  echo "proxyservers: $CYRUS_PROXY_USER" >>"$dir/imapd.conf"
   _cyrus_mupdate_client "$dir" "$mupdate" "$user" "$pass"
   _cyrus_user "$dir" "$name" "$user" "$pass"
   _cyrus_start "$dir" \
-    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"127.0.0.1:$imap_port\" prefork=0 maxchild=20" \
-    "$imap_port"
+    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"$host:$imap_port\" prefork=0 maxchild=20" \
+    "$host:$imap_port"
 }
 
 ## cyrus_mupdate_slave DIR NAME PORT MASTER_HOSTPORT USER PASS: start the
@@ -371,9 +388,61 @@ cyrus_mupdate_slave() {
     "$port"
 }
 
-## imap_admin_cmd PORT USER PASS CMD...: log in to 127.0.0.1:PORT and run
-## each CMD ("CREATE name", "RENAME old new", "DELETE name",
-## "SETACL name id rights"); fails on the first NO/BAD.
+## cyrus_frontend DIR NAME IMAP_PORT SLAVE_PORT MUPDATE_HOSTPORT USER PASS
+## PROXY_PASS BACKEND_IMAP_PORT BACKEND=IP...: start a real Cyrus frontend
+## (servername NAME): imapd on 127.0.0.1:IMAP_PORT (mupdate_server set, no
+## proxyservers, so it proxies) and its local mupdate slave on
+## 127.0.0.1:SLAVE_PORT, which follows MUPDATE_HOSTPORT as USER/PASS (USER is
+## also the frontend's admin). It logs in to backends as $CYRUS_PROXY_USER
+## with PROXY_PASS (add that user to each backend with cyrus_add_user). Its
+## master runs in a private mount namespace whose /etc/hosts maps each
+## BACKEND name to IP and whose /etc/services maps imap to BACKEND_IMAP_PORT,
+## which is how the frontend reaches the server part of a location
+## (getaddrinfo(server, "imap")).
+cyrus_frontend() {
+  local dir=$1 name=$2 imap_port=$3 slave_port=$4 mupdate=$5 user=$6 pass=$7
+  local proxy_pass=$8 backend_port=$9 b
+  shift 9
+  _cyrus_instance "$dir" "$name" "$user"
+  _cyrus_mupdate_client "$dir" "$mupdate" "$user" "$pass"
+  cat >>"$dir/imapd.conf" <<EOF
+proxy_authname: $CYRUS_PROXY_USER
+proxy_password: $proxy_pass
+EOF
+  _cyrus_user "$dir" "$name" "$user" "$pass"
+  {
+    cat /etc/hosts
+    for b in "$@"; do
+      echo "${b#*=} ${b%%=*}"
+    done
+  } >"$dir/hosts"
+  {
+    # Every line naming imap (as a service or an alias) goes.
+    awk '{ for (i = 1; i <= NF && $i !~ /^#/; i++) if (i != 2 && $i == "imap") next; print }' /etc/services
+    echo "imap $backend_port/tcp"
+  } >"$dir/services"
+  # master is the namespace's only process: killing its process group (see
+  # spawn) ends the namespace and its mounts.
+  _cyrus_start "$dir" \
+    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"127.0.0.1:$imap_port\" prefork=0 maxchild=20
+  mupdate cmd=\"$CYRUS_BIN/mupdate -C $dir/imapd.conf\" listen=\"127.0.0.1:$slave_port\" prefork=1 maxchild=1" \
+    "$imap_port" \
+    unshare --mount --propagation private -- \
+    sh -c 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/services && shift 2 && exec "$@"' \
+    frontend-namespace "$dir/hosts" "$dir/services"
+}
+
+## cyrus_mailboxes DIR: the mailboxes.db of the Cyrus instance in DIR, one
+## line per mailbox, sorted: "NAME SERVER!PARTITION" ("!PARTITION" for a
+## local mailbox).
+cyrus_mailboxes() {
+  timeout 20 "$CYRUS_BIN/ctl_mboxlist" -C "$1/imapd.conf" -d | python3 "$INTEROP_DIR/helpers.py" mboxlist
+}
+
+## imap_admin_cmd [HOST:]PORT USER PASS CMD...: log in to 127.0.0.1:PORT (or
+## HOST:PORT) and run each CMD ("CREATE name", "RENAME old new", "DELETE
+## name", "SETACL name id rights", "SELECT name", "APPEND name subject",
+## "SEARCH SUBJECT text", "LIST"; see helpers.py); fails on the first NO/BAD.
 imap_admin_cmd() {
   timeout 60 python3 "$INTEROP_DIR/helpers.py" imap "$@"
 }
@@ -425,7 +494,8 @@ start_capture_proxy() {
 # ---------------------------------------------------------------- Corvid
 
 ## start_corvid DIR ADMIN PASS: start corvid-registry with ADMIN as its only
-## (admin) user; exports CORVID_MUPDATE_PORT and CORVID_METRICS_PORT.
+## (admin) user in DIR/users.toml; exports CORVID_MUPDATE_PORT,
+## CORVID_METRICS_PORT, CORVID_PEER_PORT and CORVID_USERS_FILE.
 start_corvid() {
   local dir=$1 admin=$2 pass=$3 line rest
   mkdir -p "$dir/corvid"
@@ -447,9 +517,37 @@ start_corvid() {
   CORVID_MUPDATE_PORT=${rest%% *}
   rest=${line#*metrics=127.0.0.1:}
   CORVID_METRICS_PORT=${rest%% *}
-  [[ $CORVID_MUPDATE_PORT =~ ^[0-9]+$ && $CORVID_METRICS_PORT =~ ^[0-9]+$ ]] ||
+  rest=${line#*peer=127.0.0.1:}
+  CORVID_PEER_PORT=${rest%% *}
+  [[ $CORVID_MUPDATE_PORT =~ ^[0-9]+$ && $CORVID_METRICS_PORT =~ ^[0-9]+$ &&
+    $CORVID_PEER_PORT =~ ^[0-9]+$ ]] ||
     die "cannot parse corvid-registry ready line: $line"
-  export CORVID_MUPDATE_PORT CORVID_METRICS_PORT
+  CORVID_USERS_FILE=$dir/users.toml
+  export CORVID_MUPDATE_PORT CORVID_METRICS_PORT CORVID_PEER_PORT CORVID_USERS_FILE
+}
+
+## start_corvid_replica DIR MASTER_PEER_HOSTPORT[,...] USERS_FILE: start a
+## read-only corvid-registry replica (data in DIR/replica) that follows the
+## node(s) at MASTER_PEER_HOSTPORT and authenticates MUPDATE clients from
+## USERS_FILE (e.g. $CORVID_USERS_FILE); exports CORVID_REPLICA_MUPDATE_PORT
+## and CORVID_REPLICA_METRICS_PORT.
+start_corvid_replica() {
+  local dir=$1 masters=$2 users=$3 line rest pid
+  mkdir -p "$dir/replica"
+  spawn "$dir/replica.log" "$CORVID_BIN_DIR/corvid-registry" --role replica --masters "$masters" \
+    --data-dir "$dir/replica" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+    --server-name corvid-replica --users-file "$users"
+  pid=$SPAWNED_PID
+  wait_for "corvid-registry replica ready line" _corvid_ready "$dir/replica.log" "$pid" || true
+  line=$(grep -m1 '^corvid-registry ready mupdate=' "$dir/replica.log") ||
+    die "corvid-registry replica (pid $pid) exited or did not print its ready line"
+  rest=${line#*mupdate=127.0.0.1:}
+  CORVID_REPLICA_MUPDATE_PORT=${rest%% *}
+  rest=${line#*metrics=127.0.0.1:}
+  CORVID_REPLICA_METRICS_PORT=${rest%% *}
+  [[ $CORVID_REPLICA_MUPDATE_PORT =~ ^[0-9]+$ && $CORVID_REPLICA_METRICS_PORT =~ ^[0-9]+$ ]] ||
+    die "cannot parse corvid-registry replica ready line: $line"
+  export CORVID_REPLICA_MUPDATE_PORT CORVID_REPLICA_METRICS_PORT
 }
 
 # _corvid_ready LOG PID: done when LOG has the ready line or PID has exited.
@@ -480,8 +578,9 @@ start_server_under_test() {
 ## start_corvid_cluster N DIR ADMIN PASS: start N corvid-registry nodes on
 ## 127.0.0.1 (ports from the OS, kept for the run), form a cluster with
 ## `corvidctl cluster init`, and wait for a leader. Exports
-## CORVID_CLUSTER_MUPDATE (space-separated host:port per node, node 1 first)
-## and CORVID_CLUSTER_PEER (node 1's peer address).
+## CORVID_CLUSTER_MUPDATE (space-separated host:port per node, node 1 first),
+## CORVID_CLUSTER_PEER (node 1's peer address) and CORVID_CLUSTER_PEERS
+## (every node's peer address, comma-separated, as --masters takes them).
 start_corvid_cluster() {
   local n=$1 dir=$2 admin=$3 pass=$4 i mport pport members=() mupdates=()
   mkdir -p "$dir"
@@ -499,11 +598,12 @@ start_corvid_cluster() {
     mupdates+=("127.0.0.1:$mport")
   done
   CORVID_CLUSTER_PEER=${members[0]#*=}
+  CORVID_CLUSTER_PEERS=$(printf '%s\n' "${members[@]#*=}" | paste -sd,)
   "$CORVID_BIN_DIR/corvidctl" cluster --peer "$CORVID_CLUSTER_PEER" init "${members[@]}" >>"$dir/corvidctl.log" 2>&1 ||
     die "corvidctl cluster init failed: $(cat "$dir/corvidctl.log")"
   wait_for "cluster leader" _corvid_cluster_has_leader "$CORVID_CLUSTER_PEER" || die "no leader elected"
   CORVID_CLUSTER_MUPDATE="${mupdates[*]}"
-  export CORVID_CLUSTER_MUPDATE CORVID_CLUSTER_PEER
+  export CORVID_CLUSTER_MUPDATE CORVID_CLUSTER_PEER CORVID_CLUSTER_PEERS
 }
 
 # _corvid_cluster_has_leader PEER: done when status shows a leader.

@@ -5,7 +5,7 @@
 # report.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-scripts=(mupdatetest.sh backend.sh)
+scripts=(mupdatetest.sh backend.sh frontend.sh)
 
 total_passed=0
 total_failed=0
