@@ -4,6 +4,8 @@
 # the table with Corvid/Cyrus ratios to docs/src/benchmarks.md.
 #
 #   BENCH_OPS   creations per reserve-activate run (default 10000)
+#   BENCH_CYRUS_PROPAGATION  changes timed through a Cyrus master to its
+#               slave (default 20; each takes up to 5 s)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export SERVER=corvid CYRUS_TELEMETRY=0
@@ -73,6 +75,25 @@ bench corvid-3-node-via-follower "${follower##*:}" --workload backend -C 8 -n $(
 
 wait_for "the cluster's Cyrus slave has raf32.0" slave_has "$cluster_slave_port" raf32.0 ||
   die "the Cyrus slave of the cluster fell behind"
+
+# Propagation, commit to visible: a Corvid replica following the cluster
+# (watched through an UPDATE subscription), the cluster's Cyrus slave and
+# the Cyrus master's Cyrus slave (watched by FIND; Cyrus batches pushes to
+# its slaves every 5 s, hence far fewer samples there, each after a random
+# pause so that writes fall anywhere in its push cycle).
+start_corvid_replica "$WORK/replica" "$CORVID_CLUSTER_PEERS" "$WORK/cluster/users.toml"
+propagation() {
+  local label=$1 server=$2 watch=$3 via=$4 n=$5
+  shift 5
+  "$CTL" propagation --server "$server" --watch "$watch" --via "$via" -n "$n" "$@" \
+    --user admin --password "$PASS" --prefix "prop-$label" --label "$label" \
+    --json "$RESULTS" --quiet | grep -v '^{'
+}
+echo "== propagation"
+propagation corvid-replica "$leader" "127.0.0.1:$CORVID_REPLICA_MUPDATE_PORT" update 2000
+propagation cyrus-slave-of-corvid-cluster "$leader" "127.0.0.1:$cluster_slave_port" find 300
+propagation cyrus-slave-of-cyrus "127.0.0.1:$cyrus_port" "127.0.0.1:$cyrus_slave_port" find \
+  "${BENCH_CYRUS_PROPAGATION:-20}" --jitter-ms 5000
 
 python3 "$ROOT/bench/report.py" "$RESULTS" "make bench (BENCH_OPS=$OPS)" >"$ROOT/docs/src/benchmarks.md"
 echo "wrote docs/src/benchmarks.md"

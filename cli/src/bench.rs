@@ -71,15 +71,22 @@ pub struct BenchArgs {
     /// Location of created mailboxes.
     #[arg(long, default_value = "bench!default")]
     location: String,
+    #[command(flatten)]
+    report: ReportArgs,
+}
+
+/// How a measurement reports itself (shared by `bench` and `propagation`).
+#[derive(Debug, Args)]
+pub struct ReportArgs {
     /// Label of this run in the report.
     #[arg(long)]
-    label: Option<String>,
+    pub label: Option<String>,
     /// Append the result as one JSON line to this file.
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub json: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
-    quiet: bool,
+    pub quiet: bool,
 }
 
 /// One run's figures.
@@ -193,7 +200,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         args.conn.user = Some(user);
         args.conn.password = Some(password);
     }
-    let progress = if args.quiet {
+    let progress = if args.report.quiet {
         ProgressBar::hidden()
     } else {
         let p = ProgressBar::new(args.ops);
@@ -239,6 +246,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         .map_or_else(String::new, |v| v.get_name().to_owned());
     let result = BenchResult {
         label: args
+            .report
             .label
             .clone()
             .unwrap_or_else(|| args.conn.server.clone()),
@@ -256,7 +264,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         max_ms: p.max_ms,
         entries: shared.entries.load(Ordering::Relaxed) / p.count.max(1),
     };
-    write_result(&result, args.json.as_deref())
+    write_result(&result, args.report.json.as_deref())
 }
 
 impl Shared {

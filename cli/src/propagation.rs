@@ -9,17 +9,17 @@
 //! watched, such as a Cyrus slave).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, ValueEnum};
-use corvid_registry::mupdate::client::{line_entry, ClientError};
+use corvid_registry::mupdate::client::{line_entry, Client, ClientError};
 use corvid_registry::mupdate::codec::{Command, Status};
 use indicatif::ProgressBar;
+use rand::{Rng, SeedableRng};
 
-use crate::bench::{write_result, BenchResult, Percentiles};
+use crate::bench::{write_result, BenchResult, Percentiles, ReportArgs};
 use crate::conn::ConnectArgs;
 
 /// How visibility is detected.
@@ -45,6 +45,11 @@ pub struct PropagationArgs {
     /// Changes to measure.
     #[arg(long, short = 'n', default_value_t = 1000)]
     ops: u64,
+    /// Wait a random time below this many milliseconds before each write,
+    /// so that writes fall at random points of a server's push cycle (a
+    /// Cyrus master pushes to its slaves every 5 s).
+    #[arg(long, default_value_t = 0)]
+    jitter_ms: u64,
     /// Give up on one change after this many seconds.
     #[arg(long, default_value_t = 30)]
     timeout_seconds: u64,
@@ -54,15 +59,8 @@ pub struct PropagationArgs {
     /// Location of the created mailboxes.
     #[arg(long, default_value = "bench!default")]
     location: String,
-    /// Label of this run in the report.
-    #[arg(long)]
-    label: Option<String>,
-    /// Append the result as one JSON line to this file.
-    #[arg(long)]
-    json: Option<PathBuf>,
-    /// No progress bar.
-    #[arg(long)]
-    quiet: bool,
+    #[command(flatten)]
+    report: ReportArgs,
 }
 
 /// Runs the measurement and prints its report.
@@ -100,7 +98,7 @@ pub async fn run(mut args: PropagationArgs) -> anyhow::Result<()> {
         }));
         watcher = watch_conn.connect().await?;
     }
-    let progress = if args.quiet {
+    let progress = if args.report.quiet {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(args.ops)
@@ -109,45 +107,32 @@ pub async fn run(mut args: PropagationArgs) -> anyhow::Result<()> {
     let mut latencies = Vec::with_capacity(args.ops as usize);
     let mut early = 0u64;
     let started = Instant::now();
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    // One change first, untimed, with a long wait: the watched server may
+    // still be working through a backlog (a Cyrus slave applies a few
+    // thousand changes a second), and everything is applied in order.
+    let warmup = Instant::now();
+    let name = format!("{}.warmup", args.prefix);
+    activate(&mut master, &name, &args).await?;
+    let drain = Duration::from_secs(300);
+    match args.via {
+        Via::Update => wait_pushed(&seen, &notify, &name, drain).await?,
+        Via::Find => wait_found(&mut watcher, &name, drain).await?,
+    };
+    if !args.report.quiet {
+        eprintln!("warm-up change visible after {:?}", warmup.elapsed());
+    }
     for k in 0..args.ops {
-        let name = format!("{}.{k}", args.prefix);
-        let reply = master
-            .command(&Command::Activate {
-                name: name.clone(),
-                location: args.location.clone(),
-                acl: "anyone\tlrs\t".into(),
-            })
-            .await?;
-        if reply.status != Status::Ok {
-            bail!("ACTIVATE {name} on {}: {}", args.conn.server, reply.text);
+        if args.jitter_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(0..args.jitter_ms))).await;
         }
+        let name = format!("{}.{k}", args.prefix);
+        activate(&mut master, &name, &args).await?;
         let acked = Instant::now();
-        let visible: anyhow::Result<Instant> = match args.via {
-            Via::Update => tokio::time::timeout(limit, async {
-                loop {
-                    let wait = notify.notified();
-                    if let Some(t) = seen.lock().ok().and_then(|m| m.get(&name).copied()) {
-                        return t;
-                    }
-                    wait.await;
-                }
-            })
-            .await
-            .map_err(|_| anyhow!("no UPDATE push within {limit:?}")),
-            Via::Find => match tokio::time::timeout(limit, async {
-                loop {
-                    if watcher.find(&name).await?.is_some() {
-                        return Ok::<_, ClientError>(Instant::now());
-                    }
-                }
-            })
-            .await
-            {
-                Err(_) => Err(anyhow!("FIND did not find it within {limit:?}")),
-                Ok(r) => r.context("FIND on the watched server"),
-            },
+        let visible = match args.via {
+            Via::Update => wait_pushed(&seen, &notify, &name, limit).await?,
+            Via::Find => wait_found(&mut watcher, &name, limit).await?,
         };
-        let visible = visible.with_context(|| format!("{name} on {}", args.watch))?;
         // A push may arrive before the OK does: visible no later than the ack.
         let lag = visible.checked_duration_since(acked).unwrap_or_else(|| {
             early += 1;
@@ -164,7 +149,11 @@ pub async fn run(mut args: PropagationArgs) -> anyhow::Result<()> {
     master.logout().await.ok();
     let p = Percentiles::of(latencies);
     let result = BenchResult {
-        label: args.label.clone().unwrap_or_else(|| args.watch.clone()),
+        label: args
+            .report
+            .label
+            .clone()
+            .unwrap_or_else(|| args.watch.clone()),
         server: format!("{} -> {}", args.conn.server, args.watch),
         workload: "propagation".into(),
         connections: 1,
@@ -179,5 +168,55 @@ pub async fn run(mut args: PropagationArgs) -> anyhow::Result<()> {
         max_ms: p.max_ms,
         entries: early,
     };
-    write_result(&result, args.json.as_deref())
+    write_result(&result, args.report.json.as_deref())
+}
+
+async fn activate(master: &mut Client, name: &str, args: &PropagationArgs) -> anyhow::Result<()> {
+    let reply = master
+        .command(&Command::Activate {
+            name: name.to_owned(),
+            location: args.location.clone(),
+            acl: "anyone\tlrs\t".into(),
+        })
+        .await?;
+    if reply.status != Status::Ok {
+        bail!("ACTIVATE {name} on {}: {}", args.conn.server, reply.text);
+    }
+    Ok(())
+}
+
+/// When the subscription received `name`.
+async fn wait_pushed(
+    seen: &Mutex<HashMap<String, Instant>>,
+    notify: &tokio::sync::Notify,
+    name: &str,
+    limit: Duration,
+) -> anyhow::Result<Instant> {
+    tokio::time::timeout(limit, async {
+        loop {
+            let wait = notify.notified();
+            if let Some(t) = seen.lock().ok().and_then(|m| m.get(name).copied()) {
+                return t;
+            }
+            wait.await;
+        }
+    })
+    .await
+    .map_err(|_| anyhow!("no UPDATE push of {name} within {limit:?}"))
+}
+
+/// When FIND `name` first answered with an entry.
+async fn wait_found(watcher: &mut Client, name: &str, limit: Duration) -> anyhow::Result<Instant> {
+    match tokio::time::timeout(limit, async {
+        loop {
+            if watcher.find(name).await?.is_some() {
+                return Ok::<_, ClientError>(Instant::now());
+            }
+        }
+    })
+    .await
+    {
+        Err(_) => bail!("FIND did not find {name} within {limit:?}"),
+        Ok(r) => r.context("FIND on the watched server"),
+    }
 }

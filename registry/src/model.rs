@@ -123,6 +123,18 @@ impl RegistryCommand {
             Self::Batch(_) => None,
         }
     }
+
+    /// Calls `f` with every mailbox name the command (or batch) is about.
+    pub fn for_each_mailbox(&self, f: &mut impl FnMut(&str)) {
+        match self {
+            Self::Batch(commands) => commands.iter().for_each(|c| c.for_each_mailbox(f)),
+            other => {
+                if let Some(n) = other.mailbox() {
+                    f(n)
+                }
+            }
+        }
+    }
 }
 
 impl fmt::Display for RegistryCommand {

@@ -69,6 +69,9 @@ pub struct LogRecord {
     pub command: Option<RegistryCommand>,
 }
 
+/// A mailbox name and its entry (`None`: it does not exist).
+pub type NamedEntry = (String, Option<MailboxEntry>);
+
 /// Events for followers of the committed state.
 #[derive(Debug, Clone)]
 pub enum StateEvent {
@@ -189,25 +192,18 @@ impl Store {
         &self,
         mut keep: impl FnMut(&MailboxEntry) -> bool,
     ) -> io::Result<(u64, Vec<MailboxEntry>)> {
-        let snap = self.db.snapshot();
-        let applied: Option<LogIdOf<TypeConfig>> = match snap
-            .get_cf(self.cf(CF_STATE), KEY_APPLIED)
-            .map_err(db_err)?
-        {
-            Some(b) => decode(&b)?,
-            None => None,
-        };
+        let mut applied = 0;
         let mut out = Vec::new();
-        for item in snap.iterator_cf(self.cf(CF_MAILBOXES), IteratorMode::Start) {
-            let (_, v) = item.map_err(db_err)?;
-            let e: MailboxEntry = decode(&v)?;
-            if keep(&e) {
-                out.push(e);
+        self.scan_chunks(4096, |part| {
+            match part {
+                Ok(log_id) => applied = log_id.map_or(0, |l| l.index()),
+                Err(entries) => out.extend(entries.into_iter().filter(|e| keep(e))),
             }
-        }
+            true
+        })?;
         // Stored in byte order; peers expect Cyrus's mailbox order.
         out.sort_by(|a, b| crate::model::cyrus_mailbox_cmp(&a.name, &b.name));
-        Ok((applied.map_or(0, |l| l.index()), out))
+        Ok((applied, out))
     }
 
     /// Walks every mailbox of one point-in-time view in chunks of `chunk`,
@@ -282,6 +278,39 @@ impl Store {
             });
         }
         Ok(if out.is_empty() { None } else { Some(out) })
+    }
+
+    /// The current entry (or `None`: deleted) of every mailbox that the
+    /// committed log entries `from..=to` touched, for an UPDATE subscriber
+    /// that missed them; `None` when part of that range was compacted away.
+    pub fn entries_touched(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> io::Result<Option<Vec<NamedEntry>>> {
+        let mut names = std::collections::BTreeSet::new();
+        let mut next = from;
+        while next <= to {
+            let Some(records) = self.committed_records(next, to, 4096)? else {
+                return Ok(None);
+            };
+            for r in &records {
+                if let Some(c) = &r.command {
+                    c.for_each_mailbox(&mut |n| {
+                        names.insert(n.to_owned());
+                    });
+                }
+            }
+            next = records.last().map_or(to + 1, |r| r.log_id.index() + 1);
+        }
+        names
+            .into_iter()
+            .map(|n| {
+                let e = self.mailbox(&n)?;
+                Ok((n, e))
+            })
+            .collect::<io::Result<Vec<_>>>()
+            .map(Some)
     }
 
     /// Where a replica resumes: its applied index, or 0 when a snapshot was

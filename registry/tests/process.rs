@@ -169,15 +169,7 @@ async fn snapshots_compact_the_log_and_survive_restart() {
     let password = admin_password(&data);
     let mut c = admin(&d.mupdate, &password).await;
     for i in 0..450 {
-        c.command(&Command::Activate {
-            name: format!("user.s{i:04}"),
-            location: "be1!default".into(),
-            acl: "anyone\tlrs\t".into(),
-        })
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
+        common::activate(&mut c, &format!("user.s{i:04}")).await;
     }
     c.command(&Command::Delete {
         name: "user.s0000".into(),

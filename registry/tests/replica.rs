@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{free_port, metric, wait_for, Daemon, TestCluster, ADMIN, READER};
+use common::{activate, free_port, metric, wait_for, Daemon, TestCluster, ADMIN, READER};
 use corvid_registry::mupdate::client::{line_entry, Client};
 use corvid_registry::mupdate::codec::{Command, Status};
 
@@ -15,18 +15,6 @@ async fn login(addr: &str, user: (&str, &str)) -> Client {
     let mut c = Client::connect(addr).await.unwrap();
     c.authenticate_plain(user.0, user.1).await.unwrap();
     c
-}
-
-async fn activate(c: &mut Client, name: &str) {
-    c.command(&Command::Activate {
-        name: name.into(),
-        location: "be1!default".into(),
-        acl: "anyone\tlrs\t".into(),
-    })
-    .await
-    .unwrap()
-    .ok()
-    .unwrap();
 }
 
 /// Waits until the replica at `addr` answers FIND `name` as `present`.

@@ -39,14 +39,7 @@ echo "Cyrus backend be1: IMAP on 127.0.0.1:$IMAP_PORT, mupdate_server $MUPDATE_H
 # backend_imap DESC CMD...: run IMAP commands as the backend's admin; one
 # assertion (the backend answers OK only when its MUPDATE updates succeeded).
 backend_imap() {
-  local desc=$1 out
-  shift
-  if out=$(imap_admin_cmd "$IMAP_PORT" "$ADMIN" "$PASS" "$@" 2>&1); then
-    pass "$desc"
-  else
-    fail "$desc"
-  fi
-  printf '%s\n' "$out" | sed 's/^/    imap: /'
+  imap_assert "$IMAP_PORT" "$ADMIN" "$PASS" "$@"
 }
 
 # ctl_mboxlist_m ARGS...: run the backend's ctl_mboxlist -m; sets CTL_OUT

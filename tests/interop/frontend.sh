@@ -42,14 +42,7 @@ echo "Cyrus backend be1: IMAP on $BE1_IP:$BE1_PORT, mupdate_server $SUT_HOSTPORT
 # backend_imap DESC CMD...: run IMAP commands as be1's admin; one assertion
 # (be1 answers OK only when its MUPDATE updates succeeded).
 backend_imap() {
-  local desc=$1 out
-  shift
-  if out=$(imap_admin_cmd "$BE1_IP:$BE1_PORT" "$ADMIN" "$PASS" "$@" 2>&1); then
-    pass "$desc"
-  else
-    fail "$desc"
-  fi
-  printf '%s\n' "$out" | sed 's/^/    imap: /'
+  imap_assert "$BE1_IP:$BE1_PORT" "$ADMIN" "$PASS" "$@"
 }
 
 # mailbox_view DIR: the mailboxes.db of the Cyrus instance in DIR, sorted,

@@ -447,6 +447,19 @@ imap_admin_cmd() {
   timeout 60 python3 "$INTEROP_DIR/helpers.py" imap "$@"
 }
 
+## imap_assert [HOST:]PORT USER PASS DESC CMD...: imap_admin_cmd as one
+## assertion named DESC, its output indented below.
+imap_assert() {
+  local hostport=$1 user=$2 pass=$3 desc=$4 out
+  shift 4
+  if out=$(imap_admin_cmd "$hostport" "$user" "$pass" "$@" 2>&1); then
+    pass "$desc"
+  else
+    fail "$desc"
+  fi
+  printf '%s\n' "$out" | sed 's/^/    imap: /'
+}
+
 ## mupdatetest_run HOSTPORT USER PASS: run Cyrus's mupdatetest against
 ## HOSTPORT with PLAIN, feeding it stdin (one command per line; at the end
 ## of input mupdatetest itself sends "Q01 LOGOUT" and reads until the server
@@ -513,15 +526,9 @@ start_corvid() {
   wait_for "corvid-registry ready line" _corvid_ready "$dir/corvid.log" "$pid" || true
   line=$(grep -m1 '^corvid-registry ready mupdate=' "$dir/corvid.log") ||
     die "corvid-registry (pid $pid) exited or did not print its ready line"
-  rest=${line#*mupdate=127.0.0.1:}
-  CORVID_MUPDATE_PORT=${rest%% *}
-  rest=${line#*metrics=127.0.0.1:}
-  CORVID_METRICS_PORT=${rest%% *}
-  rest=${line#*peer=127.0.0.1:}
-  CORVID_PEER_PORT=${rest%% *}
-  [[ $CORVID_MUPDATE_PORT =~ ^[0-9]+$ && $CORVID_METRICS_PORT =~ ^[0-9]+$ &&
-    $CORVID_PEER_PORT =~ ^[0-9]+$ ]] ||
-    die "cannot parse corvid-registry ready line: $line"
+  CORVID_MUPDATE_PORT=$(_ready_port "$line" mupdate)
+  CORVID_METRICS_PORT=$(_ready_port "$line" metrics)
+  CORVID_PEER_PORT=$(_ready_port "$line" peer)
   CORVID_USERS_FILE=$dir/users.toml
   export CORVID_MUPDATE_PORT CORVID_METRICS_PORT CORVID_PEER_PORT CORVID_USERS_FILE
 }
@@ -532,7 +539,7 @@ start_corvid() {
 ## USERS_FILE (e.g. $CORVID_USERS_FILE); exports CORVID_REPLICA_MUPDATE_PORT
 ## and CORVID_REPLICA_METRICS_PORT.
 start_corvid_replica() {
-  local dir=$1 masters=$2 users=$3 line rest pid
+  local dir=$1 masters=$2 users=$3 line pid
   mkdir -p "$dir/replica"
   spawn "$dir/replica.log" "$CORVID_BIN_DIR/corvid-registry" --role replica --masters "$masters" \
     --data-dir "$dir/replica" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
@@ -541,13 +548,17 @@ start_corvid_replica() {
   wait_for "corvid-registry replica ready line" _corvid_ready "$dir/replica.log" "$pid" || true
   line=$(grep -m1 '^corvid-registry ready mupdate=' "$dir/replica.log") ||
     die "corvid-registry replica (pid $pid) exited or did not print its ready line"
-  rest=${line#*mupdate=127.0.0.1:}
-  CORVID_REPLICA_MUPDATE_PORT=${rest%% *}
-  rest=${line#*metrics=127.0.0.1:}
-  CORVID_REPLICA_METRICS_PORT=${rest%% *}
-  [[ $CORVID_REPLICA_MUPDATE_PORT =~ ^[0-9]+$ && $CORVID_REPLICA_METRICS_PORT =~ ^[0-9]+$ ]] ||
-    die "cannot parse corvid-registry replica ready line: $line"
+  CORVID_REPLICA_MUPDATE_PORT=$(_ready_port "$line" mupdate)
+  CORVID_REPLICA_METRICS_PORT=$(_ready_port "$line" metrics)
   export CORVID_REPLICA_MUPDATE_PORT CORVID_REPLICA_METRICS_PORT
+}
+
+# _ready_port LINE KEY: the port of KEY=127.0.0.1:PORT in a ready line.
+_ready_port() {
+  local rest=${1#*" $2=127.0.0.1:"}
+  rest=${rest%% *}
+  [[ $rest =~ ^[0-9]+$ ]] || die "no $2 port in the corvid-registry ready line: $1"
+  printf '%s\n' "$rest"
 }
 
 # _corvid_ready LOG PID: done when LOG has the ready line or PID has exited.

@@ -111,8 +111,9 @@ struct Streaming {
     tag: String,
     servers: Vec<String>,
     events: broadcast::Receiver<StateEvent>,
-    /// Changes at or below this index were in the initial dump.
-    dumped_up_to: u64,
+    /// Changes at or below this index were sent (in the initial dump or
+    /// pushed since).
+    sent_up_to: u64,
 }
 
 struct Session {
@@ -249,7 +250,7 @@ impl Session {
             Command::Noop => {
                 // A NOOP is a synchronisation point for UPDATE streams: every
                 // change committed before it is pushed before its OK.
-                self.drain_stream()?;
+                self.drain_stream().await?;
                 self.reply(&tag, name, Status::Ok, "Noop done");
             }
             Command::Logout => {
@@ -493,24 +494,59 @@ impl Session {
             tag: tag.to_owned(),
             servers,
             events,
-            dumped_up_to: index,
+            sent_up_to: index,
         });
         metrics::gauge!("corvid_mupdate_update_subscribers").increment(1.0);
         Ok(())
     }
 
     /// Writes every change already received by the subscription.
-    fn drain_stream(&mut self) -> Result<(), SessionEnd> {
-        let Some(st) = self.streaming.as_mut() else {
-            return Ok(());
-        };
+    async fn drain_stream(&mut self) -> Result<(), SessionEnd> {
         loop {
+            let Some(st) = self.streaming.as_mut() else {
+                return Ok(());
+            };
             match st.events.try_recv() {
                 Ok(ev) => push_event(&mut self.output, st, ev)?,
                 Err(broadcast::error::TryRecvError::Empty) => return Ok(()),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => self.catch_up(n).await?,
                 Err(e) => return Err(stream_lost(&mut self.output, e.to_string())),
             }
         }
+    }
+
+    /// The subscriber fell more than the broadcast's capacity behind (a slow
+    /// slave under heavy write load): instead of dropping it, which makes a
+    /// Cyrus slave wait for its retry delay and then take the whole list
+    /// again, push the current entry of every mailbox the missed log
+    /// records touched. Only if that part of the log was compacted is the
+    /// stream given up.
+    async fn catch_up(&mut self, missed: u64) -> Result<(), SessionEnd> {
+        let st = self.streaming.as_mut().expect("streaming");
+        let store = self.ctx.directory.store().clone();
+        let from = st.sent_up_to + 1;
+        let to = *store.watch_applied().borrow();
+        let touched = tokio::task::spawn_blocking(move || store.entries_touched(from, to))
+            .await
+            .map_err(std::io::Error::other)??;
+        let Some(entries) = touched else {
+            return Err(stream_lost(
+                &mut self.output,
+                format!("fell {missed} changes behind and the log was compacted"),
+            ));
+        };
+        metrics::counter!("corvid_mupdate_update_catch_ups_total").increment(1);
+        tracing::info!(peer = %self.peer, missed, mailboxes = entries.len(), "UPDATE subscriber fell behind; pushing current entries");
+        for (name, entry) in &entries {
+            match entry {
+                Some(e) if st.wants(&e.location) => write_entry(&mut self.output, &st.tag, e),
+                Some(_) => {}
+                // Its previous location is gone with it: tell every slave.
+                None => codec::write_delete(&mut self.output, &st.tag, name),
+            }
+        }
+        st.sent_up_to = st.sent_up_to.max(to);
+        Ok(())
     }
 
     /// While streaming: push changes as they commit until client input arrives.
@@ -530,13 +566,14 @@ impl Session {
                 ev = st.events.recv() => {
                     match ev {
                         Ok(ev) => push_event(&mut self.output, st, ev)?,
+                        Err(broadcast::error::RecvError::Lagged(n)) => self.catch_up(n).await?,
                         Err(e) => {
                             let end = stream_lost(&mut self.output, e.to_string());
                             self.flush().await?;
                             return Err(end);
                         }
                     }
-                    self.drain_stream()?;
+                    self.drain_stream().await?;
                     self.flush().await?;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
@@ -564,24 +601,24 @@ fn stream_lost(out: &mut Vec<u8>, why: String) -> SessionEnd {
     SessionEnd::Io(std::io::Error::other(format!("update stream lost: {why}")))
 }
 
-fn push_event(out: &mut Vec<u8>, st: &Streaming, ev: StateEvent) -> Result<(), SessionEnd> {
+fn push_event(out: &mut Vec<u8>, st: &mut Streaming, ev: StateEvent) -> Result<(), SessionEnd> {
     let batch = match ev {
         StateEvent::Changes(c) => c,
         StateEvent::Reset => return Err(stream_lost(out, "state replaced by a snapshot".into())),
     };
-    if batch.index <= st.dumped_up_to {
+    if batch.index <= st.sent_up_to {
         return Ok(());
     }
-    let wanted = |location: &str| {
-        st.servers.is_empty() || st.servers.iter().any(|s| s == server_of(location))
-    };
+    st.sent_up_to = batch.index;
     for change in &batch.changes {
         match change {
             Change::Put {
                 entry,
                 previous_location,
             } => {
-                if wanted(&entry.location) || previous_location.as_deref().is_some_and(wanted) {
+                if st.wants(&entry.location)
+                    || previous_location.as_deref().is_some_and(|l| st.wants(l))
+                {
                     write_entry(out, &st.tag, entry);
                 }
             }
@@ -590,13 +627,20 @@ fn push_event(out: &mut Vec<u8>, st: &Streaming, ev: StateEvent) -> Result<(), S
                 previous_location,
                 ..
             } => {
-                if wanted(previous_location) {
+                if st.wants(previous_location) {
                     codec::write_delete(out, &st.tag, name);
                 }
             }
         }
     }
     Ok(())
+}
+
+impl Streaming {
+    /// Whether a partial UPDATE (`UPDATE server…`) covers `location`.
+    fn wants(&self, location: &str) -> bool {
+        self.servers.is_empty() || self.servers.iter().any(|s| s == server_of(location))
+    }
 }
 
 fn write_entry(out: &mut Vec<u8>, tag: &str, e: &MailboxEntry) {

@@ -375,6 +375,19 @@ impl TestCluster {
     }
 }
 
+/// ACTIVATEs `name` at `be1!default`; panics unless the server says OK.
+pub async fn activate(c: &mut Client, name: &str) {
+    c.command(&corvid_registry::mupdate::codec::Command::Activate {
+        name: name.into(),
+        location: "be1!default".into(),
+        acl: "anyone\tlrs\t".into(),
+    })
+    .await
+    .unwrap()
+    .ok()
+    .unwrap();
+}
+
 /// Every mailbox name the server lists.
 pub async fn names(c: &mut Client) -> std::collections::BTreeSet<String> {
     c.list(None)
