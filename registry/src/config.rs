@@ -221,6 +221,11 @@ pub struct Args {
     /// cluster) [raft.bootstrap = false].
     #[arg(long)]
     pub no_bootstrap: bool,
+    /// TEST ONLY, BREAKS SAFETY: serve reads from local state with no read
+    /// index, even without a leader (for the Jepsen harness's self-check)
+    /// [raft.unsafe_test_stale_reads].
+    #[arg(long)]
+    pub unsafe_test_stale_reads: bool,
     /// linearizable or local [raft.read_consistency].
     #[arg(long, value_parser = parse_read_consistency)]
     pub read_consistency: Option<crate::raft::ReadConsistency>,
@@ -287,6 +292,9 @@ impl Config {
         }
         if args.no_bootstrap {
             config.raft.bootstrap = false;
+        }
+        if args.unsafe_test_stale_reads {
+            config.raft.unsafe_test_stale_reads = true;
         }
         if let Some(v) = args.read_consistency {
             config.raft.read_consistency = v;

@@ -85,6 +85,11 @@ pub struct RaftSettings {
     pub peer_tls_key: Option<std::path::PathBuf>,
     /// The PEM CA that signs every node's certificate.
     pub peer_tls_ca: Option<std::path::PathBuf>,
+    /// TEST ONLY, BREAKS SAFETY: every node answers reads from its own state
+    /// at once, without a read index and even while it knows no leader, so
+    /// a deposed leader or a partitioned follower serves stale data. Exists
+    /// so that the Jepsen harness can show it detects the anomaly.
+    pub unsafe_test_stale_reads: bool,
 }
 
 /// How reads are served.
@@ -114,6 +119,7 @@ impl Default for RaftSettings {
             peer_tls_cert: None,
             peer_tls_key: None,
             peer_tls_ca: None,
+            unsafe_test_stale_reads: false,
         }
     }
 }
@@ -139,6 +145,7 @@ pub struct Registry {
     store: Store,
     write_timeout: Duration,
     read_consistency: ReadConsistency,
+    unsafe_stale_reads: bool,
     /// Set once the state machine has caught up with what was committed
     /// before a restart; local reads wait for it.
     recovered: Arc<AtomicBool>,
@@ -226,11 +233,17 @@ impl Registry {
             store,
             write_timeout: Duration::from_millis(settings.write_timeout_ms),
             read_consistency: settings.read_consistency,
+            unsafe_stale_reads: settings.unsafe_test_stale_reads,
             recovered: Arc::new(AtomicBool::new(false)),
             peers: PeerPool::new(client_tls),
             read_batches: Arc::default(),
             peer_tls,
         };
+        if settings.unsafe_test_stale_reads {
+            tracing::error!(
+                "unsafe_test_stale_reads is on: reads may be stale; never use this outside tests"
+            );
+        }
         registry.spawn_recovery();
         registry.spawn_metrics();
         Ok(registry)
@@ -357,6 +370,9 @@ impl Registry {
     /// the call: the leader confirms its leadership and tells its commit
     /// index (ReadIndex), and this node applies up to it.
     pub async fn read_barrier(&self) -> Result<(), RegistryError> {
+        if self.unsafe_stale_reads {
+            return Ok(());
+        }
         if self.read_consistency == ReadConsistency::Local {
             return if self.recovered.load(Ordering::Acquire) {
                 Ok(())
