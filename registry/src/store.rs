@@ -283,11 +283,7 @@ impl Store {
     /// The current entry (or `None`: deleted) of every mailbox that the
     /// committed log entries `from..=to` touched, for an UPDATE subscriber
     /// that missed them; `None` when part of that range was compacted away.
-    pub fn entries_touched(
-        &self,
-        from: u64,
-        to: u64,
-    ) -> io::Result<Option<Vec<NamedEntry>>> {
+    pub fn entries_touched(&self, from: u64, to: u64) -> io::Result<Option<Vec<NamedEntry>>> {
         let mut names = std::collections::BTreeSet::new();
         let mut next = from;
         while next <= to {
