@@ -7,7 +7,7 @@ CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/release
 ARGS ?=
 
-.PHONY: run build test lint unit interop bench bench-failover bench-join docs deps-build deps-test clean-data
+.PHONY: run build test lint unit interop jepsen-short jepsen bench bench-failover bench-join docs deps-build deps-test clean-data
 
 deps-build:
 	@bash scripts/install-deps.sh build
@@ -24,7 +24,7 @@ run: build
 
 ## Everything CI runs: formatting, lints, unit and integration tests, and
 ## interop with real Cyrus 3.6.
-test: deps-test lint unit interop
+test: deps-test lint unit interop jepsen-short
 
 lint: deps-build
 	$(CARGO) fmt --all -- --check
@@ -35,6 +35,23 @@ unit: deps-build
 
 interop: build deps-test
 	CORVID_BIN_DIR=$(BIN) bash tests/interop/run-all.sh
+
+## Jepsen-style runs (root: each run makes its own network namespace).
+## jepsen-short (in make test): 45 s with partitions and kills must show no
+## anomaly, and 20 s with the test-only stale-read switch must show one.
+JEPSEN_OUT ?= $(CARGO_TARGET_DIR)/jepsen-runs
+JEPSEN_ARGS ?=
+jepsen-short: build deps-test
+	$(BIN)/corvid-jepsen run --bin-dir $(BIN) --out $(JEPSEN_OUT) --quiet \
+		--time-limit 45 --nemesis partition,kill
+	$(BIN)/corvid-jepsen run --bin-dir $(BIN) --out $(JEPSEN_OUT) --quiet \
+		--time-limit 20 --workload registry --nemesis partition \
+		--unsafe-stale-reads --expect-anomaly
+
+## Ten 60 s runs with every nemesis; results in jepsen/runs, the table in
+## docs/src/jepsen-runs.md.
+jepsen: build deps-test
+	CORVID_BIN_DIR=$(BIN) bash jepsen/ten-runs.sh $(JEPSEN_ARGS)
 
 ## Benchmarks against a real Cyrus master; writes docs/src/benchmarks.md.
 bench: build deps-test

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Corvid needs on a fresh machine.
 #   install-deps.sh build   compilers and headers for RocksDB's C++ (make run)
-#   install-deps.sh test    the above plus real Cyrus 3.6 for interop (make test)
+#   install-deps.sh test    the above plus real Cyrus 3.6 for interop and
+#                           iptables/iproute2 for the Jepsen harness (make test)
 # As root it installs them; otherwise it prints the apt-get line and fails.
 set -euo pipefail
 
 group=${1:-build}
 build_pkgs=(clang libclang-dev make python3)
-test_pkgs=(cyrus-imapd cyrus-murder cyrus-clients cyrus-admin sasl2-bin libsasl2-modules)
+test_pkgs=(cyrus-imapd cyrus-murder cyrus-clients cyrus-admin sasl2-bin libsasl2-modules iptables iproute2)
 case "$group" in
   build) want=("${build_pkgs[@]}") ;;
   test) want=("${build_pkgs[@]}" "${test_pkgs[@]}") ;;

@@ -1,0 +1,17 @@
+//! Corvid's Jepsen-style harness: a real registry cluster in a private
+//! network namespace, real MUPDATE clients, nemeses (partitions, kills,
+//! pauses, membership changes), a recorded history and a checker.
+//!
+//! * [`history`]: the events a run records (JSON lines).
+//! * [`checker`]: linearizability per mailbox and the other safety checks.
+//! * [`report`]: plots and the terminal summary.
+//! * [`cluster`], [`workload`], [`nemesis`], [`run`]: the processes, the
+//!   clients, the faults and one run from start to verdict.
+
+pub mod checker;
+pub mod cluster;
+pub mod history;
+pub mod nemesis;
+pub mod report;
+pub mod run;
+pub mod workload;

@@ -1,0 +1,444 @@
+//! One harness run: the private network namespace, the cluster, clients
+//! and nemesis for a bounded time, healing, final reads, the checker and
+//! the report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::checker::{self, Anomaly};
+use crate::cluster::{list_state, Cluster, ClusterSpec};
+use crate::history::{Entry, Record};
+use crate::nemesis::{Fault, Nemesis};
+use crate::report;
+use crate::workload::{self, ClientPlan, ClientSettings, Recorder, Targets, Workload};
+
+/// Environment variable naming the namespace a re-executed harness runs in.
+pub const NETNS_ENV: &str = "CORVID_JEPSEN_NETNS";
+
+/// Options of one run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Master nodes (3 or 5).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Replicas following them.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// Seconds of load and faults (healing and final reads come after).
+    #[arg(long, default_value_t = 60)]
+    pub time_limit: u64,
+    /// Clients per workload.
+    #[arg(long, default_value_t = 5)]
+    pub concurrency: u64,
+    /// Names in the registry workload (few, so that conflicts are frequent).
+    #[arg(long, default_value_t = 6)]
+    pub mailboxes: usize,
+    /// Workloads, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "registry,ownership,replicas"
+    )]
+    pub workload: Vec<Workload>,
+    /// Faults, comma-separated; empty for none.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "partition,kill,pause,membership"
+    )]
+    pub nemesis: Vec<Fault>,
+    /// Seconds between faults (each then holds 2–5 s).
+    #[arg(long, default_value_t = 3)]
+    pub nemesis_interval: u64,
+    /// Where the run's directory goes (a new directory per run inside).
+    #[arg(long, default_value = "jepsen/runs")]
+    pub out: PathBuf,
+    /// Directory with corvid-registry.
+    #[arg(long, env = "CORVID_BIN_DIR")]
+    pub bin_dir: PathBuf,
+    /// Random seed (default: from the clock).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Start the nodes with the test-only switch that breaks safety
+    /// (`--unsafe-test-stale-reads`); the run must then find an anomaly.
+    #[arg(long)]
+    pub unsafe_stale_reads: bool,
+    /// Succeed only if the checker finds an anomaly (to prove it is not
+    /// vacuous, with --unsafe-stale-reads).
+    #[arg(long)]
+    pub expect_anomaly: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The verdict file of a run.
+#[derive(Debug, Serialize)]
+pub struct RunVerdict {
+    /// No anomaly and nothing unknown.
+    pub valid: bool,
+    /// Seed, for reproduction.
+    pub seed: u64,
+    /// Client operations completed.
+    pub operations: usize,
+    /// Mailboxes checked for linearizability.
+    pub checked_mailboxes: usize,
+    /// Mailboxes whose search ran out of budget.
+    pub unknown: Vec<String>,
+    /// Everything that went wrong.
+    pub anomalies: Vec<Anomaly>,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<String, usize>,
+}
+
+/// Runs the harness: outside a namespace, makes one and re-executes itself
+/// inside; inside, runs the test. Returns whether the run met expectations.
+pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
+    match std::env::var(NETNS_ENV) {
+        Ok(_) => run_inside(args).await,
+        Err(_) => run_in_new_namespace(),
+    }
+}
+
+/// Makes the run's namespace, runs this same command inside it, and
+/// removes the namespace whatever happens.
+fn run_in_new_namespace() -> anyhow::Result<bool> {
+    let ns = format!("corvid-jepsen-{}", std::process::id());
+    let ip = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .context("running ip (iproute2)")?;
+        if !out.status.success() {
+            bail!(
+                "ip {}: {} (the harness needs root to make a network namespace)",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    ip(&["netns", "add", &ns])?;
+    let result = (|| -> anyhow::Result<bool> {
+        ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"])?;
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new("ip");
+        child
+            .args(["netns", "exec", &ns])
+            .arg(exe)
+            .args(std::env::args_os().skip(1))
+            .env(NETNS_ENV, &ns);
+        // Its own process group: on the way out every process of the run
+        // (the harness and the registry nodes) goes with it.
+        use std::os::unix::process::CommandExt;
+        child.process_group(0);
+        let mut child = child.spawn().context("re-executing inside the namespace")?;
+        let pgid = child.id();
+        // Ctrl-C reaches the child's group through the terminal only if it
+        // is in the foreground group; forward it.
+        let forward = std::thread::spawn(move || {
+            let _ = ctrlc_wait();
+            let _ = Command::new("kill")
+                .args(["-INT", &format!("-{pgid}")])
+                .status();
+        });
+        let status = child.wait()?;
+        drop(forward);
+        let _ = Command::new("kill")
+            .args(["-KILL", &format!("-{pgid}")])
+            .status();
+        Ok(status.success())
+    })();
+    // Deleting the namespace also drops every iptables rule made in it.
+    let deleted = ip(&["netns", "del", &ns]);
+    let ok = result?;
+    deleted?;
+    Ok(ok)
+}
+
+/// Blocks until SIGINT (used only to forward it).
+fn ctrlc_wait() -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(tokio::signal::ctrl_c())
+}
+
+async fn run_inside(args: RunArgs) -> anyhow::Result<bool> {
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let dir = args.out.join(format!("run-{stamp}-{seed:016x}"));
+    std::fs::create_dir_all(&dir)?;
+    eprintln!("corvid-jepsen: run directory {}", dir.display());
+    let mut cluster = Cluster::start(ClusterSpec {
+        bin_dir: args.bin_dir.clone(),
+        dir: dir.join("nodes"),
+        nodes: args.nodes,
+        replicas: if args.workload.contains(&Workload::Replicas) {
+            args.replicas
+        } else {
+            0
+        },
+        unsafe_stale_reads: args.unsafe_stale_reads,
+    })
+    .await?;
+    let started = Instant::now();
+    let recorder = Recorder::new(started);
+    let mut nemesis = Nemesis::new(started);
+    let outcome = exercise(&args, seed, &mut cluster, &recorder, &mut nemesis).await;
+    // Heal whatever the outcome, before anything else.
+    nemesis.heal_all(&mut cluster).await;
+    outcome?;
+    let (masters, replicas) = final_states(&cluster, &args).await?;
+    let events = recorder.events();
+    let mut records: Vec<Record> = events.iter().cloned().map(Record::Client).collect();
+    records.extend(nemesis.events.iter().cloned().map(Record::Nemesis));
+    records.sort_by_key(|r| match r {
+        Record::Client(e) => e.time_ns,
+        Record::Nemesis(e) => e.time_ns,
+    });
+    report::write_history(&dir, &records)?;
+
+    let lin = checker::check_linearizable(&events, Some(&masters));
+    let mut anomalies = lin.anomalies;
+    anomalies.extend(checker::check_ownership(&events));
+    anomalies.extend(checker::check_monotonic_replica_reads(&events));
+    anomalies.extend(checker::check_convergence(&masters, &replicas));
+    let mut faults = BTreeMap::new();
+    for e in nemesis.events.iter().filter(|e| e.phase == "start") {
+        *faults.entry(e.fault.clone()).or_insert(0) += 1;
+    }
+    let verdict = RunVerdict {
+        valid: anomalies.is_empty() && lin.unknown.is_empty(),
+        seed,
+        operations: events
+            .iter()
+            .filter(|e| e.kind != crate::history::EventType::Invoke)
+            .count(),
+        checked_mailboxes: lin.checked_mailboxes,
+        unknown: lin.unknown,
+        anomalies,
+        faults,
+    };
+    std::fs::write(
+        dir.join("verdict.json"),
+        serde_json::to_string_pretty(&verdict)?,
+    )?;
+    report::plot_latency(&dir.join("latency.svg"), &events, &nemesis.events)?;
+    report::plot_throughput(&dir.join("throughput.svg"), &events, &nemesis.events)?;
+    println!(
+        "{}",
+        report::summary(
+            &events,
+            &nemesis.events,
+            verdict.valid,
+            verdict.anomalies.len()
+        )
+    );
+    for a in verdict.anomalies.iter().take(10) {
+        println!(
+            "anomaly [{}] {}: {}",
+            a.check,
+            a.mailbox.as_deref().unwrap_or("-"),
+            a.message
+        );
+    }
+    println!("run directory: {}", dir.display());
+    Ok(if args.expect_anomaly {
+        !verdict.valid
+    } else {
+        verdict.valid
+    })
+}
+
+/// Clients and nemesis until the time limit.
+async fn exercise(
+    args: &RunArgs,
+    seed: u64,
+    cluster: &mut Cluster,
+    recorder: &Recorder,
+    nemesis: &mut Nemesis,
+) -> anyhow::Result<()> {
+    let targets = Targets {
+        masters: cluster
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.mupdate()))
+            .collect(),
+        replicas: cluster
+            .replicas
+            .iter()
+            .map(|r| (r.name.clone(), r.mupdate()))
+            .collect(),
+    };
+    let settings = ClientSettings {
+        op_timeout: Duration::from_secs(3),
+        mailboxes: args.mailboxes,
+    };
+    let until = Instant::now() + Duration::from_secs(args.time_limit);
+    let mut tasks = Vec::new();
+    let mut process = 0;
+    for &w in &args.workload {
+        for _ in 0..args.concurrency {
+            let plan = ClientPlan {
+                process,
+                workload: w,
+                clients_of_workload: args.concurrency,
+                targets: targets.clone(),
+                settings: settings.clone(),
+                seed,
+                until,
+            };
+            tasks.push(tokio::spawn(workload::client(plan, recorder.clone())));
+            process += 1;
+        }
+    }
+    let progress = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let p = indicatif::ProgressBar::new(args.time_limit);
+        p.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{bar:40}] {pos}/{len} s {msg}")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        p
+    };
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut next_fault = Instant::now() + Duration::from_secs(args.nemesis_interval);
+    let mut active: Option<(String, Instant)> = None;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        progress.set_position(
+            args.time_limit - until.saturating_duration_since(Instant::now()).as_secs(),
+        );
+        progress.set_message(format!(
+            "{} ops, {}",
+            recorder
+                .completed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            active.as_ref().map_or("no fault", |(f, _)| f.as_str())
+        ));
+        match &active {
+            Some((name, ends)) if Instant::now() >= *ends => {
+                let name = name.clone();
+                active = None;
+                nemesis.stop(cluster, &name).await?;
+                next_fault = Instant::now() + Duration::from_secs(args.nemesis_interval);
+            }
+            None if !args.nemesis.is_empty()
+                && Instant::now() >= next_fault
+                // No fault starts in the last 5 s: the end is for recovery.
+                && until.saturating_duration_since(Instant::now()) > Duration::from_secs(5) =>
+            {
+                let fault = args.nemesis[rng.gen_range(0..args.nemesis.len())];
+                let name = nemesis.start(cluster, fault, &mut rng).await?;
+                let hold = Duration::from_millis(rng.gen_range(2000..5000));
+                active = Some((name, Instant::now() + hold));
+            }
+            _ => {}
+        }
+    }
+    progress.finish_and_clear();
+    if let Some((name, _)) = active {
+        nemesis.stop(cluster, &name).await?;
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+type State = BTreeMap<String, Option<Entry>>;
+
+/// After healing: the masters' state (read through a linearizable LIST on
+/// a node that can serve it) and each replica's once it has caught up.
+async fn final_states(
+    cluster: &Cluster,
+    args: &RunArgs,
+) -> anyhow::Result<(State, BTreeMap<String, State>)> {
+    cluster
+        .leader(Duration::from_secs(30))
+        .await
+        .context("no leader after healing")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let masters = loop {
+        let mut got = None;
+        for n in &cluster.nodes {
+            if let Ok(s) = list_state(&n.mupdate()).await {
+                got = Some(s);
+                break;
+            }
+        }
+        match got {
+            Some(s) => break s,
+            None if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            None => bail!("no master could serve the final LIST"),
+        }
+    };
+    let mut replicas = BTreeMap::new();
+    if args.workload.contains(&Workload::Replicas) {
+        for r in &cluster.replicas {
+            // Converged or not, after 30 s what it holds is its answer.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let state = loop {
+                let s = list_state(&r.mupdate()).await.unwrap_or_default();
+                if s == masters || Instant::now() >= deadline {
+                    break s;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            replicas.insert(r.name.clone(), state);
+        }
+    }
+    Ok((masters, replicas))
+}
+
+/// Re-checks a run directory's history (after changing the checker).
+pub fn recheck(dir: &Path) -> anyhow::Result<bool> {
+    let records = report::read_history(&dir.join("history.jsonl"))?;
+    let events: Vec<_> = records
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Client(e) => Some(e),
+            Record::Nemesis(_) => None,
+        })
+        .collect();
+    let lin = checker::check_linearizable(&events, None);
+    let mut anomalies = lin.anomalies;
+    anomalies.extend(checker::check_ownership(&events));
+    anomalies.extend(checker::check_monotonic_replica_reads(&events));
+    for a in &anomalies {
+        println!(
+            "anomaly [{}] {}: {}",
+            a.check,
+            a.mailbox.as_deref().unwrap_or("-"),
+            a.message
+        );
+    }
+    println!(
+        "{} operations, {} mailboxes, {} unknown, {} anomalies",
+        events.len(),
+        lin.checked_mailboxes,
+        lin.unknown.len(),
+        anomalies.len()
+    );
+    Ok(anomalies.is_empty() && lin.unknown.is_empty())
+}
