@@ -105,59 +105,17 @@ pub struct RunVerdict {
 pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     match std::env::var(NETNS_ENV) {
         Ok(_) => run_inside(args).await,
-        Err(_) => run_in_new_namespace(),
+        Err(_) => run_in_new_namespace().await,
     }
 }
 
 /// Makes the run's namespace, runs this same command inside it, and
-/// removes the namespace whatever happens.
-fn run_in_new_namespace() -> anyhow::Result<bool> {
+/// removes the namespace whatever happens: the run ending, failing, or
+/// being interrupted (Ctrl-C, SIGTERM).
+async fn run_in_new_namespace() -> anyhow::Result<bool> {
     let ns = format!("corvid-jepsen-{}", std::process::id());
-    let ip = |args: &[&str]| -> anyhow::Result<()> {
-        let out = Command::new("ip")
-            .args(args)
-            .output()
-            .context("running ip (iproute2)")?;
-        if !out.status.success() {
-            bail!(
-                "ip {}: {} (the harness needs root to make a network namespace)",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
-    };
     ip(&["netns", "add", &ns])?;
-    let result = (|| -> anyhow::Result<bool> {
-        ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"])?;
-        let exe = std::env::current_exe()?;
-        let mut child = Command::new("ip");
-        child
-            .args(["netns", "exec", &ns])
-            .arg(exe)
-            .args(std::env::args_os().skip(1))
-            .env(NETNS_ENV, &ns);
-        // Its own process group: on the way out every process of the run
-        // (the harness and the registry nodes) goes with it.
-        use std::os::unix::process::CommandExt;
-        child.process_group(0);
-        let mut child = child.spawn().context("re-executing inside the namespace")?;
-        let pgid = child.id();
-        // Ctrl-C reaches the child's group through the terminal only if it
-        // is in the foreground group; forward it.
-        let forward = std::thread::spawn(move || {
-            let _ = ctrlc_wait();
-            let _ = Command::new("kill")
-                .args(["-INT", &format!("-{pgid}")])
-                .status();
-        });
-        let status = child.wait()?;
-        drop(forward);
-        let _ = Command::new("kill")
-            .args(["-KILL", &format!("-{pgid}")])
-            .status();
-        Ok(status.success())
-    })();
+    let result = run_child_in(&ns).await;
     // Deleting the namespace also drops every iptables rule made in it.
     let deleted = ip(&["netns", "del", &ns]);
     let ok = result?;
@@ -165,12 +123,56 @@ fn run_in_new_namespace() -> anyhow::Result<bool> {
     Ok(ok)
 }
 
-/// Blocks until SIGINT (used only to forward it).
-fn ctrlc_wait() -> std::io::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(tokio::signal::ctrl_c())
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {} (the harness needs root to make a network namespace)",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+async fn run_child_in(ns: &str) -> anyhow::Result<bool> {
+    ip(&["netns", "exec", ns, "ip", "link", "set", "lo", "up"])?;
+    let mut child = tokio::process::Command::new("ip");
+    child
+        .args(["netns", "exec", ns])
+        .arg(std::env::current_exe()?)
+        .args(std::env::args_os().skip(1))
+        .env(NETNS_ENV, ns)
+        // Its own process group: on the way out every process of the run
+        // (the harness and the registry nodes) goes with it.
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = child.spawn().context("re-executing inside the namespace")?;
+    let group = format!("-{}", child.id().context("child pid")?);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let status = tokio::select! {
+        s = child.wait() => Some(s?),
+        _ = tokio::signal::ctrl_c() => None,
+        _ = term.recv() => None,
+    };
+    if status.is_none() {
+        eprintln!("corvid-jepsen: interrupted; stopping the run and removing its namespace");
+        let _ = Command::new("kill")
+            .args(["-INT", "--", &group])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    }
+    // Whatever is left of the group (nothing, after a clean end).
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &group])
+        .stderr(std::process::Stdio::null())
+        .status();
+    let _ = child.wait().await;
+    Ok(status.is_some_and(|s| s.success()))
 }
 
 async fn run_inside(args: RunArgs) -> anyhow::Result<bool> {
