@@ -261,6 +261,16 @@ async fn run_inside(args: RunArgs) -> anyhow::Result<bool> {
         );
     }
     println!("run directory: {}", dir.display());
+    if args.expect_anomaly {
+        println!(
+            "{}",
+            if verdict.valid {
+                "FAILED: --expect-anomaly, but the checker found nothing"
+            } else {
+                "as expected (--expect-anomaly): the anomalies above were found, so the checker is not vacuous"
+            }
+        );
+    }
     Ok(if args.expect_anomaly {
         !verdict.valid
     } else {
