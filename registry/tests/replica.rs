@@ -120,6 +120,9 @@ async fn replica_installs_a_snapshot_when_its_position_was_compacted() {
     let replica = cluster.replica("replica", &[1], &port);
     assert!(replica_has(&port, "user.s119", true).await);
     replica.kill9();
+    // The replica has at most what the master had applied by now.
+    let master = cluster.daemon(1);
+    let had = counter(master, "corvid_raft_applied_index").await;
     // While it is away: deletions and creations far past the kept log.
     for i in 0..10 {
         c.command(&Command::Delete {
@@ -133,6 +136,13 @@ async fn replica_installs_a_snapshot_when_its_position_was_compacted() {
     for i in 0..150 {
         activate(&mut c, &format!("user.t{i:03}")).await;
     }
+    // Snapshots are built and the log purged in the background: wait until
+    // the replica's position is really gone from the master's log.
+    let purged = wait_for(Duration::from_secs(20), || async {
+        (counter(master, "corvid_raft_log_purged_index").await > had).then_some(())
+    })
+    .await;
+    assert!(purged.is_some(), "the master compacted its log");
     let replica = cluster.replica("replica", &[1], &port);
     assert!(replica_has(&port, "user.t149", true).await);
     assert!(counter(&replica, "corvid_replica_snapshots_received_total").await >= 1.0);
