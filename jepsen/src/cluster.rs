@@ -52,6 +52,19 @@ pub struct Process {
 }
 
 impl Process {
+    /// A process not started yet, logging to `dir/<name>.log`.
+    fn new(dir: &Path, name: String, ip: String, id: u64, args: Vec<String>) -> Process {
+        Process {
+            log: dir.join(format!("{name}.log")),
+            name,
+            ip,
+            id,
+            child: None,
+            args,
+            paused: false,
+        }
+    }
+
     /// `ip:3905`.
     pub fn mupdate(&self) -> String {
         format!("{}:3905", self.ip)
@@ -198,15 +211,7 @@ impl Cluster {
             if spec.unsafe_stale_reads {
                 args.push("--unsafe-test-stale-reads".into());
             }
-            nodes.push(Process {
-                log: spec.dir.join(format!("{name}.log")),
-                name,
-                ip,
-                id: i as u64,
-                child: None,
-                args,
-                paused: false,
-            });
+            nodes.push(Process::new(&spec.dir, name, ip, i as u64, args));
         }
         for n in &mut nodes {
             n.start(&spec.bin_dir)?;
@@ -227,15 +232,7 @@ impl Cluster {
                 "--masters".into(),
                 masters.join(","),
             ]);
-            replicas.push(Process {
-                log: spec.dir.join(format!("{name}.log")),
-                name,
-                ip,
-                id: 0,
-                child: None,
-                args,
-                paused: false,
-            });
+            replicas.push(Process::new(&spec.dir, name, ip, 0, args));
         }
         for r in &mut replicas {
             r.start(&spec.bin_dir)?;
@@ -376,14 +373,21 @@ impl Drop for Firewall {
 }
 
 fn iptables(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("iptables")
-        .args(["-w", "5"])
+    let mut all = vec!["-w", "5"];
+    all.extend_from_slice(args);
+    system_tool("iptables", &all, "Debian package iptables")
+}
+
+/// Runs a system tool (`ip`, `iptables`); its standard error becomes the
+/// error, with `hint` saying where the tool comes from.
+pub fn system_tool(program: &str, args: &[&str], hint: &str) -> anyhow::Result<()> {
+    let out = Command::new(program)
         .args(args)
         .output()
-        .context("running iptables (Debian package iptables)")?;
+        .with_context(|| format!("running {program} ({hint})"))?;
     if !out.status.success() {
         bail!(
-            "iptables {}: {}",
+            "{program} {}: {} ({hint})",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );

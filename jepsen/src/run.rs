@@ -124,18 +124,11 @@ async fn run_in_new_namespace() -> anyhow::Result<bool> {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {} (the harness needs root to make a network namespace)",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    crate::cluster::system_tool(
+        "ip",
+        args,
+        "iproute2; making a network namespace needs root",
+    )
 }
 
 async fn run_child_in(ns: &str) -> anyhow::Result<bool> {
