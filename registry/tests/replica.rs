@@ -145,7 +145,12 @@ async fn replica_installs_a_snapshot_when_its_position_was_compacted() {
     assert!(purged.is_some(), "the master compacted its log");
     let replica = cluster.replica("replica", &[1], &port);
     assert!(replica_has(&port, "user.t149", true).await);
-    assert!(counter(&replica, "corvid_replica_snapshots_received_total").await >= 1.0);
+    // The counter moves just after the snapshot's data becomes readable.
+    let snapshots = wait_for(Duration::from_secs(5), || async {
+        (counter(&replica, "corvid_replica_snapshots_received_total").await >= 1.0).then_some(())
+    })
+    .await;
+    assert!(snapshots.is_some(), "the replica caught up by snapshot");
     let mut r = login(&port, READER).await;
     assert!(
         r.find("user.s000").await.unwrap().is_none(),
