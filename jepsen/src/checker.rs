@@ -163,6 +163,12 @@ impl Default for Budget {
     }
 }
 
+/// Whether a server's `NO` text is one of the model's refusals (a definite
+/// outcome of a write), as opposed to unavailability (an unknown one).
+pub fn is_model_refusal(reason: &str) -> bool {
+    !matches!(Refusal::classify(reason), Refusal::Unrecognized)
+}
+
 /// States read at the end of a run, after every fault healed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FinalStates {

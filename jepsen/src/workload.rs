@@ -86,14 +86,6 @@ pub struct ClientSettings {
     pub mailboxes: usize,
 }
 
-/// Refusals that are the model's answers (a definite outcome), as opposed
-/// to unavailability (unknown outcome).
-fn is_refusal(text: &str) -> bool {
-    ["already exists", "not currently active", "doesn't exist"]
-        .iter()
-        .any(|r| text.contains(r))
-}
-
 /// One client process.
 struct ClientProcess {
     process: u64,
@@ -187,7 +179,7 @@ impl ClientProcess {
                 (EventType::Ok, Some(Value::Found { entry }), None)
             }
             (Status::Ok, _) => (EventType::Ok, Some(Value::Done), None),
-            (Status::No, _) if op.is_write() && is_refusal(&reply.text) => (
+            (Status::No, _) if op.is_write() && crate::checker::is_model_refusal(&reply.text) => (
                 EventType::Ok,
                 Some(Value::Refused {
                     reason: reply.text.clone(),

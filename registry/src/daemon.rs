@@ -143,15 +143,8 @@ async fn start_master(config: &Config) -> anyhow::Result<(Registry, SocketAddr)>
 /// The replica's store and its log-stream follower.
 fn start_replica(config: &Config) -> anyhow::Result<Replica> {
     let r = &config.replica;
-    let tls = match (
-        &config.raft.peer_tls_cert,
-        &config.raft.peer_tls_key,
-        &config.raft.peer_tls_ca,
-    ) {
-        (Some(cert), Some(key), Some(ca)) => Some(crate::tls::peer_tls(cert, key, ca)?.client),
-        (None, None, None) => None,
-        _ => anyhow::bail!("[raft] peer_tls_cert, peer_tls_key and peer_tls_ca go together"),
-    };
+    // A replica is a client of the masters' peer port only.
+    let tls = config.raft.peer_tls()?.map(|t| t.client);
     let settings = ReplicaSettings {
         masters: r.masters.clone(),
         silence_timeout: Duration::from_millis(r.silence_timeout_ms),

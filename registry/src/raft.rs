@@ -102,6 +102,18 @@ pub enum ReadConsistency {
     Local,
 }
 
+impl RaftSettings {
+    /// Mutual TLS for the peer port (server and client sides), when the
+    /// three `peer_tls_*` keys are set; an error when only some are.
+    pub fn peer_tls(&self) -> anyhow::Result<Option<PeerTls>> {
+        match (&self.peer_tls_cert, &self.peer_tls_key, &self.peer_tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(crate::tls::peer_tls(cert, key, ca)?)),
+            (None, None, None) => Ok(None),
+            _ => anyhow::bail!("[raft] peer_tls_cert, peer_tls_key and peer_tls_ca go together"),
+        }
+    }
+}
+
 impl Default for RaftSettings {
     fn default() -> Self {
         RaftSettings {
@@ -175,15 +187,7 @@ impl Registry {
         settings: &RaftSettings,
         addr: &str,
     ) -> anyhow::Result<Registry> {
-        let peer_tls = match (
-            &settings.peer_tls_cert,
-            &settings.peer_tls_key,
-            &settings.peer_tls_ca,
-        ) {
-            (Some(cert), Some(key), Some(ca)) => Some(crate::tls::peer_tls(cert, key, ca)?),
-            (None, None, None) => None,
-            _ => anyhow::bail!("[raft] peer_tls_cert, peer_tls_key and peer_tls_ca go together"),
-        };
+        let peer_tls = settings.peer_tls()?;
         let client_tls = peer_tls.as_ref().map(|t| t.client.clone());
         let store = Store::open(data_dir)?;
         let config = Config {
