@@ -113,6 +113,12 @@ pub async fn run(peer: &str, tls: &PeerTlsArgs, cmd: ClusterCmd) -> anyhow::Resu
 
 async fn print_status(peer: &str, tls: &Tls) -> anyhow::Result<()> {
     let here = status(peer, tls).await?;
+    if !here.member {
+        println!(
+            "node {} ({peer}) is not a member of the registry cluster (removed, or never added)",
+            here.id
+        );
+    }
     // The leader's view has every member's matched index.
     let leader_view = match here.leader.and_then(|l| here.nodes.get(&l)) {
         Some(addr) if here.leader != Some(here.id) => status(addr, tls).await.ok(),

@@ -4,7 +4,9 @@
 //! through Raft; replicas read their local copy and forward writes to a
 //! master. Sessions see one interface and do not care which.
 
-use crate::model::{MailboxEntry, Outcome, RegistryCommand};
+use std::time::Duration;
+
+use crate::model::{ClientTag, MailboxEntry, Outcome, RegistryCommand};
 use crate::raft::{Registry, RegistryError};
 use crate::replica::Replica;
 use crate::store::Store;
@@ -23,7 +25,7 @@ impl Directory {
     pub async fn find(&self, name: &str) -> Result<Option<MailboxEntry>, RegistryError> {
         match self {
             Directory::Master(r) => r.find(name).await,
-            Directory::Replica(r) => Ok(r.lookup(name)?),
+            Directory::Replica(r) => r.lookup(name),
         }
     }
 
@@ -31,15 +33,32 @@ impl Directory {
     pub async fn list(&self, prefix: Option<&str>) -> Result<Vec<MailboxEntry>, RegistryError> {
         match self {
             Directory::Master(r) => r.list(prefix).await,
-            Directory::Replica(r) => Ok(r.list_locations(prefix.unwrap_or(""))?),
+            Directory::Replica(r) => r.list_locations(prefix.unwrap_or("")),
         }
     }
 
-    /// Commits `command` (a replica has a master do it).
-    pub async fn write(&self, command: RegistryCommand) -> Result<Outcome, RegistryError> {
+    /// Commits `command`, request `client` of its session (a replica has a
+    /// master do it).
+    pub async fn write(
+        &self,
+        client: ClientTag,
+        command: RegistryCommand,
+    ) -> Result<Outcome, RegistryError> {
         match self {
-            Directory::Master(r) => r.write(command).await,
-            Directory::Replica(r) => r.write(command).await,
+            Directory::Master(r) => r.write_as(client, command).await,
+            Directory::Replica(r) => r.write(client, command).await,
+        }
+    }
+
+    /// Waits until this node has applied every change the cluster had
+    /// committed when asked (NOOP on an UPDATE stream is such a point: a
+    /// Cyrus frontend sends it after a CREATE and expects the new mailbox
+    /// before the OK). Returns whether it got there; a replica gives up
+    /// after `replica_timeout` and answers with what it has.
+    pub async fn sync_point(&self, replica_timeout: Duration) -> bool {
+        match self {
+            Directory::Master(r) => r.read_barrier().await.is_ok(),
+            Directory::Replica(r) => r.sync(replica_timeout).await,
         }
     }
 
@@ -48,7 +67,8 @@ impl Directory {
     pub async fn read_barrier(&self) -> Result<(), RegistryError> {
         match self {
             Directory::Master(r) => r.read_barrier().await,
-            Directory::Replica(_) => Ok(()),
+            Directory::Replica(r) if r.synchronised() => Ok(()),
+            Directory::Replica(_) => Err(RegistryError::Synchronising),
         }
     }
 

@@ -32,6 +32,26 @@ fn describe() {
         "Node id of the known leader (0 when none)"
     );
     describe_gauge!("corvid_server_has_leader", "1 when a leader is known");
+    describe_counter!(
+        "corvid_registry_duplicate_requests_total",
+        "Retried requests answered from the client session table"
+    );
+    describe_counter!(
+        "corvid_registry_sessions_expired_total",
+        "Client sessions expired by the registry clock"
+    );
+    describe_counter!(
+        "corvid_raft_forward_retries_total",
+        "Forwarded writes retried after an I/O error"
+    );
+    describe_counter!(
+        "corvid_replica_sync_timeouts_total",
+        "Replica sync points that did not reach the cluster's read index in time"
+    );
+    describe_counter!(
+        "corvid_mupdate_noop_sync_timeouts_total",
+        "NOOPs on UPDATE streams answered without reaching the commit point"
+    );
     describe_gauge!("corvid_server_is_leader", "1 when this node is the leader");
     describe_counter!(
         "corvid_server_leader_changes_seen_total",

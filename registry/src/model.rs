@@ -163,6 +163,9 @@ pub enum Refusal {
     InvalidName,
     /// An empty location.
     InvalidLocation,
+    /// A request older than one its session already completed: a delayed
+    /// copy of a retried request, whose client has moved on.
+    Superseded,
 }
 
 impl fmt::Display for Refusal {
@@ -173,6 +176,7 @@ impl fmt::Display for Refusal {
             Self::DoesNotExist => "mailbox doesn't exist",
             Self::InvalidName => "invalid mailbox name",
             Self::InvalidLocation => "invalid mailbox location",
+            Self::Superseded => "request superseded by a later one of the same session",
         })
     }
 }
@@ -233,6 +237,176 @@ impl MailboxLookup for std::collections::BTreeMap<String, MailboxEntry> {
     fn mailbox(&self, name: &str) -> Result<Option<MailboxEntry>, Self::Error> {
         Ok(self.get(name).cloned())
     }
+}
+
+/// How long a client session is remembered after its last request, in the
+/// leaders' clock. A retry of an ambiguous write comes within the write
+/// timeout (seconds); this is far longer, so a retry always finds its
+/// session, and the session table stays the size of the clients active in
+/// the last minutes.
+pub const SESSION_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// Identifies one client request across its retries (the Raft dissertation's
+/// client session and sequence number, §6.3). A session sends one request
+/// at a time, with increasing sequence numbers; a retry sends the same tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ClientTag {
+    /// Random id of the session (a MUPDATE connection, a replica's forwarded
+    /// write, an admin call).
+    pub session: u64,
+    /// The request's number within the session.
+    pub seq: u64,
+}
+
+/// A client's session: a random id and the number of its next request. One
+/// request at a time per session; [`ClientSession::next_request`] numbers it.
+#[derive(Debug, Clone)]
+pub struct ClientSession {
+    id: u64,
+    next_seq: u64,
+}
+
+impl ClientSession {
+    /// A new session with a random id.
+    pub fn new() -> ClientSession {
+        ClientSession {
+            id: rand::random(),
+            next_seq: 1,
+        }
+    }
+
+    /// The tag of the session's next request; its retries reuse it.
+    pub fn next_request(&mut self) -> ClientTag {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        ClientTag {
+            session: self.id,
+            seq,
+        }
+    }
+}
+
+impl Default for ClientSession {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ClientTag {
+    /// The only request of a new one-off session (an admin call, a test).
+    pub fn once() -> ClientTag {
+        ClientSession::new().next_request()
+    }
+}
+
+/// A Raft log entry's payload: a command, the request it answers, and the
+/// leader's clock when it was proposed. Session expiry runs on that stamped
+/// clock, never on a node's own, so every node applies the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// The request's session and number; `None` for requests that are never
+    /// retried.
+    pub client: Option<ClientTag>,
+    /// Milliseconds since the Unix epoch on the proposing leader.
+    pub stamp_ms: u64,
+    /// What to do.
+    pub command: RegistryCommand,
+}
+
+impl fmt::Display for Proposal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.client {
+            Some(c) => write!(f, "{} (session {:x} #{})", self.command, c.session, c.seq),
+            None => self.command.fmt(f),
+        }
+    }
+}
+
+/// The last request a session completed, and its answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Its sequence number.
+    pub seq: u64,
+    /// The answer, given again to a duplicate.
+    pub outcome: Outcome,
+    /// The registry clock when it was applied.
+    pub stamp_ms: u64,
+}
+
+impl SessionRecord {
+    /// Whether the session is forgotten at registry clock `clock_ms`.
+    pub fn expired(&self, clock_ms: u64) -> bool {
+        self.stamp_ms.saturating_add(SESSION_TTL_MS) < clock_ms
+    }
+}
+
+/// Read access to the whole replicated state: mailboxes, client sessions
+/// and the registry clock (the largest leader stamp applied so far).
+pub trait RegistryState: MailboxLookup {
+    /// The session `id`'s record, expired or not.
+    fn session(&self, id: u64) -> Result<Option<SessionRecord>, Self::Error>;
+    /// The registry clock, in milliseconds since the epoch.
+    fn clock_ms(&self) -> Result<u64, Self::Error>;
+}
+
+/// What applying a [`Proposal`] produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedProposal {
+    /// The command's outcome and changes (none for a duplicate).
+    pub applied: Applied,
+    /// The session record to store, if it changed.
+    pub session: Option<(u64, SessionRecord)>,
+    /// The registry clock after this entry.
+    pub clock_ms: u64,
+    /// The request was a duplicate: its stored answer was returned.
+    pub duplicate: bool,
+}
+
+/// Applies a proposal at log `index`: a request its session already
+/// completed gets the stored answer and changes nothing, so a retried write
+/// is applied exactly once; anything else goes to [`apply`].
+pub fn apply_proposal<L: RegistryState>(
+    state: &L,
+    index: u64,
+    proposal: &Proposal,
+) -> Result<AppliedProposal, L::Error> {
+    let clock_ms = state.clock_ms()?.max(proposal.stamp_ms);
+    let answered = |outcome: Outcome, duplicate| AppliedProposal {
+        applied: Applied {
+            outcome,
+            changes: Vec::new(),
+        },
+        session: None,
+        clock_ms,
+        duplicate,
+    };
+    if let Some(tag) = proposal.client {
+        if let Some(last) = state.session(tag.session)?.filter(|r| !r.expired(clock_ms)) {
+            if tag.seq == last.seq {
+                return Ok(answered(last.outcome, true));
+            }
+            if tag.seq < last.seq {
+                return Ok(answered(Outcome::Refused(Refusal::Superseded), true));
+            }
+        }
+    }
+    let applied = apply(state, index, &proposal.command)?;
+    let session = proposal.client.map(|tag| {
+        (
+            tag.session,
+            SessionRecord {
+                seq: tag.seq,
+                outcome: applied.outcome.clone(),
+                stamp_ms: clock_ms,
+            },
+        )
+    });
+    Ok(AppliedProposal {
+        applied,
+        session,
+        clock_ms,
+        duplicate: false,
+    })
 }
 
 /// What applying a command produced: its outcome and the changes to store.
@@ -692,6 +866,134 @@ mod tests {
                 "user.b"
             ]
         );
+    }
+
+    /// A whole replicated state for the session tests.
+    #[derive(Default)]
+    struct Full {
+        mailboxes: State,
+        sessions: HashMap<u64, SessionRecord>,
+        clock: u64,
+    }
+
+    impl MailboxLookup for Full {
+        type Error = std::convert::Infallible;
+        fn mailbox(&self, name: &str) -> Result<Option<MailboxEntry>, Self::Error> {
+            Ok(self.mailboxes.get(name).cloned())
+        }
+    }
+
+    impl RegistryState for Full {
+        fn session(&self, id: u64) -> Result<Option<SessionRecord>, Self::Error> {
+            Ok(self.sessions.get(&id).cloned())
+        }
+        fn clock_ms(&self) -> Result<u64, Self::Error> {
+            Ok(self.clock)
+        }
+    }
+
+    impl Full {
+        fn propose(&mut self, index: u64, seq: u64, stamp_ms: u64, c: RegistryCommand) -> Outcome {
+            let p = Proposal {
+                client: Some(ClientTag { session: 7, seq }),
+                stamp_ms,
+                command: c,
+            };
+            let r = apply_proposal(self, index, &p).unwrap();
+            for change in r.applied.changes {
+                match change {
+                    Change::Put { entry, .. } => {
+                        self.mailboxes.insert(entry.name.clone(), entry);
+                    }
+                    Change::Removed { name, .. } => {
+                        self.mailboxes.remove(&name);
+                    }
+                }
+            }
+            if let Some((id, rec)) = r.session {
+                self.sessions.insert(id, rec);
+            }
+            self.clock = r.clock_ms;
+            r.applied.outcome
+        }
+    }
+
+    #[test]
+    fn a_duplicate_reserve_after_activate_changes_nothing() {
+        let mut s = Full::default();
+        assert_eq!(s.propose(1, 1, 1_000, reserve(HERE)), Outcome::Done);
+        assert_eq!(s.propose(2, 2, 1_001, activate(HERE)), Outcome::Done);
+        // The RESERVE's retry lands after the ACTIVATE (an ambiguous
+        // ForwardToLeader): without the session table it would turn the
+        // mailbox back into a reservation and drop its ACL.
+        assert_eq!(
+            s.propose(3, 1, 1_002, reserve(HERE)),
+            Outcome::Refused(Refusal::Superseded)
+        );
+        let e = &s.mailboxes["user.alice"];
+        assert_eq!((e.state, e.acl.as_str()), (MailboxState::Active, ACL));
+    }
+
+    #[test]
+    fn a_duplicate_gets_the_stored_answer() {
+        let mut s = Full::default();
+        assert_eq!(s.propose(1, 1, 1_000, activate(HERE)), Outcome::Done);
+        assert_eq!(s.propose(2, 2, 1_000, delete()), Outcome::Done);
+        // The DELETE applied again would answer "doesn't exist".
+        assert_eq!(s.propose(3, 2, 1_000, delete()), Outcome::Done);
+        // A duplicate of a refusal is refused the same way, not re-run.
+        assert_eq!(
+            s.propose(4, 3, 1_000, deactivate(HERE)),
+            Outcome::Refused(Refusal::DoesNotExist)
+        );
+        assert_eq!(s.propose(5, 4, 1_000, activate(HERE)), Outcome::Done);
+        assert_eq!(
+            s.propose(6, 3, 1_000, deactivate(HERE)),
+            Outcome::Refused(Refusal::Superseded)
+        );
+        assert_eq!(s.mailboxes["user.alice"].state, MailboxState::Active);
+    }
+
+    #[test]
+    fn sessions_expire_by_the_stamped_clock_only() {
+        let mut s = Full::default();
+        assert_eq!(s.propose(1, 1, 1_000, reserve(HERE)), Outcome::Done);
+        assert_eq!(s.propose(2, 2, 1_000, delete()), Outcome::Done);
+        // A leader with a clock behind the registry clock does not move it back.
+        assert_eq!(s.propose(3, 2, 5, delete()), Outcome::Done);
+        assert_eq!(s.clock, 1_000);
+        // Within the TTL the session is known; past it, forgotten.
+        assert_eq!(
+            s.propose(4, 2, 1_000 + SESSION_TTL_MS, delete()),
+            Outcome::Done
+        );
+        assert_eq!(
+            s.propose(5, 2, 1_001 + SESSION_TTL_MS, delete()),
+            Outcome::Refused(Refusal::DoesNotExist)
+        );
+    }
+
+    #[test]
+    fn untagged_proposals_are_plain_applies() {
+        let mut s = Full::default();
+        let p = Proposal {
+            client: None,
+            stamp_ms: 3,
+            command: delete(),
+        };
+        let r = apply_proposal(&s, 1, &p).unwrap();
+        assert_eq!(r.applied.outcome, Outcome::Refused(Refusal::DoesNotExist));
+        assert!(r.session.is_none() && !r.duplicate);
+        s.clock = r.clock_ms;
+        assert_eq!(s.clock, 3);
+    }
+
+    #[test]
+    fn client_sessions_number_their_requests() {
+        let mut c = ClientSession::new();
+        let (a, b) = (c.next_request(), c.next_request());
+        assert_eq!((a.session, a.seq + 1), (b.session, b.seq));
+        assert_ne!(ClientTag::once().session, ClientTag::once().session);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::model::{Outcome, RegistryCommand};
+use crate::model::{ClientTag, Outcome, Proposal, RegistryCommand};
 use crate::raft::{Registry, TypeConfig};
 
 /// Largest frame accepted (a snapshot travels in one frame).
@@ -46,15 +46,24 @@ pub enum PeerRequest {
         /// The snapshot's data.
         data: Vec<u8>,
     },
-    /// A write forwarded by a node that is not the leader.
-    Write(RegistryCommand),
+    /// A write forwarded by a node that is not the leader (the leader
+    /// re-stamps it with its own clock).
+    Write(Proposal),
     /// "What must I apply before a linearizable read?" (to the leader).
     ReadIndex,
     /// Cluster administration.
     Admin(AdminRequest),
     /// A write from a replica: the node commits it as its own MUPDATE
     /// sessions do (forwarding it to the leader if need be).
-    ClientWrite(RegistryCommand),
+    ClientWrite {
+        /// The request's session and number; retries reuse it.
+        client: ClientTag,
+        /// What to do.
+        command: RegistryCommand,
+    },
+    /// "What index must I apply to be as fresh as the cluster?" Any master
+    /// answers, with the leader's read index (a replica's NOOP waits for it).
+    SyncIndex,
     /// Turn this connection into a log stream of every committed entry
     /// after index `after` (see [`crate::stream`]).
     Follow {
@@ -141,6 +150,11 @@ pub struct NodeStatus {
     pub nodes: BTreeMap<u64, String>,
     /// On the leader: each member's matched log index.
     pub matched: BTreeMap<u64, Option<u64>>,
+    /// Whether this node is in the membership it knows (false on a node
+    /// removed from the cluster, or never added to one).
+    pub member: bool,
+    /// Whether this node heard from a leader within about one election.
+    pub leader_fresh: bool,
 }
 
 /// Peer protocol errors.
@@ -459,8 +473,12 @@ mod tests {
         let mut out = Vec::new();
         write_frame(
             &mut out,
-            &PeerRequest::Write(RegistryCommand::Delete {
-                name: "user.a".into(),
+            &PeerRequest::Write(Proposal {
+                client: Some(ClientTag::once()),
+                stamp_ms: 1,
+                command: RegistryCommand::Delete {
+                    name: "user.a".into(),
+                },
             }),
         )
         .unwrap();

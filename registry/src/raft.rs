@@ -25,7 +25,7 @@ use openraft::Instant as _;
 use openraft::{BasicNode, Config, RaftNetworkV2, ReadPolicy, ServerState};
 use thiserror::Error;
 
-use crate::model::{MailboxEntry, Outcome, RegistryCommand};
+use crate::model::{ClientTag, MailboxEntry, Outcome, Proposal, RegistryCommand};
 use crate::peer::{
     AdminRequest, AdminResponse, NodeStatus, PeerClient, PeerError, PeerPool, PeerRequest,
     PeerResponse,
@@ -34,10 +34,10 @@ use crate::store::{LogStore, StateMachine, Store};
 use crate::tls::PeerTls;
 
 openraft::declare_raft_types!(
-    /// Corvid's Raft types: log entries carry registry commands and answer
-    /// with their outcome.
+    /// Corvid's Raft types: log entries carry registry commands (with their
+    /// client tag and the leader's stamp) and answer with their outcome.
     pub TypeConfig:
-        D = RegistryCommand,
+        D = Proposal,
         R = Outcome,
         Node = BasicNode,
 );
@@ -148,6 +148,26 @@ pub enum RegistryError {
     /// Reading the local store failed.
     #[error("registry storage error: {0}")]
     Storage(#[from] std::io::Error),
+    /// This node was removed from the cluster (or never joined one).
+    #[error("{NOT_A_MEMBER}")]
+    NotMember,
+    /// A replica that never completed its first sync holds no state.
+    #[error("{SYNCHRONISING}")]
+    Synchronising,
+}
+
+/// What a node outside the cluster's membership answers.
+pub const NOT_A_MEMBER: &str = "this node is not a member of the registry cluster";
+/// What a replica without a complete state answers.
+pub const SYNCHRONISING: &str = "replica is synchronising";
+/// Why a write or read fails fast on a node that knows no leader.
+pub const NO_LEADER: &str = "no leader";
+
+/// The leader's wall clock, stamped into each proposal it appends.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A running registry node: Raft plus its RocksDB store.
@@ -164,6 +184,11 @@ pub struct Registry {
     peers: PeerPool,
     read_batches: Arc<Mutex<ReadBatch>>,
     peer_tls: Option<PeerTls>,
+    /// A request fails with "no leader" once no leader was known for this
+    /// long (about one election).
+    leaderless_grace: Duration,
+    /// Last time a leader was known fresh (see [`Registry::leader_is_fresh`]).
+    leader_contact: Arc<Mutex<Option<Instant>>>,
 }
 
 /// Readers waiting for a read index. One request is in flight at a time;
@@ -242,6 +267,8 @@ impl Registry {
             peers: PeerPool::new(client_tls),
             read_batches: Arc::default(),
             peer_tls,
+            leaderless_grace: Duration::from_millis(settings.election_timeout_max_ms * 2),
+            leader_contact: Arc::default(),
         };
         if settings.unsafe_test_stale_reads {
             tracing::error!(
@@ -299,13 +326,29 @@ impl Registry {
         err.leader_addr()
     }
 
-    /// Commits `command` through Raft and returns its outcome once applied.
-    /// On a follower the write is forwarded to the leader; while there is no
-    /// leader it waits, up to the write timeout, for one to be elected.
+    /// Commits `command` as the only request of a one-off client session
+    /// (see [`Registry::write_as`]).
     pub async fn write(&self, command: RegistryCommand) -> Result<Outcome, RegistryError> {
+        self.write_as(ClientTag::once(), command).await
+    }
+
+    /// Commits `command`, request `client` of its session, through Raft and
+    /// returns its outcome once applied. On a follower the write is
+    /// forwarded to the leader; while there is no leader it waits about one
+    /// election for one, then answers "no leader".
+    ///
+    /// Every attempt carries the same `client` tag, and the state machine
+    /// answers a tag it has seen with the stored outcome: retrying after an
+    /// ambiguous failure (a `ForwardToLeader` for an entry that was in fact
+    /// appended, a lost answer from the leader) never applies a write twice.
+    pub async fn write_as(
+        &self,
+        client: ClientTag,
+        command: RegistryCommand,
+    ) -> Result<Outcome, RegistryError> {
         let started = Instant::now();
         let out = self
-            .write_inner(command, started + self.write_timeout)
+            .write_inner(client, command, started + self.write_timeout)
             .await;
         metrics::histogram!("corvid_raft_commit_duration_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -314,37 +357,53 @@ impl Registry {
 
     async fn write_inner(
         &self,
+        client: ClientTag,
         command: RegistryCommand,
         deadline: Instant,
     ) -> Result<Outcome, RegistryError> {
+        let started = Instant::now();
+        let mut proposal = Proposal {
+            client: Some(client),
+            stamp_ms: 0,
+            command,
+        };
         loop {
+            self.check_member()?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(RegistryError::Timeout(self.write_timeout));
             }
-            let err = match tokio::time::timeout(remaining, self.raft.client_write(command.clone()))
-                .await
-            {
-                Err(_) => return Err(RegistryError::Timeout(self.write_timeout)),
-                Ok(Ok(resp)) => return Ok(resp.data),
-                Ok(Err(e)) => e,
-            };
+            if !self.leader_is_fresh() {
+                self.wait_for_leader(started, remaining).await?;
+                continue;
+            }
+            proposal.stamp_ms = now_ms();
+            let err =
+                match tokio::time::timeout(remaining, self.raft.client_write(proposal.clone()))
+                    .await
+                {
+                    Err(_) => return Err(RegistryError::Timeout(self.write_timeout)),
+                    Ok(Ok(resp)) => return Ok(resp.data),
+                    Ok(Err(e)) => e,
+                };
+            // A ForwardToLeader may come for an entry this node did append
+            // (and that may commit): retrying is safe only because the
+            // state machine answers a repeated tag from its session table.
             if err.forward_to_leader().is_none() {
                 return Err(RegistryError::Unavailable(err.to_string()));
             }
             let Some(addr) = Self::leader_addr(&err) else {
-                tokio::time::sleep(LEADER_POLL.min(remaining)).await;
+                self.wait_for_leader(started, remaining).await?;
                 continue;
             };
             metrics::counter!("corvid_raft_forwarded_writes_total").increment(1);
             match self
                 .peers
-                .call(&addr, &PeerRequest::Write(command.clone()), remaining)
+                .call(&addr, &PeerRequest::Write(proposal.clone()), remaining)
                 .await
             {
                 Ok(PeerResponse::Write(outcome)) => return Ok(outcome),
-                // The leader we asked was no longer leader and did not append
-                // the write: safe to try again.
+                // The leader we asked was no longer leader: ask again.
                 Ok(PeerResponse::Error(m)) | Err(PeerError::Remote { message: m, .. })
                     if m == NOT_LEADER =>
                 {
@@ -358,16 +417,80 @@ impl Registry {
                 Err(PeerError::Timeout(_)) => {
                     return Err(RegistryError::Timeout(self.write_timeout))
                 }
-                // Not sent, or sent and lost: the outcome is unknown, so the
-                // client is told and may retry (every command is idempotent
-                // or answers NO on a retry).
+                // Not sent, or sent and the answer lost (a leader that died
+                // or restarted, a stale pooled connection): try again, on a
+                // new leader if one is elected, until the leader is no
+                // longer fresh ("no leader") or the deadline. Safe with the
+                // session table: a write that did land is not applied twice.
                 Err(e) => {
-                    return Err(RegistryError::Unavailable(format!(
-                        "forwarding to the leader failed: {e}"
-                    )))
+                    metrics::counter!("corvid_raft_forward_retries_total").increment(1);
+                    tracing::debug!("forwarding to the leader failed, retrying: {e}");
+                    tokio::time::sleep(LEADER_POLL.min(remaining)).await;
                 }
             }
         }
+    }
+
+    /// Waits a little for a leader to be elected: an error once none has
+    /// been known for about one election since `started`.
+    async fn wait_for_leader(
+        &self,
+        started: Instant,
+        remaining: Duration,
+    ) -> Result<(), RegistryError> {
+        if started.elapsed() >= self.leaderless_grace {
+            return Err(RegistryError::Unavailable(NO_LEADER.into()));
+        }
+        tokio::time::sleep(LEADER_POLL.min(remaining)).await;
+        Ok(())
+    }
+
+    fn note_leader_contact(&self) {
+        if let Ok(mut c) = self.leader_contact.lock() {
+            *c = Some(Instant::now());
+        }
+    }
+
+    /// Fails with [`RegistryError::NotMember`] on a node that was initialized
+    /// and is not (any longer) in the membership.
+    fn check_member(&self) -> Result<(), RegistryError> {
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
+        let membership = m.membership_config.membership();
+        let initialized = membership.nodes().next().is_some();
+        if initialized && membership.get_node(&m.id).is_none() {
+            return Err(RegistryError::NotMember);
+        }
+        Ok(())
+    }
+
+    /// Whether this node has heard from a leader within about one election
+    /// timeout: a leader that a quorum acknowledged lately, or a follower
+    /// that a leader's AppendEntries reached lately. Unlike the committed
+    /// vote (which, with pre-vote, a cut-off node keeps forever), this goes
+    /// false when the node is cut off.
+    pub fn leader_is_fresh(&self) -> bool {
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
+        if m.state == ServerState::Leader {
+            if m.membership_config.membership().voter_ids().count() <= 1 {
+                return true;
+            }
+            // The instant, not `millis_since_quorum_ack`: metrics are
+            // republished on changes only, and a cut-off leader changes nothing.
+            // `None`: just elected, no round trip yet.
+            return m.last_quorum_acked.is_none_or(|at| {
+                openraft::TokioInstant::now().saturating_duration_since(*at)
+                    <= self.leaderless_grace
+            });
+        }
+        m.current_leader.is_some()
+            && self
+                .leader_contact
+                .lock()
+                .ok()
+                .and_then(|c| *c)
+                .is_some_and(|at| at.elapsed() <= self.leaderless_grace)
     }
 
     /// Waits until a read on this node reflects every write committed before
@@ -387,22 +510,7 @@ impl Registry {
             };
         }
         let deadline = Instant::now() + self.write_timeout;
-        let mut last = String::from("no leader is known");
-        let index = loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(RegistryError::Unavailable(format!(
-                    "no leader with a quorum: a linearizable read cannot be served ({last})"
-                )));
-            }
-            match self.shared_read_index(remaining).await {
-                Ok(i) => break i,
-                Err(e) => {
-                    last = e;
-                    tokio::time::sleep(LEADER_POLL.min(remaining)).await;
-                }
-            }
-        };
+        let index = self.read_index(deadline).await?;
         let remaining = deadline.saturating_duration_since(Instant::now());
         self.raft
             .wait(Some(remaining))
@@ -410,6 +518,34 @@ impl Registry {
             .await
             .map(|_| ())
             .map_err(|e| RegistryError::Unavailable(format!("this node is behind the leader: {e}")))
+    }
+
+    /// The cluster's read index: what a linearizable read on this node must
+    /// have applied. Fails by `deadline`, or after about one election while
+    /// no leader is known.
+    pub async fn read_index(&self, deadline: Instant) -> Result<u64, RegistryError> {
+        let started = Instant::now();
+        let mut last = String::from("no leader is known");
+        loop {
+            self.check_member()?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(RegistryError::Unavailable(format!(
+                    "no leader with a quorum: a linearizable read cannot be served ({last})"
+                )));
+            }
+            if !self.leader_is_fresh() {
+                self.wait_for_leader(started, remaining).await?;
+                continue;
+            }
+            match self.shared_read_index(remaining).await {
+                Ok(i) => return Ok(i),
+                Err(e) => {
+                    last = e;
+                    tokio::time::sleep(LEADER_POLL.min(remaining)).await;
+                }
+            }
+        }
     }
 
     /// The index a linearizable read must see applied, shared by every
@@ -485,7 +621,13 @@ impl Registry {
         let err = |e: &dyn std::fmt::Display| PeerResponse::Error(e.to_string());
         match request {
             PeerRequest::AppendEntries(rpc) => match self.raft.append_entries(rpc).await {
-                Ok(r) => PeerResponse::AppendEntries(r),
+                Ok(r) => {
+                    if r.is_success() || r.is_conflict() {
+                        // A leader of our term reached us.
+                        self.note_leader_contact();
+                    }
+                    PeerResponse::AppendEntries(r)
+                }
                 Err(e) => err(&e),
             },
             PeerRequest::Vote(rpc) => match self.raft.vote(rpc).await {
@@ -506,14 +648,18 @@ impl Registry {
                 metrics::histogram!("corvid_snapshot_install_duration_seconds")
                     .record(started.elapsed().as_secs_f64());
                 match res {
-                    Ok(r) => PeerResponse::Snapshot(r),
+                    Ok(r) => {
+                        self.note_leader_contact();
+                        PeerResponse::Snapshot(r)
+                    }
                     Err(e) => err(&e),
                 }
             }
-            PeerRequest::Write(command) => {
+            PeerRequest::Write(mut proposal) => {
                 // Only the leader appends; no second hop, so a write is
-                // never forwarded in a circle.
-                match tokio::time::timeout(self.write_timeout, self.raft.client_write(command))
+                // never forwarded in a circle. The leader stamps its clock.
+                proposal.stamp_ms = now_ms();
+                match tokio::time::timeout(self.write_timeout, self.raft.client_write(proposal))
                     .await
                 {
                     Err(_) => err(&"write timed out on the leader; it may still be applied"),
@@ -543,10 +689,18 @@ impl Registry {
                 Ok(r) => PeerResponse::Admin(r),
                 Err(e) => err(&e),
             },
-            PeerRequest::ClientWrite(command) => match self.write(command).await {
-                Ok(outcome) => PeerResponse::Write(outcome),
-                Err(e) => err(&e),
-            },
+            PeerRequest::ClientWrite { client, command } => {
+                match self.write_as(client, command).await {
+                    Ok(outcome) => PeerResponse::Write(outcome),
+                    Err(e) => err(&e),
+                }
+            }
+            PeerRequest::SyncIndex => {
+                match self.read_index(Instant::now() + self.write_timeout).await {
+                    Ok(i) => PeerResponse::ReadIndex(i),
+                    Err(e) => err(&e),
+                }
+            }
             // Served by the connection loop, which hands the socket over.
             PeerRequest::Follow { .. } => err(&"a log stream needs its own connection"),
         }
@@ -645,6 +799,8 @@ impl Registry {
                         .collect()
                 })
                 .unwrap_or_default(),
+            member: membership.get_node(&m.id).is_some(),
+            leader_fresh: self.leader_is_fresh(),
         }
     }
 

@@ -20,7 +20,7 @@ use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::broadcast;
 
-use crate::model::{MailboxEntry, Outcome, RegistryCommand};
+use crate::model::{ClientTag, MailboxEntry, Outcome, RegistryCommand};
 use crate::peer::{
     connect, decode_frame, write_frame, PeerError, PeerPool, PeerRequest, PeerResponse,
     MAX_FRAME_BYTES,
@@ -139,20 +139,78 @@ impl Replica {
         &self.store
     }
 
+    /// Whether the replica holds a complete state to answer from: false
+    /// until its first sync (records or a whole snapshot) completes. A
+    /// snapshot received later is staged and swapped in whole, so once true
+    /// it stays true.
+    pub fn synchronised(&self) -> bool {
+        self.store.has_state()
+    }
+
+    fn ready(&self) -> Result<(), RegistryError> {
+        if self.synchronised() {
+            Ok(())
+        } else {
+            Err(RegistryError::Synchronising)
+        }
+    }
+
     /// The mailbox named `name`, from the local copy.
-    pub fn lookup(&self, name: &str) -> io::Result<Option<MailboxEntry>> {
-        self.store.mailbox(name)
+    pub fn lookup(&self, name: &str) -> Result<Option<MailboxEntry>, RegistryError> {
+        self.ready()?;
+        Ok(self.store.mailbox(name)?)
     }
 
     /// The mailboxes whose name starts with `prefix`, in Cyrus's order, from
     /// the local copy.
-    pub fn list_names(&self, prefix: &str) -> io::Result<Vec<MailboxEntry>> {
+    pub fn list_names(&self, prefix: &str) -> Result<Vec<MailboxEntry>, RegistryError> {
+        self.ready()?;
         Ok(self.store.scan(|e| e.name.starts_with(prefix))?.1)
     }
 
     /// The mailboxes whose location starts with `prefix` (MUPDATE's LIST).
-    pub fn list_locations(&self, prefix: &str) -> io::Result<Vec<MailboxEntry>> {
+    pub fn list_locations(&self, prefix: &str) -> Result<Vec<MailboxEntry>, RegistryError> {
+        self.ready()?;
         Ok(self.store.scan(|e| e.location.starts_with(prefix))?.1)
+    }
+
+    /// Waits, up to `timeout`, until this replica has applied everything the
+    /// masters had committed when it asked (the cluster's read index, asked
+    /// of a master). Returns whether it got there; on `false` the local copy
+    /// is as fresh as the replica could make it in time.
+    pub async fn sync(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let s = &self.inner.settings;
+        let first = self.inner.current.load(Ordering::Relaxed);
+        let mut target = None;
+        for k in 0..s.masters.len() {
+            let addr = &s.masters[(first + k) % s.masters.len()];
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            if let Ok(PeerResponse::ReadIndex(i)) = self
+                .inner
+                .peers
+                .call(addr, &PeerRequest::SyncIndex, remaining)
+                .await
+            {
+                target = Some(i);
+                break;
+            }
+        }
+        let Some(target) = target else {
+            metrics::counter!("corvid_replica_sync_timeouts_total").increment(1);
+            return false;
+        };
+        let mut applied = self.store.watch_applied();
+        let reached =
+            tokio::time::timeout_at(deadline.into(), applied.wait_for(|&a| a >= target)).await;
+        let ok = matches!(reached, Ok(Ok(_)));
+        if !ok {
+            metrics::counter!("corvid_replica_sync_timeouts_total").increment(1);
+        }
+        ok
     }
 
     /// Changes as they are applied here; [`StateEvent::Reset`] when a
@@ -185,10 +243,14 @@ impl Replica {
         self.inner.stop.send_replace(true);
     }
 
-    /// Sends `command` to a master node, which commits it through Raft. The
-    /// master followed now is asked first, then the others in turn while
-    /// they cannot be reached.
-    pub async fn write(&self, command: RegistryCommand) -> Result<Outcome, RegistryError> {
+    /// Sends `command`, request `client` of its session, to a master node,
+    /// which commits it through Raft. The master followed now is asked
+    /// first, then the others in turn while they cannot be reached.
+    pub async fn write(
+        &self,
+        client: ClientTag,
+        command: RegistryCommand,
+    ) -> Result<Outcome, RegistryError> {
         let s = &self.inner.settings;
         let deadline = Instant::now() + s.write_timeout;
         let first = self.inner.current.load(Ordering::Relaxed);
@@ -203,7 +265,14 @@ impl Replica {
             match self
                 .inner
                 .peers
-                .call(addr, &PeerRequest::ClientWrite(command.clone()), remaining)
+                .call(
+                    addr,
+                    &PeerRequest::ClientWrite {
+                        client,
+                        command: command.clone(),
+                    },
+                    remaining,
+                )
                 .await
             {
                 Ok(PeerResponse::Write(outcome)) => return Ok(outcome),
@@ -217,8 +286,9 @@ impl Replica {
                 }
                 Err(PeerError::Timeout(_)) => return Err(RegistryError::Timeout(s.write_timeout)),
                 // Unreachable (or the connection broke): another master may
-                // take it. Every command is idempotent or answers NO on a
-                // repeat, so a write that did land is not doubled.
+                // take it. The same client tag goes with every attempt, so a
+                // write that did land is answered from the session table and
+                // not applied twice.
                 Err(e) => last = e.to_string(),
             }
         }
@@ -269,7 +339,9 @@ impl Replica {
     ) -> Result<(), FollowError> {
         let s = &self.inner.settings;
         let mut socket = connect(addr, s.tls.as_ref()).await?;
-        let after = self.store.resume_index()?;
+        // A snapshot interrupted by a restart or a failover was staged
+        // aside and never became live: resume from the live state.
+        let after = self.store.applied_index()?;
         let mut out = Vec::new();
         write_frame(&mut out, &PeerRequest::Follow { after }).map_err(FollowError::Protocol)?;
         socket.write_all(&out).await.map_err(|e| PeerError::Io {
@@ -315,16 +387,16 @@ impl Replica {
                     blocking(move || store.begin_reset()).await?;
                     snapshot = Some(log_id);
                 }
-                StreamFrame::SnapshotChunk(entries) => {
+                StreamFrame::SnapshotChunk(items) => {
                     if snapshot.is_none() {
                         return Err(FollowError::Protocol(
                             "snapshot chunk outside a snapshot".into(),
                         ));
                     }
                     metrics::counter!("corvid_replica_snapshot_entries_received_total")
-                        .increment(entries.len() as u64);
+                        .increment(items.len() as u64);
                     let store = self.store.clone();
-                    blocking(move || store.put_entries(&entries)).await?;
+                    blocking(move || store.put_entries(&items)).await?;
                 }
                 StreamFrame::SnapshotEnd => {
                     let Some(log_id) = snapshot.take() else {
@@ -377,9 +449,12 @@ impl Replica {
         let n = records.len() as u64;
         let store = self.store.clone();
         blocking(move || {
-            let mut batch = ApplyBatch::new(&store);
+            // The records first: an UPDATE subscriber catching up reads
+            // them up to the applied index, so they must be there by then.
+            store.keep_records(&records)?;
+            let mut batch = ApplyBatch::new(&store)?;
             for r in &records {
-                batch.entry(r.log_id, r.command.as_ref())?;
+                batch.entry(r.log_id, r.proposal.as_ref())?;
             }
             batch.commit().map(|_| ())
         })

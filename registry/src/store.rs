@@ -7,14 +7,22 @@
 //! from the durable log, and the WAL replays writes in order, so after a crash
 //! the state machine is a prefix of the log that openraft re-applies from.
 //!
-//! Snapshots are built from a RocksDB point-in-time view of the mailboxes and
-//! kept as one file, `snapshot.bin`, replaced atomically.
+//! The replicated state lives in one column family: mailboxes keyed by name
+//! (UTF-8, so below 0xFF), then the client sessions (`0xFF 's' id`) and the
+//! registry clock (`0xFF 'c'`). There are two such families; `state` says
+//! which one is live. A replica stages a master's snapshot in the other one
+//! and swaps it in with one write, so readers never see a half-written state.
+//!
+//! Snapshots are built from a RocksDB point-in-time view of the state and
+//! kept as one file, `snapshot.bin`, replaced atomically and only by a newer
+//! one.
 
 use std::fmt::Debug;
 use std::io::{self, Cursor};
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures::{Stream, TryStreamExt};
 use openraft::alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf, VoteOf};
@@ -28,12 +36,16 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
-use crate::model::{apply, Change, MailboxEntry, MailboxLookup, Outcome, RegistryCommand};
+use crate::model::{
+    apply_proposal, Change, MailboxEntry, MailboxLookup, Outcome, Proposal, RegistryState,
+    SessionRecord,
+};
 use crate::raft::TypeConfig;
 
 const CF_LOGS: &str = "logs";
 const CF_RAFT: &str = "raft";
-const CF_MAILBOXES: &str = "mailboxes";
+/// The two state families; `KEY_ACTIVE` says which one is live.
+const CF_STATE_FAMILIES: [&str; 2] = ["mailboxes", "mailboxes_alt"];
 const CF_STATE: &str = "state";
 
 const KEY_VOTE: &[u8] = b"vote";
@@ -41,11 +53,29 @@ const KEY_PURGED: &[u8] = b"last_purged";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_APPLIED: &[u8] = b"applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
-/// Present on a replica while a snapshot from a master is half written.
-const KEY_SYNCING: &[u8] = b"syncing";
+/// The last index of the last snapshot installed from a leader. Log entries
+/// at or below it may predate the snapshot and never have committed (the
+/// log is kept behind a snapshot), so the log stream never serves them.
+const KEY_INSTALLED_SNAPSHOT: &[u8] = b"installed_snapshot";
+/// Which of [`CF_STATE_FAMILIES`] is live (absent: the first).
+const KEY_ACTIVE: &[u8] = b"active_state";
 
 /// Upper bound of every mailbox key: names are UTF-8, which never holds 0xFF.
 const MAILBOX_KEY_END: &[u8] = &[0xFF];
+/// Prefix of the client session keys (followed by the id, big-endian).
+const SESSION_PREFIX: &[u8] = &[0xFF, b's'];
+/// Key of the registry clock.
+const KEY_CLOCK: &[u8] = &[0xFF, b'c'];
+/// Above every key of a state family.
+const STATE_KEY_END: &[u8] = &[0xFF, 0xFF];
+/// Expired sessions are swept when the registry clock enters a new period
+/// of this length (a deterministic point: every node sweeps at the same
+/// entry).
+const SESSION_SWEEP_MS: u64 = 60 * 1000;
+
+/// Log records a replica keeps, most recent first, so that an UPDATE
+/// subscriber that falls behind can catch up instead of resyncing whole.
+pub const REPLICA_RECENT_RECORDS: u64 = 100_000;
 
 /// Largest snapshot this node accepts from a leader.
 pub const MAX_SNAPSHOT_BYTES: usize = 2 << 30;
@@ -60,17 +90,64 @@ pub struct CommittedChanges {
 }
 
 /// One committed log entry as the log stream carries it: its id and, for a
-/// registry command, the command (blank and membership entries carry none).
+/// registry command, the proposal (blank and membership entries carry none).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LogRecord {
     /// The entry's log id.
     pub log_id: LogIdOf<TypeConfig>,
-    /// The registry command, if the entry holds one.
-    pub command: Option<RegistryCommand>,
+    /// The registry command with its client tag and stamp, if any.
+    pub proposal: Option<Proposal>,
 }
 
 /// A mailbox name and its entry (`None`: it does not exist).
 pub type NamedEntry = (String, Option<MailboxEntry>);
+
+/// One item of the replicated state, as snapshots carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StateItem {
+    /// A mailbox.
+    Mailbox(MailboxEntry),
+    /// A client session's last request (see [`crate::model::ClientTag`]).
+    Session(u64, SessionRecord),
+    /// The registry clock.
+    Clock(u64),
+}
+
+impl StateItem {
+    fn key(&self) -> Vec<u8> {
+        match self {
+            StateItem::Mailbox(e) => e.name.as_bytes().to_vec(),
+            StateItem::Session(id, _) => session_key(*id).to_vec(),
+            StateItem::Clock(_) => KEY_CLOCK.to_vec(),
+        }
+    }
+
+    fn value(&self) -> io::Result<Vec<u8>> {
+        match self {
+            StateItem::Mailbox(e) => encode(e),
+            StateItem::Session(_, r) => encode(r),
+            StateItem::Clock(c) => encode(c),
+        }
+    }
+
+    fn decode(key: &[u8], value: &[u8]) -> io::Result<StateItem> {
+        if key == KEY_CLOCK {
+            return Ok(StateItem::Clock(decode(value)?));
+        }
+        if let Some(id) = key.strip_prefix(SESSION_PREFIX) {
+            let id = u64::from_be_bytes(id.try_into().map_err(codec_err)?);
+            return Ok(StateItem::Session(id, decode(value)?));
+        }
+        Ok(StateItem::Mailbox(decode(value)?))
+    }
+}
+
+fn session_key(id: u64) -> [u8; 10] {
+    let mut k = [0u8; 10];
+    k[..2].copy_from_slice(SESSION_PREFIX);
+    k[2..].copy_from_slice(&id.to_be_bytes());
+    k
+}
 
 /// Events for followers of the committed state.
 #[derive(Debug, Clone)]
@@ -106,6 +183,10 @@ pub struct Store {
     dir: PathBuf,
     events: broadcast::Sender<StateEvent>,
     applied: Arc<watch::Sender<u64>>,
+    /// Which state family is live (mirrors `KEY_ACTIVE`).
+    active: Arc<AtomicBool>,
+    /// Held while the snapshot file is replaced.
+    snapshot_file: Arc<Mutex<()>>,
 }
 
 impl Debug for Store {
@@ -121,8 +202,9 @@ impl Store {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs = [CF_LOGS, CF_RAFT, CF_MAILBOXES, CF_STATE]
+        let cfs = [CF_LOGS, CF_RAFT, CF_STATE]
             .into_iter()
+            .chain(CF_STATE_FAMILIES)
             .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir.join("db"), cfs).map_err(db_err)?;
         let (events, _) = broadcast::channel(4096);
@@ -131,7 +213,13 @@ impl Store {
             dir: dir.to_owned(),
             events,
             applied: Arc::new(watch::channel(0).0),
+            active: Arc::default(),
+            snapshot_file: Arc::default(),
         };
+        let active: Option<bool> = store.get(CF_STATE, KEY_ACTIVE)?;
+        store
+            .active
+            .store(active.unwrap_or(false), Ordering::Release);
         store.applied.send_replace(store.applied_index()?);
         Ok(store)
     }
@@ -141,6 +229,23 @@ impl Store {
         self.db
             .cf_handle(name)
             .expect("column family created at open")
+    }
+
+    /// The live state family.
+    fn state_cf(&self) -> &rocksdb::ColumnFamily {
+        self.cf(CF_STATE_FAMILIES[self.active.load(Ordering::Acquire) as usize])
+    }
+
+    /// The family a replica stages a snapshot in.
+    fn staging_cf(&self) -> &rocksdb::ColumnFamily {
+        self.cf(CF_STATE_FAMILIES[!self.active.load(Ordering::Acquire) as usize])
+    }
+
+    fn get_state<T: DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
+        match self.db.get_cf(self.state_cf(), key).map_err(db_err)? {
+            Some(b) => decode(&b).map(Some),
+            None => Ok(None),
+        }
     }
 
     fn get<T: DeserializeOwned>(&self, cf: &str, key: &[u8]) -> io::Result<Option<T>> {
@@ -177,7 +282,17 @@ impl Store {
 
     /// The mailbox named `name`.
     pub fn mailbox(&self, name: &str) -> io::Result<Option<MailboxEntry>> {
-        self.get(CF_MAILBOXES, name.as_bytes())
+        if name.as_bytes() >= MAILBOX_KEY_END {
+            return Ok(None);
+        }
+        self.get_state(name.as_bytes())
+    }
+
+    /// Whether this store holds a state at all: anything applied, or a
+    /// snapshot installed. A replica that never finished its first sync
+    /// holds none and must not answer from it.
+    pub fn has_state(&self) -> bool {
+        *self.applied.borrow() > 0
     }
 
     /// Index of the last applied log entry (0 when none).
@@ -194,10 +309,13 @@ impl Store {
     ) -> io::Result<(u64, Vec<MailboxEntry>)> {
         let mut applied = 0;
         let mut out = Vec::new();
-        self.scan_chunks(4096, |part| {
+        self.scan_chunks(4096, true, |part| {
             match part {
                 Ok(log_id) => applied = log_id.map_or(0, |l| l.index()),
-                Err(entries) => out.extend(entries.into_iter().filter(|e| keep(e))),
+                Err(items) => out.extend(items.into_iter().filter_map(|i| match i {
+                    StateItem::Mailbox(e) if keep(&e) => Some(e),
+                    _ => None,
+                })),
             }
             true
         })?;
@@ -206,16 +324,29 @@ impl Store {
         Ok((applied, out))
     }
 
-    /// Walks every mailbox of one point-in-time view in chunks of `chunk`,
-    /// in key order: `each` gets the applied log id of the view first
-    /// (`Ok(id)`), then the chunks (`Err(entries)`), and stops the walk by
+    /// Walks the state of one point-in-time view in chunks of `chunk`, in
+    /// key order (only the mailboxes with `mailboxes_only`, else sessions
+    /// and the clock too): `each` gets the applied log id of the view first
+    /// (`Ok(id)`), then the chunks (`Err(items)`), and stops the walk by
     /// returning `false`. Memory stays bounded by one chunk.
     pub fn scan_chunks(
         &self,
         chunk: usize,
-        mut each: impl FnMut(Result<Option<LogIdOf<TypeConfig>>, Vec<MailboxEntry>>) -> bool,
+        mailboxes_only: bool,
+        mut each: impl FnMut(Result<Option<LogIdOf<TypeConfig>>, Vec<StateItem>>) -> bool,
     ) -> io::Result<()> {
         let snap = self.db.snapshot();
+        // The live family as of the view, so a swap cannot come between.
+        let active: bool = match snap.get_cf(self.cf(CF_STATE), KEY_ACTIVE).map_err(db_err)? {
+            Some(b) => decode(&b)?,
+            None => false,
+        };
+        let family = self.cf(CF_STATE_FAMILIES[active as usize]);
+        let end = if mailboxes_only {
+            MAILBOX_KEY_END
+        } else {
+            STATE_KEY_END
+        };
         let applied: Option<LogIdOf<TypeConfig>> = match snap
             .get_cf(self.cf(CF_STATE), KEY_APPLIED)
             .map_err(db_err)?
@@ -227,9 +358,12 @@ impl Store {
             return Ok(());
         }
         let mut out = Vec::with_capacity(chunk);
-        for item in snap.iterator_cf(self.cf(CF_MAILBOXES), IteratorMode::Start) {
-            let (_, v) = item.map_err(db_err)?;
-            out.push(decode(&v)?);
+        for item in snap.iterator_cf(family, IteratorMode::Start) {
+            let (k, v) = item.map_err(db_err)?;
+            if k.as_ref() >= end {
+                break;
+            }
+            out.push(StateItem::decode(&k, &v)?);
             if out.len() >= chunk
                 && !each(Err(std::mem::replace(&mut out, Vec::with_capacity(chunk))))
             {
@@ -252,6 +386,10 @@ impl Store {
         to: u64,
         max: usize,
     ) -> io::Result<Option<Vec<LogRecord>>> {
+        let installed: u64 = self.get(CF_STATE, KEY_INSTALLED_SNAPSHOT)?.unwrap_or(0);
+        if from <= installed {
+            return Ok(None);
+        }
         let mut out = Vec::new();
         let key = index_key(from);
         for item in self.db.iterator_cf(
@@ -268,13 +406,13 @@ impl Store {
                 return Ok(None);
             }
             let e: EntryOf<TypeConfig> = decode(&v)?;
-            let command = match e.payload {
-                EntryPayload::Normal(c) => Some(c),
+            let proposal = match e.payload {
+                EntryPayload::Normal(p) => Some(p),
                 _ => None,
             };
             out.push(LogRecord {
                 log_id: e.log_id,
-                command,
+                proposal,
             });
         }
         Ok(if out.is_empty() { None } else { Some(out) })
@@ -291,8 +429,8 @@ impl Store {
                 return Ok(None);
             };
             for r in &records {
-                if let Some(c) = &r.command {
-                    c.for_each_mailbox(&mut |n| {
+                if let Some(p) = &r.proposal {
+                    p.command.for_each_mailbox(&mut |n| {
                         names.insert(n.to_owned());
                     });
                 }
@@ -309,51 +447,64 @@ impl Store {
             .map(Some)
     }
 
-    /// Where a replica resumes: its applied index, or 0 when a snapshot was
-    /// being written when it stopped (the state is then mixed and must be
-    /// replaced whole).
-    pub fn resume_index(&self) -> io::Result<u64> {
-        if self
-            .db
-            .get_cf(self.cf(CF_STATE), KEY_SYNCING)
-            .map_err(db_err)?
-            .is_some()
-        {
-            return Ok(0);
-        }
-        self.applied_index()
-    }
-
-    /// Starts replacing the whole state with a master's snapshot (replicas):
-    /// drops every mailbox and marks the state as incomplete until
-    /// [`Store::finish_reset`].
+    /// Starts staging a master's snapshot (replicas): empties the staging
+    /// family. Readers keep seeing the live state until
+    /// [`Store::finish_reset`] swaps the staged one in; a replica that stops
+    /// half-way keeps its old state and simply asks again.
     pub fn begin_reset(&self) -> io::Result<()> {
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_STATE), KEY_SYNCING, b"1");
-        batch.delete_range_cf(self.cf(CF_MAILBOXES), b"".as_slice(), MAILBOX_KEY_END);
-        self.db.write(batch).map_err(db_err)
+        self.db
+            .delete_range_cf(self.staging_cf(), b"".as_slice(), STATE_KEY_END)
+            .map_err(db_err)
     }
 
     /// Writes one chunk of a snapshot begun with [`Store::begin_reset`].
-    pub fn put_entries(&self, entries: &[MailboxEntry]) -> io::Result<()> {
+    pub fn put_entries(&self, items: &[StateItem]) -> io::Result<()> {
         let mut batch = WriteBatch::default();
-        for e in entries {
-            batch.put_cf(self.cf(CF_MAILBOXES), e.name.as_bytes(), encode(e)?);
+        let cf = self.staging_cf();
+        for i in items {
+            batch.put_cf(cf, i.key(), i.value()?);
         }
         self.db.write(batch).map_err(db_err)
     }
 
-    /// Completes a snapshot: the state is now the master's at `log_id`.
-    /// Subscribers get [`StateEvent::Reset`].
+    /// Completes a snapshot: in one write, the staged state becomes the live
+    /// one, as of the master's `log_id`, and the recent records kept before
+    /// it are dropped. Subscribers get [`StateEvent::Reset`].
     pub fn finish_reset(&self, log_id: Option<LogIdOf<TypeConfig>>) -> io::Result<()> {
+        let staged = !self.active.load(Ordering::Acquire);
+        let index = log_id.as_ref().map_or(0, |l| l.index());
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_STATE), KEY_APPLIED, encode(&log_id)?);
-        batch.delete_cf(self.cf(CF_STATE), KEY_SYNCING);
+        batch.put_cf(self.cf(CF_STATE), KEY_ACTIVE, encode(&staged)?);
+        batch.put_cf(self.cf(CF_STATE), KEY_INSTALLED_SNAPSHOT, encode(&index)?);
+        batch.delete_range_cf(self.cf(CF_LOGS), index_key(0), index_key(u64::MAX));
         self.db.write(batch).map_err(db_err)?;
         self.sync_wal()?;
+        self.active.store(staged, Ordering::Release);
         self.applied.send_replace(log_id.map_or(0, |l| l.index()));
         let _ = self.events.send(StateEvent::Reset);
         Ok(())
+    }
+
+    /// Keeps `records` (received on a log stream) as the replica's recent
+    /// log, dropping what is older than the last [`REPLICA_RECENT_RECORDS`].
+    pub fn keep_records(&self, records: &[LogRecord]) -> io::Result<()> {
+        let Some(last) = records.last().map(|r| r.log_id.index()) else {
+            return Ok(());
+        };
+        let mut batch = WriteBatch::default();
+        let cf = self.cf(CF_LOGS);
+        for r in records {
+            let entry = match &r.proposal {
+                Some(p) => EntryOf::<TypeConfig>::new_normal(r.log_id, p.clone()),
+                None => EntryOf::<TypeConfig>::new_blank(r.log_id),
+            };
+            batch.put_cf(cf, index_key(r.log_id.index()), encode(&entry)?);
+        }
+        if last > REPLICA_RECENT_RECORDS {
+            batch.delete_range_cf(cf, index_key(0), index_key(last - REPLICA_RECENT_RECORDS));
+        }
+        self.db.write(batch).map_err(db_err)
     }
 
     /// Size of the live data on disk, for metrics.
@@ -369,20 +520,60 @@ impl Store {
         self.dir.join("snapshot.bin")
     }
 
-    /// Writes `data` as the current snapshot, atomically.
+    /// Writes `data` as the current snapshot, atomically, unless the file
+    /// already holds a newer one (a build and an install may race).
     fn save_snapshot_file(&self, meta: &SnapshotMetaOf<TypeConfig>, data: &[u8]) -> io::Result<()> {
-        let meta = encode(meta)?;
-        let tmp = self.dir.join("snapshot.bin.tmp");
-        {
+        static NEXT_TMP: AtomicU64 = AtomicU64::new(0);
+        let encoded = encode(meta)?;
+        let tmp = self.dir.join(format!(
+            "snapshot.bin.tmp.{}.{}",
+            std::process::id(),
+            NEXT_TMP.fetch_add(1, Ordering::Relaxed)
+        ));
+        let written = (|| {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&(meta.len() as u64).to_be_bytes())?;
-            f.write_all(&meta)?;
+            f.write_all(&(encoded.len() as u64).to_be_bytes())?;
+            f.write_all(&encoded)?;
             f.write_all(data)?;
-            f.sync_all()?;
+            f.sync_all()
+        })();
+        let res = written.and_then(|()| {
+            let _guard = self
+                .snapshot_file
+                .lock()
+                .map_err(|_| io::Error::other("snapshot file lock poisoned"))?;
+            let current = self.load_snapshot_meta()?;
+            if current.is_some_and(|c| c.last_log_id > meta.last_log_id) {
+                std::fs::remove_file(&tmp)?;
+                return Ok(());
+            }
+            std::fs::rename(&tmp, self.snapshot_path())?;
+            std::fs::File::open(&self.dir)?.sync_all()
+        });
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
-        std::fs::rename(&tmp, self.snapshot_path())?;
-        std::fs::File::open(&self.dir)?.sync_all()
+        res
+    }
+
+    /// The metadata of the snapshot file, if there is one (its header only).
+    fn load_snapshot_meta(&self) -> io::Result<Option<SnapshotMetaOf<TypeConfig>>> {
+        use std::io::Read;
+        let mut f = match std::fs::File::open(self.snapshot_path()) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len)?;
+        let len = u64::from_be_bytes(len);
+        if len > MAX_SNAPSHOT_BYTES as u64 {
+            return Err(codec_err("bad snapshot header"));
+        }
+        let mut meta = Vec::new();
+        f.take(len).read_to_end(&mut meta)?;
+        decode(&meta).map(Some)
     }
 
     fn load_snapshot_file(&self) -> io::Result<Option<(SnapshotMetaOf<TypeConfig>, Vec<u8>)>> {
@@ -408,6 +599,16 @@ impl MailboxLookup for Store {
     type Error = io::Error;
     fn mailbox(&self, name: &str) -> io::Result<Option<MailboxEntry>> {
         Store::mailbox(self, name)
+    }
+}
+
+impl RegistryState for Store {
+    fn session(&self, id: u64) -> io::Result<Option<SessionRecord>> {
+        self.get_state(&session_key(id))
+    }
+
+    fn clock_ms(&self) -> io::Result<u64> {
+        Ok(self.get_state(KEY_CLOCK)?.unwrap_or(0))
     }
 }
 
@@ -571,13 +772,18 @@ impl StateMachine {
 }
 
 /// Committed entries being applied in log order with the one
-/// [`crate::model::apply`]: each command sees the changes of the ones before
-/// it, and [`ApplyBatch::commit`] writes them all, with the applied log id,
-/// in one atomic RocksDB write. The Raft state machine and replicas both
-/// apply through it, so they cannot disagree on what a command does.
+/// [`crate::model::apply_proposal`]: each command sees the changes of the
+/// ones before it, and [`ApplyBatch::commit`] writes them all, with the
+/// applied log id, in one atomic RocksDB write. The Raft state machine and
+/// replicas both apply through it, so they cannot disagree on what a command
+/// does, nor on which requests were duplicates.
 pub struct ApplyBatch<'a> {
     store: &'a Store,
     overlay: std::collections::HashMap<String, Option<MailboxEntry>>,
+    sessions: std::collections::HashMap<u64, SessionRecord>,
+    /// The registry clock when the batch started, and now.
+    clock_at_start: u64,
+    clock: u64,
     batch: WriteBatch,
     committed: Vec<CommittedChanges>,
     last: Option<LogIdOf<TypeConfig>>,
@@ -594,34 +800,59 @@ impl MailboxLookup for ApplyBatch<'_> {
     }
 }
 
+impl RegistryState for ApplyBatch<'_> {
+    fn session(&self, id: u64) -> io::Result<Option<SessionRecord>> {
+        match self.sessions.get(&id) {
+            Some(r) => Ok(Some(r.clone())),
+            None => self.store.session(id),
+        }
+    }
+
+    fn clock_ms(&self) -> io::Result<u64> {
+        Ok(self.clock)
+    }
+}
+
 impl<'a> ApplyBatch<'a> {
     /// An empty batch on `store`.
-    pub fn new(store: &'a Store) -> Self {
-        ApplyBatch {
+    pub fn new(store: &'a Store) -> io::Result<Self> {
+        let clock = store.clock_ms()?;
+        Ok(ApplyBatch {
             store,
             overlay: Default::default(),
+            sessions: Default::default(),
+            clock_at_start: clock,
+            clock,
             batch: WriteBatch::default(),
             committed: Vec::new(),
             last: None,
             membership: None,
-        }
+        })
     }
 
-    /// Applies the entry `log_id`; `command` is `None` for entries that
+    /// Applies the entry `log_id`; `proposal` is `None` for entries that
     /// carry no registry command.
     pub fn entry(
         &mut self,
         log_id: LogIdOf<TypeConfig>,
-        command: Option<&RegistryCommand>,
+        proposal: Option<&Proposal>,
     ) -> io::Result<Outcome> {
         let index = log_id.index();
         self.last = Some(log_id);
-        let Some(cmd) = command else {
+        let Some(proposal) = proposal else {
             return Ok(Outcome::Done);
         };
-        let applied = apply(&*self, index, cmd)?;
+        let result = apply_proposal(&*self, index, proposal)?;
+        if result.duplicate {
+            metrics::counter!("corvid_registry_duplicate_requests_total").increment(1);
+        }
+        self.clock = result.clock_ms;
+        if let Some((id, record)) = result.session {
+            self.sessions.insert(id, record);
+        }
+        let applied = result.applied;
         let store = self.store;
-        let cf = store.cf(CF_MAILBOXES);
+        let cf = store.state_cf();
         for change in &applied.changes {
             match change {
                 Change::Put { entry: e, .. } => {
@@ -648,32 +879,81 @@ impl<'a> ApplyBatch<'a> {
         self.membership = Some(m);
     }
 
+    /// Deletes the sessions that expired by the registry clock. Runs when
+    /// the clock enters a new sweep period, which every node reaches at the
+    /// same entry; an expired session is ignored by lookups anyway, so the
+    /// sweep only reclaims space.
+    fn sweep_sessions(&mut self) -> io::Result<()> {
+        if self.clock / SESSION_SWEEP_MS == self.clock_at_start / SESSION_SWEEP_MS {
+            return Ok(());
+        }
+        let cf = self.store.state_cf();
+        let mut end = SESSION_PREFIX.to_vec();
+        end.push(0xFF);
+        let mut swept = 0u64;
+        for item in self
+            .store
+            .db
+            .iterator_cf(cf, IteratorMode::From(SESSION_PREFIX, Direction::Forward))
+        {
+            let (k, v) = item.map_err(db_err)?;
+            if !k.starts_with(SESSION_PREFIX) {
+                break;
+            }
+            let StateItem::Session(id, record) = StateItem::decode(&k, &v)? else {
+                continue;
+            };
+            if record.expired(self.clock) && !self.sessions.contains_key(&id) {
+                self.batch.delete_cf(cf, &k);
+                swept += 1;
+            }
+        }
+        metrics::counter!("corvid_registry_sessions_expired_total").increment(swept);
+        Ok(())
+    }
+
     /// Writes everything applied so far (not fsynced: the log it came from
     /// is durable, see the module notes), then tells subscribers. Returns
     /// the last applied log id, `None` when the batch was empty.
-    pub fn commit(self) -> io::Result<Option<LogIdOf<TypeConfig>>> {
+    pub fn commit(mut self) -> io::Result<Option<LogIdOf<TypeConfig>>> {
+        if self.last.is_none() {
+            return Ok(None);
+        }
+        self.sweep_sessions()?;
         let ApplyBatch {
             store,
             mut batch,
             committed,
             last,
             membership,
+            sessions,
+            clock,
+            clock_at_start,
             ..
         } = self;
-        let Some(last) = last else { return Ok(None) };
-        batch.put_cf(store.cf(CF_STATE), KEY_APPLIED, encode(&Some(last))?);
+        let cf = store.state_cf();
+        for (id, record) in &sessions {
+            batch.put_cf(cf, session_key(*id), encode(record)?);
+        }
+        if clock != clock_at_start {
+            batch.put_cf(cf, KEY_CLOCK, encode(&clock)?);
+        }
+        batch.put_cf(store.cf(CF_STATE), KEY_APPLIED, encode(&last)?);
         if let Some(m) = &membership {
             batch.put_cf(store.cf(CF_STATE), KEY_MEMBERSHIP, encode(m)?);
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(false);
         store.db.write_opt(batch, &wo).map_err(db_err)?;
-        store.applied.send_replace(last.index());
+        let last = last.expect("checked above");
         // Only once the changes are readable, so a client's next FIND sees
-        // its own write.
+        // its own write; and before the applied index moves, so whoever
+        // waits for that index (a NOOP on an UPDATE stream) finds the
+        // changes already queued.
         for c in committed {
             let _ = store.events.send(StateEvent::Changes(Arc::new(c)));
         }
+        store.applied.send_replace(last.index());
         Ok(Some(last))
     }
 }
@@ -697,7 +977,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Strm: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
         let store = self.store.clone();
-        let mut batch = ApplyBatch::new(&store);
+        let mut batch = ApplyBatch::new(&store)?;
         let mut replies = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
             let command = match &entry.payload {
@@ -738,24 +1018,32 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if data.len() > MAX_SNAPSHOT_BYTES {
             return Err(codec_err("snapshot larger than the configured maximum"));
         }
-        let entries: Vec<MailboxEntry> = decode(&data)?;
+        let items: Vec<StateItem> = decode(&data)?;
         let s = self.store.clone();
         let meta2 = meta.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
+            // The file first: once the database says "applied up to here",
+            // the snapshot that proves it must already be on disk.
+            s.save_snapshot_file(&meta2, &data)?;
             let mut batch = WriteBatch::default();
-            batch.delete_range_cf(s.cf(CF_MAILBOXES), b"".as_slice(), MAILBOX_KEY_END);
-            for e in &entries {
-                batch.put_cf(s.cf(CF_MAILBOXES), e.name.as_bytes(), encode(e)?);
+            let cf = s.state_cf();
+            batch.delete_range_cf(cf, b"".as_slice(), STATE_KEY_END);
+            for i in &items {
+                batch.put_cf(cf, i.key(), i.value()?);
             }
             batch.put_cf(s.cf(CF_STATE), KEY_APPLIED, encode(&meta2.last_log_id)?);
+            batch.put_cf(
+                s.cf(CF_STATE),
+                KEY_INSTALLED_SNAPSHOT,
+                encode(&meta2.last_log_id.as_ref().map_or(0, |l| l.index()))?,
+            );
             batch.put_cf(
                 s.cf(CF_STATE),
                 KEY_MEMBERSHIP,
                 encode(&meta2.last_membership)?,
             );
             s.db.write(batch).map_err(db_err)?;
-            s.sync_wal()?;
-            s.save_snapshot_file(&meta2, &data)
+            s.sync_wal()
         })
         .await
         .map_err(io::Error::other)??;
@@ -800,12 +1088,19 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 Some(b) => decode(&b)?,
                 None => Default::default(),
             };
-            let mut entries = Vec::new();
-            for item in snap.iterator_cf(s.cf(CF_MAILBOXES), IteratorMode::Start) {
-                let (_, v) = item.map_err(db_err)?;
-                entries.push(decode::<MailboxEntry>(&v)?);
+            let active: bool = match snap.get_cf(s.cf(CF_STATE), KEY_ACTIVE).map_err(db_err)? {
+                Some(b) => decode(&b)?,
+                None => false,
+            };
+            let mut items = Vec::new();
+            for item in snap.iterator_cf(
+                s.cf(CF_STATE_FAMILIES[active as usize]),
+                IteratorMode::Start,
+            ) {
+                let (k, v) = item.map_err(db_err)?;
+                items.push(StateItem::decode(&k, &v)?);
             }
-            let data = encode(&entries)?;
+            let data = encode(&items)?;
             let meta = SnapshotMetaOf::<TypeConfig> {
                 last_log_id,
                 last_membership,
@@ -822,5 +1117,164 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             meta,
             snapshot: Cursor::new(data),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ClientTag, MailboxState, Refusal, RegistryCommand};
+    use openraft::vote::RaftLeaderIdExt;
+
+    fn log_id(index: u64) -> LogIdOf<TypeConfig> {
+        let leader =
+            <openraft::alias::LeaderIdOf<TypeConfig> as RaftLeaderIdExt>::new_committed(1, 1);
+        LogIdOf::<TypeConfig>::new(leader, index)
+    }
+
+    fn proposal(seq: u64, command: RegistryCommand) -> Proposal {
+        Proposal {
+            client: Some(ClientTag { session: 42, seq }),
+            stamp_ms: 1_000,
+            command,
+        }
+    }
+
+    fn reserve(name: &str) -> RegistryCommand {
+        RegistryCommand::Reserve {
+            name: name.into(),
+            location: "be1!default".into(),
+        }
+    }
+
+    fn activate(name: &str) -> RegistryCommand {
+        RegistryCommand::Activate {
+            name: name.into(),
+            location: "be1!default".into(),
+            acl: "alice\tlrs\t".into(),
+        }
+    }
+
+    fn apply_one(store: &Store, index: u64, p: &Proposal) -> Outcome {
+        let mut batch = ApplyBatch::new(store).unwrap();
+        let outcome = batch.entry(log_id(index), Some(p)).unwrap();
+        batch.commit().unwrap();
+        outcome
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_is_recognised_after_a_snapshot_install() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(&dir.path().join("a")).unwrap();
+        assert_eq!(
+            apply_one(&a, 1, &proposal(1, reserve("user.x"))),
+            Outcome::Done
+        );
+        assert_eq!(
+            apply_one(&a, 2, &proposal(2, activate("user.x"))),
+            Outcome::Done
+        );
+        let snapshot = StateMachine::new(a.clone()).build_snapshot().await.unwrap();
+
+        let b = Store::open(&dir.path().join("b")).unwrap();
+        StateMachine::new(b.clone())
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        // The RESERVE retried after the snapshot: answered, not applied.
+        assert_eq!(
+            apply_one(&b, 3, &proposal(1, reserve("user.x"))),
+            Outcome::Refused(Refusal::Superseded)
+        );
+        assert_eq!(
+            apply_one(&b, 4, &proposal(2, activate("user.x"))),
+            Outcome::Done
+        );
+        assert_eq!(
+            b.mailbox("user.x").unwrap().unwrap().state,
+            MailboxState::Active
+        );
+        // The snapshot carried the clock and the session too.
+        assert_eq!(b.clock_ms().unwrap(), 1_000);
+        assert_eq!(b.session(42).unwrap().unwrap().seq, 2);
+        // Only mailboxes are listed, never the sessions beside them.
+        assert_eq!(b.scan(|_| true).unwrap().1.len(), 1);
+    }
+
+    #[test]
+    fn a_staged_snapshot_is_invisible_until_it_is_swapped_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert!(!s.has_state());
+        assert_eq!(
+            apply_one(&s, 1, &proposal(1, activate("user.old"))),
+            Outcome::Done
+        );
+        assert!(s.has_state());
+
+        s.begin_reset().unwrap();
+        let new = |n: &str| {
+            StateItem::Mailbox(MailboxEntry {
+                name: n.into(),
+                location: "be2!default".into(),
+                acl: String::new(),
+                state: MailboxState::Active,
+                last_change: 9,
+            })
+        };
+        s.put_entries(&[new("user.a"), new("user.b")]).unwrap();
+        // Half-way: the old state, whole.
+        assert!(s.mailbox("user.old").unwrap().is_some());
+        assert!(s.mailbox("user.a").unwrap().is_none());
+        assert_eq!(s.scan(|_| true).unwrap().1.len(), 1);
+
+        // Stopped half-way and reopened: still the old state, and the
+        // replica resumes from its live index.
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.mailbox("user.old").unwrap().is_some());
+        assert_eq!(s.applied_index().unwrap(), 1);
+
+        s.begin_reset().unwrap();
+        s.put_entries(&[new("user.a"), new("user.b"), StateItem::Clock(5)])
+            .unwrap();
+        s.finish_reset(Some(log_id(9))).unwrap();
+        assert!(s.mailbox("user.old").unwrap().is_none());
+        assert_eq!(s.scan(|_| true).unwrap().1.len(), 2);
+        assert_eq!(s.applied_index().unwrap(), 9);
+        assert_eq!(s.clock_ms().unwrap(), 5);
+        // The swap survives a restart, and applying goes on in the new state.
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.scan(|_| true).unwrap().1.len(), 2);
+        assert_eq!(
+            apply_one(&s, 10, &proposal(1, activate("user.c"))),
+            Outcome::Done
+        );
+        assert_eq!(s.scan(|_| true).unwrap().1.len(), 3);
+    }
+
+    #[test]
+    fn an_older_snapshot_never_replaces_a_newer_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let meta = |i| SnapshotMetaOf::<TypeConfig> {
+            last_log_id: Some(log_id(i)),
+            last_membership: Default::default(),
+        };
+        s.save_snapshot_file(&meta(10), b"ten").unwrap();
+        s.save_snapshot_file(&meta(5), b"five").unwrap();
+        let (m, data) = s.load_snapshot_file().unwrap().unwrap();
+        assert_eq!(
+            (m.last_log_id, data.as_slice()),
+            (Some(log_id(10)), &b"ten"[..])
+        );
+        // No temporary file is left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(left.is_empty());
     }
 }

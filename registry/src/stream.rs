@@ -20,10 +20,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::model::MailboxEntry;
 use crate::peer::write_frame;
 use crate::raft::{Registry, TypeConfig};
-use crate::store::{LogRecord, Store};
+use crate::store::{LogRecord, StateItem, Store};
 
 /// Most log records in one frame.
 pub const RECORDS_PER_FRAME: usize = 1024;
@@ -35,15 +34,16 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// What a master sends down a log stream.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum StreamFrame {
-    /// The follower's state is replaced: the mailboxes of the snapshot
-    /// follow in [`StreamFrame::SnapshotChunk`]s, then
-    /// [`StreamFrame::SnapshotEnd`].
+    /// The follower's state is replaced: the snapshot's mailboxes, client
+    /// sessions and clock follow in [`StreamFrame::SnapshotChunk`]s, then
+    /// [`StreamFrame::SnapshotEnd`]. The follower stages them and swaps
+    /// them in at the end.
     SnapshotBegin {
         /// The last log entry the snapshot reflects.
         log_id: Option<LogIdOf<TypeConfig>>,
     },
-    /// Some of the snapshot's mailboxes.
-    SnapshotChunk(Vec<MailboxEntry>),
+    /// Some of the snapshot's state.
+    SnapshotChunk(Vec<StateItem>),
     /// The snapshot is complete; records after it follow.
     SnapshotEnd,
     /// Committed log entries, consecutive, in order.
@@ -57,8 +57,9 @@ pub enum StreamFrame {
     Heartbeat {
         /// The master's applied index.
         master_applied: u64,
-        /// Whether the master knows a leader (a master cut off from the
-        /// cluster stops seeing new entries; followers should go elsewhere).
+        /// Whether the master heard from a leader within about one election
+        /// (a master cut off from the cluster stops seeing new entries;
+        /// followers should go elsewhere).
         has_leader: bool,
     },
 }
@@ -122,7 +123,7 @@ async fn follow_loop<S: AsyncWrite + Unpin>(
             _ = tokio::time::sleep(HEARTBEAT) => {
                 send(socket, &StreamFrame::Heartbeat {
                     master_applied: applied,
-                    has_leader: registry.status().leader.is_some(),
+                    has_leader: registry.leader_is_fresh(),
                 })
                 .await?;
             }
@@ -142,7 +143,7 @@ async fn send_snapshot<S: AsyncWrite + Unpin>(
     let (tx, mut rx) = mpsc::channel(2);
     let s = store.clone();
     let scan = tokio::task::spawn_blocking(move || {
-        s.scan_chunks(ENTRIES_PER_CHUNK, |part| {
+        s.scan_chunks(ENTRIES_PER_CHUNK, false, |part| {
             let frame = match part {
                 Ok(log_id) => StreamFrame::SnapshotBegin { log_id },
                 Err(entries) => StreamFrame::SnapshotChunk(entries),

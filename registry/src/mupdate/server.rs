@@ -19,7 +19,9 @@ use tokio::sync::{broadcast, Semaphore};
 use super::codec::{self, Command, Frame, Greeting, Limits, Request, RequestDecoder, Status};
 use crate::auth::{Identity, SaslServer, SaslStep};
 use crate::directory::Directory;
-use crate::model::{server_of, Change, MailboxEntry, MailboxState, Outcome, RegistryCommand};
+use crate::model::{
+    server_of, Change, ClientSession, MailboxEntry, MailboxState, Outcome, RegistryCommand,
+};
 use crate::store::StateEvent;
 use crate::tls::MaybeTls;
 
@@ -93,6 +95,10 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ServerContext>) -> std::io::R
     }
 }
 
+/// How long a NOOP on an UPDATE stream waits for a replica to catch up with
+/// the cluster before answering with what it has.
+const NOOP_SYNC_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Why a session stops.
 #[derive(Debug, thiserror::Error)]
 enum SessionEnd {
@@ -125,6 +131,9 @@ struct Session {
     output: Vec<u8>,
     identity: Option<Identity>,
     streaming: Option<Streaming>,
+    /// The connection's client session: its writes are numbered, so a
+    /// retried write is applied once (see [`crate::model::ClientTag`]).
+    client: ClientSession,
 }
 
 impl Session {
@@ -139,6 +148,7 @@ impl Session {
             output: Vec::with_capacity(4096),
             identity: None,
             streaming: None,
+            client: ClientSession::new(),
         }
     }
 
@@ -190,6 +200,17 @@ impl Session {
     }
 
     async fn run(&mut self) -> Result<(), SessionEnd> {
+        let res = self.serve_commands().await;
+        if res.is_err() && !self.output.is_empty() {
+            // A BYE written on the way out (a stream that cannot go on) is
+            // delivered before the connection closes; bounded, as the peer
+            // may be the reason we stop.
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
+        }
+        res
+    }
+
+    async fn serve_commands(&mut self) -> Result<(), SessionEnd> {
         self.greeting();
         self.flush().await?;
         loop {
@@ -249,7 +270,13 @@ impl Session {
         match command {
             Command::Noop => {
                 // A NOOP is a synchronisation point for UPDATE streams: every
-                // change committed before it is pushed before its OK.
+                // change committed in the cluster before it is pushed before
+                // its OK, on a follower or a replica too.
+                if self.streaming.is_some()
+                    && !self.ctx.directory.sync_point(NOOP_SYNC_TIMEOUT).await
+                {
+                    metrics::counter!("corvid_mupdate_noop_sync_timeouts_total").increment(1);
+                }
                 self.drain_stream().await?;
                 self.reply(&tag, name, Status::Ok, "Noop done");
             }
@@ -309,7 +336,8 @@ impl Session {
                 let Some(cmd) = registry_command(command) else {
                     return Ok(());
                 };
-                match self.ctx.directory.write(cmd).await {
+                let client = self.client.next_request();
+                match self.ctx.directory.write(client, cmd).await {
                     Ok(Outcome::Done) => self.reply(&tag, name, Status::Ok, "done"),
                     Ok(Outcome::Refused(r)) => self.reply(&tag, name, Status::No, &r.to_string()),
                     Ok(Outcome::Batch(_)) => self.reply(&tag, name, Status::Ok, "done"),
@@ -540,9 +568,12 @@ impl Session {
         for (name, entry) in &entries {
             match entry {
                 Some(e) if st.wants(&e.location) => write_entry(&mut self.output, &st.tag, e),
-                Some(_) => {}
-                // Its previous location is gone with it: tell every slave.
-                None => codec::write_delete(&mut self.output, &st.tag, name),
+                // Deleted, or not (any longer) on a partial subscriber's
+                // servers: it may have moved away from them while the
+                // subscriber was behind, and where it was is not known here,
+                // so the subscriber is told it is gone from its view (a
+                // DELETE of a name it never had is a no-op on a Cyrus slave).
+                _ => codec::write_delete(&mut self.output, &st.tag, name),
             }
         }
         st.sent_up_to = st.sent_up_to.max(to);

@@ -72,8 +72,14 @@ pub async fn start_node(tweak: impl FnOnce(&mut Config)) -> TestNode {
 }
 
 /// Path of the `corvid-registry` binary built with the tests.
+/// The `corvid-registry` binary under test: cargo's, or the one in
+/// `$CORVID_BIN_DIR` (a copy taken right after a build, when several work
+/// trees share one target directory).
 pub fn registry_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_corvid-registry"))
+    match std::env::var_os("CORVID_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir).join("corvid-registry"),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_corvid-registry")),
+    }
 }
 
 /// Polls `f` until it returns `Some`, for at most `limit`.
