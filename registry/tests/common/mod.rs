@@ -71,9 +71,13 @@ pub async fn start_node(tweak: impl FnOnce(&mut Config)) -> TestNode {
     TestNode { running, dir }
 }
 
-/// Path of the `corvid-registry` binary built with the tests.
+/// Path of the `corvid-registry` binary built with the tests, or the one
+/// `CORVID_TEST_REGISTRY_BIN` names (a private copy: the shared target
+/// directory's binary may be rebuilt from another tree while tests run).
 pub fn registry_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_corvid-registry"))
+    std::env::var_os("CORVID_TEST_REGISTRY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_corvid-registry")))
 }
 
 /// Polls `f` until it returns `Some`, for at most `limit`.
