@@ -263,6 +263,15 @@ async fn descriptor_exhaustion_on_a_leader_stops_neither_it_nor_raft() {
 async fn parallel_wrong_password_logins_do_not_move_the_leader() {
     let cluster = TestCluster::start(3, "");
     cluster.init(3).await;
+    // A user whose record asks for 100,000 PBKDF2 iterations (OWASP
+    // suggests more): each wrong password costs tens of milliseconds of CPU.
+    let mut users = std::fs::read_to_string(cluster.users_file()).unwrap();
+    let key = "A".repeat(43) + "=";
+    users.push_str(&format!(
+        "\n[[user]]\nname = \"hardened\"\nsalt = \"c2FsdHNhbHRzYWx0c2FsdA==\"\n\
+         iterations = 100000\nstored_key = \"{key}\"\nserver_key = \"{key}\"\n"
+    ));
+    std::fs::write(cluster.users_file(), users).unwrap();
     let leader = cluster.leader(&[1, 2, 3]).await;
     let before: Vec<_> = futures::future::join_all((1..=3).map(|i| cluster.status(i))).await;
     let addr = cluster.spec(leader).mupdate.clone();
@@ -272,11 +281,11 @@ async fn parallel_wrong_password_logins_do_not_move_the_leader() {
             let addr = addr.clone();
             tokio::spawn(async move {
                 let mut c = Client::connect(&addr).await.unwrap();
-                // Known user, wrong password; or an unknown one (the decoy).
-                let user = if i % 2 == 0 {
-                    ADMIN.0.to_string()
-                } else {
-                    format!("stranger{i}")
+                // Known users, wrong password; or an unknown one (the decoy).
+                let user = match i % 3 {
+                    0 => "hardened".to_string(),
+                    1 => ADMIN.0.to_string(),
+                    _ => format!("stranger{i}"),
                 };
                 c.authenticate_plain(&user, "wrong-password").await.is_err()
             })

@@ -264,6 +264,11 @@ impl TestCluster {
         id
     }
 
+    /// The credentials file every node reads (re-read when it changes).
+    pub fn users_file(&self) -> &Path {
+        &self.users
+    }
+
     pub fn spec(&self, id: u64) -> &NodeSpec {
         &self.specs[(id - 1) as usize]
     }
