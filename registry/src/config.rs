@@ -98,8 +98,18 @@ pub struct MupdateConfig {
     pub listen: SocketAddr,
     /// Most concurrent connections; more are answered `* BYE`.
     pub max_connections: usize,
-    /// Seconds of silence after which a connection is closed.
+    /// Seconds of silence after which an authenticated connection is
+    /// closed.
     pub idle_timeout_secs: u64,
+    /// Seconds a connection may stay unauthenticated (from its greeting to a
+    /// successful AUTHENTICATE) before it is closed.
+    pub login_timeout_secs: u64,
+    /// Most concurrent connections that have not authenticated yet; more
+    /// are answered `* BYE` at once. Authenticated sessions do not count.
+    pub max_unauthenticated: usize,
+    /// Most password checks (PBKDF2) running at once, on threads apart from
+    /// the ones that run Raft; 0 means one per CPU core.
+    pub max_parallel_auth: usize,
     /// Milliseconds to wait before answering a failed authentication.
     pub failed_auth_delay_ms: u64,
     /// Allow PLAIN on connections that are neither TLS nor loopback.
@@ -116,6 +126,9 @@ impl Default for MupdateConfig {
             listen: "127.0.0.1:3905".parse().expect("valid default address"),
             max_connections: 4096,
             idle_timeout_secs: 30 * 60,
+            login_timeout_secs: 30,
+            max_unauthenticated: 256,
+            max_parallel_auth: 0,
             failed_auth_delay_ms: 1000,
             allow_plaintext: false,
             max_line_bytes: 8192,
@@ -226,6 +239,10 @@ pub struct Args {
     /// [raft.unsafe_test_stale_reads].
     #[arg(long)]
     pub unsafe_test_stale_reads: bool,
+    /// Let a master listen for peers on a non-loopback address without peer
+    /// mutual TLS [raft.allow_insecure_peer].
+    #[arg(long)]
+    pub allow_insecure_peer: bool,
     /// linearizable or local [raft.read_consistency].
     #[arg(long, value_parser = parse_read_consistency)]
     pub read_consistency: Option<crate::raft::ReadConsistency>,
@@ -296,6 +313,9 @@ impl Config {
         if args.unsafe_test_stale_reads {
             config.raft.unsafe_test_stale_reads = true;
         }
+        if args.allow_insecure_peer {
+            config.raft.allow_insecure_peer = true;
+        }
         if let Some(v) = args.read_consistency {
             config.raft.read_consistency = v;
         }
@@ -306,7 +326,40 @@ impl Config {
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.tls.cert.is_some() == self.tls.key.is_some(),
-            "[tls] needs both cert and key"
+            "[tls] needs both cert and key (only {} is set): refusing to run MUPDATE without the TLS \
+             that was asked for",
+            if self.tls.cert.is_some() { "cert" } else { "key" }
+        );
+        let r = &self.raft;
+        let peer_tls_keys = [&r.peer_tls_cert, &r.peer_tls_key, &r.peer_tls_ca];
+        let set = peer_tls_keys.iter().filter(|k| k.is_some()).count();
+        anyhow::ensure!(
+            set == 0 || set == 3,
+            "[raft] peer_tls_cert, peer_tls_key and peer_tls_ca go together ({set} of 3 set): \
+             refusing to run the peer port without the TLS that was asked for"
+        );
+        anyhow::ensure!(
+            self.node.role != Role::Master
+                || set == 3
+                || r.peer_listen.ip().is_loopback()
+                || r.allow_insecure_peer,
+            "raft.peer_listen = {} is not a loopback address and peer mutual TLS is off: anyone \
+             who reaches that port could act as a cluster member. Set raft.peer_tls_cert, \
+             peer_tls_key and peer_tls_ca, or set raft.allow_insecure_peer = true \
+             (--allow-insecure-peer) on a network only the registry nodes reach",
+            r.peer_listen
+        );
+        anyhow::ensure!(
+            r.max_peer_connections > 0,
+            "raft.max_peer_connections must be positive"
+        );
+        anyhow::ensure!(
+            self.mupdate.login_timeout_secs > 0 && self.mupdate.idle_timeout_secs > 0,
+            "mupdate.login_timeout_secs and idle_timeout_secs must be positive"
+        );
+        anyhow::ensure!(
+            self.mupdate.max_unauthenticated > 0,
+            "mupdate.max_unauthenticated must be positive"
         );
         anyhow::ensure!(
             self.mupdate.max_line_bytes >= 1024,
@@ -331,6 +384,14 @@ impl Config {
             "raft: need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms"
         );
         Ok(())
+    }
+
+    /// Whether a master's peer port is open to the network without mutual
+    /// TLS, as `raft.allow_insecure_peer` permits (log a warning).
+    pub fn peer_port_insecure(&self) -> bool {
+        self.node.role == Role::Master
+            && self.raft.peer_tls_cert.is_none()
+            && !self.raft.peer_listen.ip().is_loopback()
     }
 
     /// The credentials file in effect.
@@ -406,5 +467,72 @@ mod tests {
         std::fs::write(&path, "[tls]\ncert = \"/x.pem\"\n").unwrap();
         let args = Args::parse_from(["corvid-registry", "--config", path.to_str().unwrap()]);
         assert!(Config::load(&args).is_err());
+    }
+
+    fn load_toml(text: &str, flags: &[&str]) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut argv = vec!["corvid-registry", "--config", path.to_str().unwrap()];
+        argv.extend_from_slice(flags);
+        Config::load(&Args::parse_from(argv))
+    }
+
+    #[test]
+    fn half_configured_tls_names_what_is_missing() {
+        for (text, want) in [
+            ("[tls]\nkey = \"/k.pem\"\n", "only key"),
+            ("[tls]\ncert = \"/c.pem\"\n", "only cert"),
+            ("[raft]\npeer_tls_cert = \"/c.pem\"\n", "1 of 3"),
+            (
+                "[raft]\npeer_tls_cert = \"/c.pem\"\npeer_tls_key = \"/k.pem\"\n",
+                "2 of 3",
+            ),
+            // A replica uses the peer TLS keys as a client: same rule.
+            (
+                "[node]\nrole = \"replica\"\n[replica]\nmasters = [\"127.0.0.1:1\"]\n\
+                 [raft]\npeer_tls_key = \"/k.pem\"\n",
+                "1 of 3",
+            ),
+        ] {
+            let err = load_toml(text, &[]).unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn open_peer_port_needs_tls_or_explicit_consent() {
+        let open = "[raft]\npeer_listen = \"192.0.2.1:3906\"\n";
+        let err = load_toml(open, &[]).unwrap_err().to_string();
+        assert!(err.contains("allow_insecure_peer"), "{err}");
+        let c = load_toml(open, &["--allow-insecure-peer"]).unwrap();
+        assert!(c.raft.allow_insecure_peer && c.peer_port_insecure());
+        let c = load_toml(&format!("{open}allow_insecure_peer = true\n"), &[]).unwrap();
+        assert!(c.peer_port_insecure());
+        // The wildcard address is not loopback either.
+        assert!(load_toml("[raft]\npeer_listen = \"0.0.0.0:3906\"\n", &[]).is_err());
+        // Loopback (all of 127/8, and ::1) is fine as it is.
+        for a in ["127.0.0.11:3906", "[::1]:3906"] {
+            let c = load_toml(&format!("[raft]\npeer_listen = \"{a}\"\n"), &[]).unwrap();
+            assert!(!c.peer_port_insecure());
+        }
+        // With peer TLS set, any address is fine.
+        let tls = "[raft]\npeer_listen = \"192.0.2.1:3906\"\npeer_tls_cert = \"/c\"\n\
+                   peer_tls_key = \"/k\"\npeer_tls_ca = \"/a\"\n";
+        assert!(!load_toml(tls, &[]).unwrap().peer_port_insecure());
+        // Replicas do not listen on a peer port.
+        let replica = "[node]\nrole = \"replica\"\n[replica]\nmasters = [\"192.0.2.1:1\"]\n\
+                       [raft]\npeer_listen = \"192.0.2.9:3906\"\n";
+        assert!(load_toml(replica, &[]).is_ok());
+    }
+
+    #[test]
+    fn new_mupdate_limits_have_defaults_and_are_checked() {
+        let c = Config::default();
+        assert_eq!(c.mupdate.login_timeout_secs, 30);
+        assert!(c.mupdate.max_unauthenticated > 0);
+        assert!(load_toml("[mupdate]\nmax_unauthenticated = 0\n", &[]).is_err());
+        assert!(load_toml("[mupdate]\nlogin_timeout_secs = 0\n", &[]).is_err());
+        assert!(load_toml("[raft]\nmax_peer_connections = 0\n", &[]).is_err());
     }
 }

@@ -24,8 +24,11 @@ pub struct Running {
     pub peer_addr: Option<SocketAddr>,
     /// The registry, master or replica.
     pub directory: Directory,
-    /// The MUPDATE accept loop.
-    pub mupdate_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The MUPDATE accept loop (it ends only if it panics).
+    pub mupdate_task: tokio::task::JoinHandle<()>,
+    /// The MUPDATE connection cap in effect: `mupdate.max_connections`,
+    /// lowered if the descriptor limit does not leave room for it.
+    pub max_connections: usize,
 }
 
 /// Name of the administrator created on first start.
@@ -75,6 +78,14 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 /// Starts the node as `config` says: Raft (master) or the log-stream
 /// follower (replica), then the MUPDATE listener.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
+    let max_connections = fit_descriptor_limit(config)?;
+    if config.peer_port_insecure() {
+        tracing::warn!(
+            peer_listen = %config.raft.peer_listen,
+            "raft.allow_insecure_peer: the peer port listens beyond loopback WITHOUT mutual TLS; \
+             anyone who reaches it can act as a cluster member"
+        );
+    }
     let listener = TcpListener::bind(config.mupdate.listen)
         .await
         .with_context(|| format!("binding MUPDATE listener {}", config.mupdate.listen))?;
@@ -91,30 +102,67 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         _ => None,
     };
     let credentials = Arc::new(CredentialStore::new(config.users_file()));
-    let ctx = Arc::new(ServerContext {
-        directory: directory.clone(),
-        sasl: SaslServer::new(credentials),
-        tls,
-        settings: ServerSettings {
-            server_name: config.node.server_name.clone(),
-            max_connections: config.mupdate.max_connections,
-            idle_timeout: Duration::from_secs(config.mupdate.idle_timeout_secs),
-            failed_auth_delay: Duration::from_millis(config.mupdate.failed_auth_delay_ms),
-            allow_plaintext: config.mupdate.allow_plaintext,
-            limits: Limits {
-                max_line: config.mupdate.max_line_bytes,
-                max_literal: config.mupdate.max_literal_bytes,
-                ..Limits::default()
-            },
+    let m = &config.mupdate;
+    let settings = ServerSettings {
+        server_name: config.node.server_name.clone(),
+        max_connections,
+        max_unauthenticated: m.max_unauthenticated.min(max_connections),
+        idle_timeout: Duration::from_secs(m.idle_timeout_secs),
+        login_timeout: Duration::from_secs(m.login_timeout_secs),
+        max_parallel_auth: match m.max_parallel_auth {
+            0 => server::default_parallel_auth(),
+            n => n,
         },
-    });
+        failed_auth_delay: Duration::from_millis(m.failed_auth_delay_ms),
+        allow_plaintext: m.allow_plaintext,
+        limits: Limits {
+            max_line: m.max_line_bytes,
+            max_literal: m.max_literal_bytes,
+            ..Limits::default()
+        },
+    };
+    let ctx = Arc::new(ServerContext::new(
+        directory.clone(),
+        SaslServer::new(credentials),
+        tls,
+        settings,
+    ));
     let mupdate_task = tokio::spawn(server::serve(listener, ctx));
     Ok(Running {
         mupdate_addr,
         peer_addr,
         directory,
         mupdate_task,
+        max_connections,
     })
+}
+
+/// Checks the connection caps against the process's open-file limit: the
+/// MUPDATE cap is lowered (with a warning) when the limit leaves fewer than
+/// [`crate::net::RESERVED_DESCRIPTORS`] descriptors beside the MUPDATE and
+/// peer caps, and the node refuses to start when even a small cap does not
+/// fit.
+fn fit_descriptor_limit(config: &Config) -> anyhow::Result<usize> {
+    let wanted = config.mupdate.max_connections;
+    let peers = match config.node.role {
+        Role::Master => config.raft.max_peer_connections,
+        Role::Replica => 0,
+    };
+    let Some(limit) = crate::net::open_file_limit() else {
+        return Ok(wanted);
+    };
+    let fitted = crate::net::fit_connection_caps(limit, wanted, peers)?;
+    if fitted < wanted {
+        tracing::warn!(
+            open_file_limit = limit,
+            raft.max_peer_connections = peers,
+            "mupdate.max_connections lowered from {wanted} to {fitted} so that {} descriptors \
+             stay free for RocksDB, peers and metrics; raise the open-file limit (ulimit -n, \
+             LimitNOFILE=) to allow more",
+            crate::net::RESERVED_DESCRIPTORS
+        );
+    }
+    Ok(fitted)
 }
 
 /// Raft, its store and the peer listener.
@@ -136,6 +184,7 @@ async fn start_master(config: &Config) -> anyhow::Result<(Registry, SocketAddr)>
         peer_listener,
         registry.clone(),
         registry.peer_server_tls(),
+        config.raft.max_peer_connections,
     ));
     Ok((registry, peer_addr))
 }

@@ -17,6 +17,7 @@ pub mod directory;
 pub mod metrics;
 pub mod model;
 pub mod mupdate;
+pub mod net;
 pub mod peer;
 pub mod raft;
 pub mod replica;

@@ -57,7 +57,10 @@ async fn run() -> anyhow::Result<()> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        r = running.mupdate_task => { r??; }
+        r = running.mupdate_task => {
+            r?;
+            anyhow::bail!("the MUPDATE listener stopped");
+        }
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
         _ = term.recv() => tracing::info!("terminated; shutting down"),
     }

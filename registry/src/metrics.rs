@@ -110,14 +110,46 @@ fn describe() {
         "Connections streaming UPDATE"
     );
     describe_counter!("corvid_mupdate_auth_total", "Authentications by result");
+    describe_gauge!(
+        "corvid_mupdate_connections_max",
+        "MUPDATE connection cap in effect (after fitting the descriptor limit)"
+    );
+    describe_gauge!(
+        "corvid_mupdate_connections_unauthenticated",
+        "Open MUPDATE connections that have not authenticated yet"
+    );
+    describe_counter!(
+        "corvid_mupdate_login_timeouts_total",
+        "Connections closed for not authenticating within mupdate.login_timeout_secs"
+    );
+    describe_counter!(
+        "corvid_accept_errors_total",
+        "Failed accept() calls by listener (mupdate, peer, metrics); the listener pauses and goes on"
+    );
+    describe_gauge!("corvid_peer_connections_open", "Open peer-port connections");
+    describe_counter!(
+        "corvid_peer_connections_rejected_total",
+        "Peer-port connections closed at raft.max_peer_connections"
+    );
 }
 
-/// Serves `GET /metrics` on `listener` until it fails.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle) -> std::io::Result<()> {
+/// Most concurrent `/metrics` requests; more are closed at once.
+const MAX_METRICS_CONNECTIONS: usize = 16;
+
+/// Serves `GET /metrics` on `listener` for as long as the task runs.
+/// `accept()` errors are counted and retried after a pause.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
+    let mut listener = crate::net::Acceptor::new(listener, "metrics");
     loop {
-        let (mut socket, _) = listener.accept().await?;
+        let (mut socket, _) = listener.accept().await;
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(socket);
+            continue;
+        };
         let handle = handle.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut buf = vec![0u8; 8192];
             let mut used = 0;
             // Read the request head (bounded), ignoring any body.

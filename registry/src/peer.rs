@@ -205,6 +205,10 @@ pub fn write_frame<T: Serialize>(out: &mut Vec<u8>, value: &T) -> Result<(), Str
 }
 
 /// Decodes one frame from the front of `buf`: `Ok(None)` until it is whole.
+///
+/// Nothing is reserved for the announced length: a peer that announces a
+/// large frame and sends nothing more costs only what it sent (the reader's
+/// buffer grows as bytes arrive).
 pub fn decode_frame<T: DeserializeOwned>(
     buf: &mut BytesMut,
     max: usize,
@@ -217,7 +221,6 @@ pub fn decode_frame<T: DeserializeOwned>(
         return Err(format!("frame of {len} bytes exceeds {max}"));
     }
     if buf.len() < 4 + len {
-        buf.reserve(4 + len - buf.len());
         return Ok(None);
     }
     buf.advance(4);
@@ -391,20 +394,34 @@ impl PeerClient {
     }
 }
 
-/// Serves peer requests on `listener` until it fails; with `tls`, only peers
-/// presenting a certificate of the cluster's CA get past the handshake.
+/// Serves peer requests on `listener` for as long as the task runs; with
+/// `tls`, only peers presenting a certificate of the cluster's CA get past
+/// the handshake. At most `max_connections` at once: more are closed at
+/// once. `accept()` errors are counted and retried after a pause.
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
     tls: Option<Arc<rustls::ServerConfig>>,
-) -> std::io::Result<()> {
+    max_connections: usize,
+) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut listener = crate::net::Acceptor::new(listener, "peer");
     loop {
-        let (socket, peer) = listener.accept().await?;
+        let (socket, peer) = listener.accept().await;
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("corvid_peer_connections_rejected_total").increment(1);
+            tracing::warn!(%peer, max_connections, "peer connection refused: too many open");
+            drop(socket);
+            continue;
+        };
         let _ = socket.set_nodelay(true);
         let registry = registry.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            metrics::gauge!("corvid_peer_connections_open").increment(1.0);
+            let _open = OnDrop(|| metrics::gauge!("corvid_peer_connections_open").decrement(1.0));
             let res = match acceptor {
                 None => serve_connection(socket, peer, registry).await,
                 Some(a) => {
@@ -423,6 +440,15 @@ pub async fn serve(
                 tracing::debug!(%peer, "peer connection ended: {e}");
             }
         });
+    }
+}
+
+/// Runs a closure when dropped (also when the task is aborted).
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
     }
 }
 
@@ -497,6 +523,26 @@ mod tests {
             assert!(got[0].contains("user.a"));
             assert_eq!(got[1], "ReadIndex");
         }
+    }
+
+    #[test]
+    fn announced_length_is_not_reserved_before_it_arrives() {
+        // 256 MiB announced, 3 body bytes sent.
+        let len: u32 = 256 << 20;
+        let mut buf = BytesMut::with_capacity(64);
+        buf.extend_from_slice(&len.to_be_bytes());
+        buf.extend_from_slice(b"abc");
+        for _ in 0..3 {
+            assert!(decode_frame::<PeerRequest>(&mut buf, MAX_FRAME_BYTES)
+                .unwrap()
+                .is_none());
+        }
+        assert!(
+            buf.capacity() < 64 * 1024,
+            "decode_frame reserved {} bytes for a frame that has not arrived",
+            buf.capacity()
+        );
+        assert_eq!(buf.len(), 7, "nothing consumed from a partial frame");
     }
 
     #[test]

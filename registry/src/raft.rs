@@ -90,6 +90,13 @@ pub struct RaftSettings {
     /// a deposed leader or a partitioned follower serves stale data. Exists
     /// so that the Jepsen harness can show it detects the anomaly.
     pub unsafe_test_stale_reads: bool,
+    /// Most concurrent connections to the peer port; more are closed at
+    /// once.
+    pub max_peer_connections: usize,
+    /// Let a master listen for peers on a non-loopback address without
+    /// peer mutual TLS (anyone who reaches the port can then act as a
+    /// cluster member). Off by default; a warning is logged at every start.
+    pub allow_insecure_peer: bool,
 }
 
 /// How reads are served.
@@ -132,6 +139,8 @@ impl Default for RaftSettings {
             peer_tls_key: None,
             peer_tls_ca: None,
             unsafe_test_stale_reads: false,
+            max_peer_connections: 128,
+            allow_insecure_peer: false,
         }
     }
 }

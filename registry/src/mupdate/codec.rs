@@ -55,6 +55,10 @@ pub const INVALID_NUL: &str = "Invalid NUL byte in string";
 const MAX_UPDATE_SERVERS: usize = 30;
 /// Cyrus reads literal sizes as 32-bit numbers.
 const MAX_LITERAL_SIZE: u64 = u32::MAX as u64;
+/// A literal announced at more than this many times [`Limits::max_literal`]
+/// is not skipped but ends the connection ([`Frame::Fatal`]): reading it
+/// through would let a stranger keep the server busy for gigabytes.
+pub const FAR_OVER_LITERAL_FACTOR: u64 = 16;
 
 /// Bounds on what a decoder holds for one command or line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,6 +188,15 @@ pub enum Frame {
     /// A malformed or over-long command: answer `tag BAD "reason"`
     /// (`* BAD` when `tag` is `None`).
     Bad {
+        /// The tag, when one was read before the error.
+        tag: Option<String>,
+        /// The text to send.
+        reason: String,
+    },
+    /// A literal announced far over the limit (more than
+    /// [`FAR_OVER_LITERAL_FACTOR`] times [`Limits::max_literal`]): answer
+    /// `tag BAD "reason"`, then close the connection without reading on.
+    Fatal {
         /// The tag, when one was read before the error.
         tag: Option<String>,
         /// The text to send.
@@ -327,6 +340,9 @@ pub struct RequestDecoder {
     literal_total: usize,
     /// The answer to give once the bad line has been skipped.
     pending: &'static str,
+    /// The answer was given already (at an over-large literal's header):
+    /// skip the rest of the line without a second one.
+    quiet: bool,
     /// Partial line of the raw SASL line mode.
     raw: Vec<u8>,
     /// The raw line mode is discarding an over-long line.
@@ -348,6 +364,7 @@ impl RequestDecoder {
             line_len: 0,
             literal_total: 0,
             pending: "",
+            quiet: false,
             raw: Vec::new(),
             raw_skipping: false,
         }
@@ -558,11 +575,10 @@ impl RequestDecoder {
             State::LitSize { size, digits } => match b {
                 b'0'..=b'9' => {
                     let size = size * 10 + u64::from(b - b'0');
-                    if size > MAX_LITERAL_SIZE {
-                        // Cannot be skipped by count: drop the line.
-                        self.pending = LITERAL_TOO_LARGE;
-                        self.state = State::Skip(Skip::Line);
-                        return Step::Next;
+                    if size > self.far_over() {
+                        // Known to be far too large before the header ends:
+                        // answer now; the connection closes.
+                        return Step::Emit(self.fatal_frame(LITERAL_TOO_LARGE));
                     }
                     self.state = State::LitSize { size, digits: true };
                     Step::Next
@@ -655,11 +671,17 @@ impl RequestDecoder {
         match (total, sync) {
             // The client waits for "+ go ahead" and will not send the bytes.
             (None, true) => Step::Emit(self.bad_frame(LITERAL_TOO_LARGE)),
-            // The bytes come anyway: count them away, then the rest of the line.
+            // The bytes come anyway. Answer at once, without waiting for them;
+            // then count them away, and the rest of the line, in silence.
             (None, false) => {
-                self.pending = LITERAL_TOO_LARGE;
+                let tag = self.bad_tag();
+                self.reset();
+                self.quiet = true;
                 self.state = State::Skip(Skip::Data { remaining: size });
-                Step::Next
+                Step::Emit(Frame::Bad {
+                    tag,
+                    reason: LITERAL_TOO_LARGE.to_owned(),
+                })
             }
             (Some(total), _) => {
                 let len = total - self.literal_total;
@@ -719,9 +741,19 @@ impl RequestDecoder {
         Step::Again
     }
 
+    /// Literal sizes above this end the connection instead of being skipped.
+    fn far_over(&self) -> u64 {
+        let limit = (self.limits.max_literal as u64).saturating_mul(FAR_OVER_LITERAL_FACTOR);
+        limit.min(MAX_LITERAL_SIZE)
+    }
+
     /// One byte of a line being skipped.
     fn skip(&mut self, skip: Skip, b: u8) -> Step {
         let next = match (skip, b) {
+            (Skip::Line, b'\n') if self.quiet => {
+                self.reset();
+                return Step::Next;
+            }
             (Skip::Line, b'\n') => {
                 let reason = self.pending;
                 return Step::Emit(self.bad_frame(reason));
@@ -730,11 +762,17 @@ impl RequestDecoder {
             (Skip::Line, _) => Skip::Line,
             (Skip::Size { size }, b'0'..=b'9') => {
                 let size = size * 10 + u64::from(b - b'0');
-                if size > MAX_LITERAL_SIZE {
-                    Skip::Line
-                } else {
-                    Skip::Size { size }
+                if size > self.far_over() {
+                    // Too much to read through, even to skip: give the
+                    // line's answer (if not given yet) and close.
+                    let reason = if self.quiet {
+                        LITERAL_TOO_LARGE
+                    } else {
+                        self.pending
+                    };
+                    return Step::Emit(self.fatal_frame(reason));
                 }
+                Skip::Size { size }
             }
             (Skip::Size { size }, b'+') => Skip::Plus { size },
             (Skip::Plus { size }, b'}') => Skip::Close { size },
@@ -753,13 +791,28 @@ impl RequestDecoder {
         Step::Next
     }
 
+    /// The tag to answer a bad command with, when one was read.
+    fn bad_tag(&self) -> Option<String> {
+        self.tag_ok
+            .then(|| String::from_utf8_lossy(&self.tag).into_owned())
+    }
+
     /// `BAD` for the current command, and reset for the next one.
     fn bad_frame(&mut self, reason: &str) -> Frame {
-        let tag = self
-            .tag_ok
-            .then(|| String::from_utf8_lossy(&self.tag).into_owned());
+        let tag = self.bad_tag();
         self.reset();
         Frame::Bad {
+            tag,
+            reason: reason.to_owned(),
+        }
+    }
+
+    /// `BAD` and close: the decoder stops here (whatever follows is not
+    /// read; a caller that feeds it more anyway gets commands again).
+    fn fatal_frame(&mut self, reason: &str) -> Frame {
+        let tag = self.bad_tag();
+        self.reset();
+        Frame::Fatal {
             tag,
             reason: reason.to_owned(),
         }
@@ -820,6 +873,7 @@ impl RequestDecoder {
         self.line_len = 0;
         self.literal_total = 0;
         self.pending = "";
+        self.quiet = false;
         // Do not keep a big literal's allocation for the connection's life.
         if self.arg.capacity() > 4096 {
             self.arg = Vec::new();
@@ -1433,6 +1487,11 @@ mod tests {
         for piece in input.chunks(chunk.max(1)) {
             buf.extend_from_slice(piece);
             while let Some(frame) = dec.decode(&mut buf) {
+                if matches!(frame, Frame::Fatal { .. }) {
+                    // The server closes the connection here.
+                    frames.push(frame);
+                    return frames;
+                }
                 frames.push(frame);
                 assert!(dec.buffered_len() <= limits.max_line + limits.max_literal);
             }
@@ -1474,6 +1533,13 @@ mod tests {
 
     fn bad(tag: Option<&str>, reason: &str) -> Frame {
         Frame::Bad {
+            tag: tag.map(String::from),
+            reason: reason.into(),
+        }
+    }
+
+    fn fatal(tag: Option<&str>, reason: &str) -> Frame {
+        Frame::Fatal {
             tag: tag.map(String::from),
             reason: reason.into(),
         }
@@ -2002,18 +2068,20 @@ mod tests {
                 vec![req("A1", Command::Find { name: "n".repeat(52) }), noop("A2")],
             ),
             (one_over_max_line.as_bytes(), vec![bad(Some("A1"), LINE_TOO_LONG), noop("A2")]),
-            // Sizes beyond 32 bits cannot be counted away: the line is dropped.
+            // Sizes far over the limit are not read through: the answer
+            // comes as soon as the size is known, then the connection closes.
             (
                 b"A1 FIND {99999999999999999999+}\r\nA2 NOOP\r\n",
-                vec![bad(Some("A1"), LITERAL_TOO_LARGE), noop("A2")],
+                vec![fatal(Some("A1"), LITERAL_TOO_LARGE)],
             ),
             (
                 b"A1 FIND {99999999999999999999}\r\nA2 NOOP\r\n",
-                vec![bad(Some("A1"), LITERAL_TOO_LARGE), noop("A2")],
+                vec![fatal(Some("A1"), LITERAL_TOO_LARGE)],
             ),
+            // On a line already refused, its own answer.
             (
                 b"A1 FROB {99999999999999999999+}\r\nA2 NOOP\r\n",
-                vec![bad(Some("A1"), UNRECOGNIZED_COMMAND), noop("A2")],
+                vec![fatal(Some("A1"), UNRECOGNIZED_COMMAND)],
             ),
             // Literal in a line being skipped, even across the length limit.
             (
@@ -2063,24 +2131,68 @@ mod tests {
     }
 
     #[test]
-    fn oversize_nonsync_literal_is_counted_not_kept() {
-        let limits = small();
+    fn oversize_nonsync_literal_is_answered_at_once_then_counted_not_kept() {
+        let limits = small(); // 32-byte literals; 16 x 32 = 512 is skipped
         let mut dec = RequestDecoder::new(limits);
-        let mut buf = BytesMut::from(&b"A1 FIND {1000000+}\r\n"[..]);
-        assert_eq!(dec.decode(&mut buf), None);
-        for _ in 0..1000 {
-            buf.extend_from_slice(&[b'\n'; 1000]);
-            assert_eq!(dec.decode(&mut buf), None);
-            assert!(buf.is_empty());
-            // Tag and command word only.
-            assert_eq!(dec.buffered_len(), "A1FIND".len());
-        }
-        buf.extend_from_slice(b"\r\nA2 NOOP\r\n");
+        // The answer comes with the header, before any payload byte.
+        let mut buf = BytesMut::from(&b"A1 FIND {512+}\r\n"[..]);
         assert_eq!(
             dec.decode(&mut buf),
             Some(bad(Some("A1"), LITERAL_TOO_LARGE))
         );
+        assert!(buf.is_empty());
+        for _ in 0..64 {
+            // Payload that looks like commands is not taken for them.
+            buf.extend_from_slice(b"B1 NOOP\n");
+            assert_eq!(dec.decode(&mut buf), None);
+            assert!(buf.is_empty());
+            assert_eq!(dec.buffered_len(), 0);
+        }
+        // The rest of the line is skipped without a second answer.
+        buf.extend_from_slice(b" \"rest\"\r\nA2 NOOP\r\n");
         assert_eq!(dec.decode(&mut buf), Some(noop("A2")));
+        assert_eq!(dec.decode(&mut buf), None);
+    }
+
+    #[test]
+    fn literal_far_over_the_limit_is_fatal_before_its_header_ends() {
+        let limits = small();
+        for (header, expected) in [
+            // 513 > 16 x 32: fatal as soon as the third digit is read.
+            (&b"A1 FIND {513"[..], fatal(Some("A1"), LITERAL_TOO_LARGE)),
+            (
+                b"A1 FIND {1073741824+}",
+                fatal(Some("A1"), LITERAL_TOO_LARGE),
+            ),
+            (
+                b"A1 FIND {1073741824}",
+                fatal(Some("A1"), LITERAL_TOO_LARGE),
+            ),
+            (
+                b"A1 RESERVE {3+}\r\nabc {600+}",
+                fatal(Some("A1"), LITERAL_TOO_LARGE),
+            ),
+            // Also inside a line that is being skipped for another reason.
+            (b"A1 FROB {600+}", fatal(Some("A1"), UNRECOGNIZED_COMMAND)),
+            // Synchronizing, within 16x: refused at once, connection kept.
+            (b"A1 FIND {512}\r\n", bad(Some("A1"), LITERAL_TOO_LARGE)),
+        ] {
+            let mut dec = RequestDecoder::new(limits);
+            let mut buf = BytesMut::from(header);
+            assert_eq!(
+                dec.decode(&mut buf),
+                Some(expected),
+                "{:?}",
+                String::from_utf8_lossy(header)
+            );
+        }
+        // With the default limit (64 KiB), 1 MiB is fatal, 1 MiB - 1 B not.
+        let mut dec = RequestDecoder::new(Limits::default());
+        let mut buf = BytesMut::from(&b"A1 FIND {1048577+}\r\n"[..]);
+        assert!(matches!(dec.decode(&mut buf), Some(Frame::Fatal { .. })));
+        let mut dec = RequestDecoder::new(Limits::default());
+        let mut buf = BytesMut::from(&b"A1 FIND {1048576+}\r\n"[..]);
+        assert!(matches!(dec.decode(&mut buf), Some(Frame::Bad { .. })));
     }
 
     // ----- raw SASL lines ----------------------------------------------------

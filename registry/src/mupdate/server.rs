@@ -14,10 +14,10 @@ use base64::Engine;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, Semaphore};
+use tokio::sync::{broadcast, OwnedSemaphorePermit, Semaphore};
 
 use super::codec::{self, Command, Frame, Greeting, Limits, Request, RequestDecoder, Status};
-use crate::auth::{Identity, SaslServer, SaslStep};
+use crate::auth::{AuthError, Identity, SaslExchange, SaslServer, SaslStep};
 use crate::directory::Directory;
 use crate::model::{
     server_of, Change, ClientSession, MailboxEntry, MailboxState, Outcome, RegistryCommand,
@@ -32,8 +32,16 @@ pub struct ServerSettings {
     pub server_name: String,
     /// Most concurrent connections; more are answered `* BYE`.
     pub max_connections: usize,
-    /// A connection idle this long is closed.
+    /// Most concurrent connections not yet authenticated; more are answered
+    /// `* BYE` at once.
+    pub max_unauthenticated: usize,
+    /// An authenticated connection idle this long is closed.
     pub idle_timeout: Duration,
+    /// A connection not authenticated this long after it opened is closed.
+    pub login_timeout: Duration,
+    /// Most password checks (PBKDF2) running at once, each on a blocking
+    /// thread so that they never hold up Raft's tasks.
+    pub max_parallel_auth: usize,
     /// Pause before answering a failed authentication (slows guessing).
     pub failed_auth_delay: Duration,
     /// Allow PLAIN on connections that are neither TLS nor loopback.
@@ -47,12 +55,20 @@ impl Default for ServerSettings {
         ServerSettings {
             server_name: "corvid".into(),
             max_connections: 4096,
+            max_unauthenticated: 256,
             idle_timeout: Duration::from_secs(30 * 60),
+            login_timeout: Duration::from_secs(30),
+            max_parallel_auth: default_parallel_auth(),
             failed_auth_delay: Duration::from_secs(1),
             allow_plaintext: false,
             limits: Limits::default(),
         }
     }
+}
+
+/// One password check per CPU core.
+pub fn default_parallel_auth() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Everything a session needs, shared by all sessions.
@@ -65,30 +81,78 @@ pub struct ServerContext {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Settings.
     pub settings: ServerSettings,
+    /// Permits for password checks ([`ServerSettings::max_parallel_auth`]).
+    auth_slots: Semaphore,
 }
 
-/// Accepts connections until the listener fails.
-pub async fn serve(listener: TcpListener, ctx: Arc<ServerContext>) -> std::io::Result<()> {
+impl ServerContext {
+    /// The shared context of a MUPDATE listener.
+    pub fn new(
+        directory: Directory,
+        sasl: SaslServer,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        settings: ServerSettings,
+    ) -> ServerContext {
+        let auth_slots = Semaphore::new(settings.max_parallel_auth.max(1));
+        ServerContext {
+            directory,
+            sasl,
+            tls,
+            settings,
+            auth_slots,
+        }
+    }
+}
+
+/// A connection's place among the unauthenticated ones; given back when it
+/// authenticates or closes.
+struct LoginSlot(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl LoginSlot {
+    fn new(permit: OwnedSemaphorePermit) -> LoginSlot {
+        metrics::gauge!("corvid_mupdate_connections_unauthenticated").increment(1.0);
+        LoginSlot(permit)
+    }
+}
+
+impl Drop for LoginSlot {
+    fn drop(&mut self) {
+        metrics::gauge!("corvid_mupdate_connections_unauthenticated").decrement(1.0);
+    }
+}
+
+/// Accepts connections for as long as the task runs. `accept()` errors
+/// (out of descriptors, ...) are counted and retried after a pause; they
+/// never end the loop.
+pub async fn serve(listener: TcpListener, ctx: Arc<ServerContext>) {
     let slots = Arc::new(Semaphore::new(ctx.settings.max_connections));
+    let login_slots = Arc::new(Semaphore::new(ctx.settings.max_unauthenticated));
+    metrics::gauge!("corvid_mupdate_connections_max").set(ctx.settings.max_connections as f64);
+    let mut acceptor = crate::net::Acceptor::new(listener, "mupdate");
     loop {
-        let (mut socket, peer) = listener.accept().await?;
+        let (socket, peer) = acceptor.accept().await;
         let _ = socket.set_nodelay(true);
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            metrics::counter!("corvid_mupdate_connections_rejected_total").increment(1);
-            tokio::spawn(async move {
-                let mut out = Vec::new();
-                codec::write_bye(&mut out, "Server Unable: too many connections");
-                let _ = socket.write_all(&out).await;
-            });
+            refuse(socket, "connections", "Server Unable: too many connections");
             continue;
         };
+        let Ok(login) = login_slots.clone().try_acquire_owned() else {
+            refuse(
+                socket,
+                "unauthenticated",
+                "Server Unable: too many connections waiting to log in",
+            );
+            continue;
+        };
+        let login = LoginSlot::new(login);
         let ctx = ctx.clone();
         tokio::spawn(async move {
             metrics::gauge!("corvid_mupdate_connections_open").increment(1.0);
-            let mut session = Session::new(ctx, MaybeTls::Plain(socket), peer);
+            let mut session = Session::new(ctx, MaybeTls::Plain(socket), peer, login);
             if let Err(e) = session.run().await {
                 tracing::debug!(%peer, "mupdate session ended: {e}");
             }
+            drop(session);
             metrics::gauge!("corvid_mupdate_connections_open").decrement(1.0);
             drop(permit);
         });
@@ -99,6 +163,21 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ServerContext>) -> std::io::R
 /// the cluster before answering with what it has.
 const NOOP_SYNC_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Answers a connection over a cap with `* BYE` and closes it.
+fn refuse(mut socket: tokio::net::TcpStream, cap: &'static str, reason: &'static str) {
+    metrics::counter!("corvid_mupdate_connections_rejected_total", "limit" => cap).increment(1);
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        codec::write_bye(&mut out, reason);
+        // Bounded: a peer that reads nothing cannot keep the descriptor.
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            socket.write_all(&out).await?;
+            socket.shutdown().await
+        })
+        .await;
+    });
+}
+
 /// Why a session stops.
 #[derive(Debug, thiserror::Error)]
 enum SessionEnd {
@@ -108,6 +187,10 @@ enum SessionEnd {
     Logout,
     #[error("idle timeout")]
     Idle,
+    #[error("not authenticated within the login timeout")]
+    LoginTimeout,
+    #[error("closed after a protocol error: {0}")]
+    Protocol(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -134,11 +217,16 @@ struct Session {
     /// The connection's client session: its writes are numbered, so a
     /// retried write is applied once (see [`crate::model::ClientTag`]).
     client: ClientSession,
+    /// Held until the session authenticates.
+    login: Option<LoginSlot>,
+    /// When an unauthenticated session is closed.
+    login_deadline: tokio::time::Instant,
 }
 
 impl Session {
-    fn new(ctx: Arc<ServerContext>, stream: MaybeTls, peer: SocketAddr) -> Self {
+    fn new(ctx: Arc<ServerContext>, stream: MaybeTls, peer: SocketAddr, login: LoginSlot) -> Self {
         let decoder = RequestDecoder::new(ctx.settings.limits);
+        let login_deadline = tokio::time::Instant::now() + ctx.settings.login_timeout;
         Session {
             ctx,
             stream,
@@ -149,6 +237,8 @@ impl Session {
             identity: None,
             streaming: None,
             client: ClientSession::new(),
+            login: Some(login),
+            login_deadline,
         }
     }
 
@@ -184,10 +274,22 @@ impl Session {
         Ok(())
     }
 
-    /// Reads more input; `Ok(false)` at end of stream.
+    /// Reads more input, within the idle timeout, and before login within
+    /// what is left of the login timeout.
     async fn fill(&mut self) -> Result<(), SessionEnd> {
-        let idle = self.ctx.settings.idle_timeout;
-        match tokio::time::timeout(idle, self.stream.read_buf(&mut self.input)).await {
+        let idle = tokio::time::Instant::now() + self.ctx.settings.idle_timeout;
+        let deadline = match self.identity {
+            Some(_) => idle,
+            None => idle.min(self.login_deadline),
+        };
+        let read = self.stream.read_buf(&mut self.input);
+        match tokio::time::timeout_at(deadline, read).await {
+            Err(_) if self.identity.is_none() && deadline == self.login_deadline => {
+                metrics::counter!("corvid_mupdate_login_timeouts_total").increment(1);
+                codec::write_bye(&mut self.output, "login timeout");
+                self.flush().await?;
+                Err(SessionEnd::LoginTimeout)
+            }
             Err(_) => {
                 codec::write_bye(&mut self.output, "idle for too long");
                 self.flush().await?;
@@ -225,6 +327,16 @@ impl Session {
                         metrics::counter!("corvid_mupdate_commands_total", "command" => "invalid", "result" => "bad")
                             .increment(1);
                         codec::write_status(&mut self.output, tag.as_deref(), Status::Bad, &reason);
+                    }
+                    Frame::Fatal { tag, reason } => {
+                        // Far more announced than could ever be accepted:
+                        // answer, then close rather than read it through.
+                        metrics::counter!("corvid_mupdate_commands_total", "command" => "invalid", "result" => "bad")
+                            .increment(1);
+                        codec::write_status(&mut self.output, tag.as_deref(), Status::Bad, &reason);
+                        self.flush().await?;
+                        let _ = self.stream.shutdown().await;
+                        return Err(SessionEnd::Protocol(reason));
                     }
                     Frame::Request(req) => {
                         let name = req.command.name();
@@ -433,7 +545,9 @@ impl Session {
             },
         };
         let failed = loop {
-            match exchange.step(input.as_deref()) {
+            let (back, step) = self.step_blocking(exchange, input.take()).await?;
+            exchange = back;
+            match step {
                 Ok(SaslStep::Challenge(challenge)) => {
                     codec::write_sasl_challenge(&mut self.output, &challenge);
                     self.flush().await?;
@@ -470,6 +584,8 @@ impl Session {
                     tracing::info!(peer = %self.peer, user = %identity.user, "authenticated");
                     metrics::counter!("corvid_mupdate_auth_total", "result" => "ok").increment(1);
                     self.identity = Some(identity);
+                    // No longer counts against `max_unauthenticated`.
+                    self.login = None;
                     self.reply(tag, NAME, Status::Ok, "Authenticated");
                     return Ok(());
                 }
@@ -488,6 +604,28 @@ impl Session {
             failed.unwrap_or("authentication failed"),
         );
         Ok(())
+    }
+
+    /// Runs one SASL step (PLAIN's PBKDF2, or the decoy's for an unknown
+    /// user) on a blocking thread, at most `max_parallel_auth` at once, so
+    /// that a burst of logins cannot starve the tasks that keep Raft alive.
+    async fn step_blocking(
+        &self,
+        mut exchange: SaslExchange,
+        input: Option<Vec<u8>>,
+    ) -> Result<(SaslExchange, Result<SaslStep, AuthError>), SessionEnd> {
+        let _permit = self
+            .ctx
+            .auth_slots
+            .acquire()
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::task::spawn_blocking(move || {
+            let step = exchange.step(input.as_deref());
+            (exchange, step)
+        })
+        .await
+        .map_err(|e| SessionEnd::Io(std::io::Error::other(e)))
     }
 
     async fn start_update(&mut self, tag: &str, servers: Vec<String>) -> Result<(), SessionEnd> {

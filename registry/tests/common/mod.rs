@@ -71,7 +71,6 @@ pub async fn start_node(tweak: impl FnOnce(&mut Config)) -> TestNode {
     TestNode { running, dir }
 }
 
-/// Path of the `corvid-registry` binary built with the tests.
 /// The `corvid-registry` binary under test: cargo's, or the one in
 /// `$CORVID_BIN_DIR` (a copy taken right after a build, when several work
 /// trees share one target directory).
@@ -264,6 +263,11 @@ impl TestCluster {
         self.nodes.push(None);
         self.restart(id);
         id
+    }
+
+    /// The credentials file every node reads (re-read when it changes).
+    pub fn users_file(&self) -> &Path {
+        &self.users
     }
 
     pub fn spec(&self, id: u64) -> &NodeSpec {
