@@ -172,7 +172,7 @@ async fn run_child_in(ns: &str) -> anyhow::Result<bool> {
         _ = term.recv() => None,
     };
     if status.is_none() {
-        eprintln!("corvid-jepsen: interrupted; stopping the run and removing its namespace");
+        eprintln!("corvid-jepsen: interrupted; stopping the run and removing its namespaces");
         let _ = Command::new("kill")
             .args(["-INT", "--", &group])
             .stderr(std::process::Stdio::null())
