@@ -1,10 +1,10 @@
-//! The system under test: `corvid-registry` processes on their own loopback
-//! addresses inside the run's private network namespace, and the faults
-//! the nemesis applies to them (iptables rules, signals, membership).
+//! The system under test: `corvid-registry` processes, each in its own
+//! network namespace (see [`crate::netns`]), and the signals and membership
+//! changes the nemesis applies to them.
 //!
-//! Master `n{i}` listens on `127.0.0.{10+i}` (MUPDATE 3905, peer 3906,
-//! metrics 9905); replica `r{j}` on `127.0.0.{20+j}`. Fixed ports are safe
-//! here: the namespace is made for the run and nothing else listens in it.
+//! Master `n{i}` listens on `192.0.2.{10+i}` (MUPDATE 3905, peer 3906,
+//! metrics 9905); replica `r{j}` on `192.0.2.{20+j}`. Fixed ports are safe
+//! here: each namespace is made for the run and nothing else listens in it.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -34,14 +34,19 @@ pub struct ClusterSpec {
     pub replicas: usize,
     /// Start nodes with the test-only safety-breaking switch.
     pub unsafe_stale_reads: bool,
+    /// The run namespace (each process runs in its node namespace, see
+    /// [`crate::netns::node_namespace`]).
+    pub run_ns: String,
 }
 
 /// One registry process (master or replica) and how to reach it.
 pub struct Process {
     /// `n1`… or `r1`….
     pub name: String,
-    /// Its loopback address.
+    /// Its address (on its namespace's veth).
     pub ip: String,
+    /// Its network namespace.
+    pub netns: String,
     /// Raft node id (0 for replicas).
     pub id: u64,
     child: Option<Child>,
@@ -52,12 +57,19 @@ pub struct Process {
 }
 
 impl Process {
-    /// A process not started yet, logging to `dir/<name>.log`.
-    fn new(dir: &Path, name: String, ip: String, id: u64, args: Vec<String>) -> Process {
+    /// A process not started yet, to run in namespace `netns`, logging to
+    /// `dir/<name>.log`.
+    fn new(
+        dir: &Path,
+        (name, ip, netns): (String, String, String),
+        id: u64,
+        args: Vec<String>,
+    ) -> Process {
         Process {
             log: dir.join(format!("{name}.log")),
             name,
             ip,
+            netns,
             id,
             child: None,
             args,
@@ -75,6 +87,11 @@ impl Process {
         format!("{}:3906", self.ip)
     }
 
+    /// `ip:9905`.
+    pub fn metrics(&self) -> String {
+        format!("{}:9905", self.ip)
+    }
+
     /// Whether the process is running (possibly paused).
     pub fn running(&self) -> bool {
         self.child.is_some()
@@ -85,7 +102,11 @@ impl Process {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut child = Command::new(bin.join("corvid-registry"))
+        // `ip netns exec` execs the registry: the child's pid is the
+        // registry's, so signals reach it directly.
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .arg(bin.join("corvid-registry"))
             .args(&self.args)
             .env("CORVID_LOG", "warn")
             .stdout(Stdio::piped())
@@ -174,9 +195,11 @@ impl Cluster {
         let config = spec.dir.join("corvid.toml");
         // Short timeouts so that a run sees many faults and recoveries; a
         // snapshot every 2,000 entries so that catch-up by snapshot happens.
+        // Clients come from the bridge's address, not loopback: PLAIN
+        // without TLS must be allowed.
         std::fs::write(
             &config,
-            "[mupdate]\nfailed_auth_delay_ms = 0\n\
+            "[mupdate]\nfailed_auth_delay_ms = 0\nallow_plaintext = true\n\
              [raft]\nwrite_timeout_ms = 2000\nsnapshot_after_entries = 2000\nkeep_log_entries = 500\n\
              [replica]\nsilence_timeout_ms = 2000\nleaderless_timeout_ms = 1500\nwrite_timeout_ms = 2000\n",
         )?;
@@ -199,7 +222,8 @@ impl Cluster {
         let mut nodes = Vec::new();
         for i in 1..=spec.nodes {
             let name = format!("n{i}");
-            let ip = format!("127.0.0.{}", 10 + i);
+            let ip = crate::netns::master_ip(i);
+            let netns = crate::netns::node_namespace(&spec.run_ns, &name);
             let mut args = common(&name, &ip);
             args.extend([
                 "--node-id".into(),
@@ -211,7 +235,7 @@ impl Cluster {
             if spec.unsafe_stale_reads {
                 args.push("--unsafe-test-stale-reads".into());
             }
-            nodes.push(Process::new(&spec.dir, name, ip, i as u64, args));
+            nodes.push(Process::new(&spec.dir, (name, ip, netns), i as u64, args));
         }
         for n in &mut nodes {
             n.start(&spec.bin_dir)?;
@@ -224,7 +248,8 @@ impl Cluster {
         let mut replicas = Vec::new();
         for j in 1..=spec.replicas {
             let name = format!("r{j}");
-            let ip = format!("127.0.0.{}", 20 + j);
+            let ip = crate::netns::replica_ip(j);
+            let netns = crate::netns::node_namespace(&spec.run_ns, &name);
             let mut args = common(&name, &ip);
             args.extend([
                 "--role".into(),
@@ -232,7 +257,7 @@ impl Cluster {
                 "--masters".into(),
                 masters.join(","),
             ]);
-            replicas.push(Process::new(&spec.dir, name, ip, 0, args));
+            replicas.push(Process::new(&spec.dir, (name, ip, netns), 0, args));
         }
         for r in &mut replicas {
             r.start(&spec.bin_dir)?;
@@ -332,50 +357,6 @@ pub async fn admin(peer: &str, request: AdminRequest) -> anyhow::Result<AdminRes
         PeerResponse::Admin(r) => Ok(r),
         other => bail!("unexpected answer {other:?}"),
     }
-}
-
-/// iptables DROP rules between loopback addresses, inside the namespace.
-#[derive(Default)]
-pub struct Firewall {
-    rules: Vec<(String, String)>,
-}
-
-impl Firewall {
-    /// Drops every packet between `a` and `b`, both ways.
-    pub fn cut(&mut self, a: &str, b: &str) -> anyhow::Result<()> {
-        for (s, d) in [(a, b), (b, a)] {
-            iptables(&["-A", "INPUT", "-s", s, "-d", d, "-j", "DROP"])?;
-            self.rules.push((s.to_owned(), d.to_owned()));
-        }
-        Ok(())
-    }
-
-    /// Removes every rule this firewall added (and flushes INPUT, in case).
-    pub fn heal(&mut self) -> anyhow::Result<()> {
-        self.rules.clear();
-        iptables(&["-F", "INPUT"])
-    }
-
-    /// The rules in force, for the history.
-    pub fn describe(&self) -> String {
-        self.rules
-            .iter()
-            .map(|(s, d)| format!("{s}->{d}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-}
-
-impl Drop for Firewall {
-    fn drop(&mut self) {
-        let _ = self.heal();
-    }
-}
-
-fn iptables(args: &[&str]) -> anyhow::Result<()> {
-    let mut all = vec!["-w", "5"];
-    all.extend_from_slice(args);
-    system_tool("iptables", &all, "Debian package iptables")
 }
 
 /// Runs a system tool (`ip`, `iptables`); its standard error becomes the

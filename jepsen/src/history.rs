@@ -115,17 +115,37 @@ pub struct Event {
 }
 
 /// A nemesis action: a fault starts or ends.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// A start is recorded once the fault is in force, a stop just before it
+/// is healed, so that everything between them happened under the fault.
+/// A start also says what the fault should do, so that the run can check
+/// it did (see [`crate::evidence`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NemesisEvent {
     /// Nanoseconds since the run started.
     pub time_ns: u64,
     /// `start` or `stop`.
     pub phase: String,
     /// The fault: `partition-halves`, `partition-leader`, `partition-ring`,
-    /// `partition-bridge`, `kill`, `pause`, `membership`.
+    /// `partition-bridge`, `partition-clients`, `kill`, `pause`,
+    /// `membership`.
     pub fault: String,
     /// Which nodes, which rules.
     pub detail: String,
+    /// On a start: the masters that must not answer: cut off from a
+    /// majority of the masters (partition), killed or paused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub isolated: Vec<String>,
+    /// On a partition's start: the masters on the side that can still
+    /// elect a leader (a majority that all reach each other), if any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub majority: Vec<String>,
+    /// On a start: the processes the clients cannot reach.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<String>,
+    /// On a start: the master that led just before, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
 }
 
 /// One line of a history file: a client event or a nemesis event.

@@ -3,6 +3,7 @@
 //! end of the run), [`Nemesis::heal_all`] removes every rule, resumes every
 //! paused process, restarts every killed one and re-adds removed members.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use corvid_registry::peer::AdminRequest;
@@ -10,21 +11,166 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use crate::cluster::{Cluster, Firewall};
+use crate::cluster::Cluster;
+use crate::firewall::Firewall;
 use crate::history::NemesisEvent;
 
 /// A kind of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Fault {
-    /// Network partitions: random halves, isolated leader, majority ring,
-    /// bridge.
+    /// Network partitions between the nodes: random halves, isolated
+    /// leader, majority ring, bridge. Clients still reach every node.
     Partition,
+    /// Random halves of the nodes, and the clients reach only the
+    /// minority side.
+    ClientPartition,
     /// kill -9 of a node, restarted when the fault ends.
     Kill,
     /// SIGSTOP of a node, SIGCONT when the fault ends.
     Pause,
     /// Remove a voter from the membership, re-add it when the fault ends.
     Membership,
+}
+
+/// A partition to make: which processes are cut from which, and from the
+/// clients.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Plan {
+    kind: &'static str,
+    /// Pairs of process names that cannot reach each other.
+    cuts: Vec<(String, String)>,
+    /// Processes the clients cannot reach.
+    unreachable: Vec<String>,
+}
+
+/// Picks a partition among `masters` (names, any order) and `replicas`;
+/// `leader` is the current leader, if known. With `clients` the masters are
+/// split in halves and the clients reach only the smaller one.
+fn plan_partition(
+    masters: &[String],
+    replicas: &[String],
+    leader: Option<&str>,
+    clients: bool,
+    rng: &mut StdRng,
+) -> Plan {
+    let mut order = masters.to_vec();
+    order.shuffle(rng);
+    // Each replica follows one side of a split (its stream to the other
+    // side's masters is cut with the rest).
+    let split = |a: &[String], b: &[String], rng: &mut StdRng| {
+        let mut a = a.to_vec();
+        let mut b = b.to_vec();
+        for r in replicas {
+            if rng.gen_bool(0.5) {
+                a.push(r.clone());
+            } else {
+                b.push(r.clone());
+            }
+        }
+        (a, b)
+    };
+    let across = |a: &[String], b: &[String]| -> Vec<(String, String)> {
+        a.iter()
+            .flat_map(|x| b.iter().map(move |y| (x.clone(), y.clone())))
+            .collect()
+    };
+    if clients {
+        let (small, big) = order.split_at(order.len() / 2);
+        let (small, big) = split(small, big, rng);
+        return Plan {
+            kind: "partition-clients",
+            cuts: across(&small, &big),
+            unreachable: big,
+        };
+    }
+    // A ring needs five nodes: with three, every node is its neighbours'
+    // neighbour and nothing would be cut.
+    let kinds: &[&'static str] = if masters.len() >= 5 {
+        &[
+            "partition-halves",
+            "partition-leader",
+            "partition-ring",
+            "partition-bridge",
+        ]
+    } else {
+        &["partition-halves", "partition-leader", "partition-bridge"]
+    };
+    let kind = kinds[rng.gen_range(0..kinds.len())];
+    let cuts = match kind {
+        "partition-leader" => {
+            // The leader alone; replicas stay with the majority.
+            let l = leader.map_or_else(|| order[0].clone(), str::to_owned);
+            let rest: Vec<String> = masters
+                .iter()
+                .chain(replicas)
+                .filter(|n| **n != l)
+                .cloned()
+                .collect();
+            across(&[l], &rest)
+        }
+        "partition-ring" => {
+            // Each node reaches only its ring neighbours: every node sees
+            // a majority, no two see the same one.
+            let n = order.len();
+            let mut cuts = Vec::new();
+            for i in 0..n {
+                for j in i + 1..n {
+                    let d = (j - i).min(n - (j - i));
+                    if d > 1 {
+                        cuts.push((order[i].clone(), order[j].clone()));
+                    }
+                }
+            }
+            cuts
+        }
+        "partition-bridge" => {
+            // Two halves joined by one node (order[0]) that sees both.
+            let rest = &order[1..];
+            let (a, b) = rest.split_at(rest.len() / 2);
+            across(a, b)
+        }
+        _ => {
+            let (a, b) = order.split_at(order.len() / 2);
+            let (a, b) = split(a, b, rng);
+            across(&a, &b)
+        }
+    };
+    Plan {
+        kind,
+        cuts,
+        unreachable: Vec::new(),
+    }
+}
+
+/// The masters cut off from a majority of the masters (counting
+/// themselves), and the others if they all reach each other (the side that
+/// can elect), else nothing.
+fn sides(masters: &[String], cuts: &[(String, String)]) -> (Vec<String>, Vec<String>) {
+    let cut: BTreeSet<(&str, &str)> = cuts
+        .iter()
+        .flat_map(|(a, b)| [(a.as_str(), b.as_str()), (b.as_str(), a.as_str())])
+        .collect();
+    let quorum = masters.len() / 2 + 1;
+    let reach = |m: &str| {
+        masters
+            .iter()
+            .filter(|o| !cut.contains(&(m, o.as_str())))
+            .count()
+    };
+    let (isolated, rest): (Vec<String>, Vec<String>) =
+        masters.iter().cloned().partition(|m| reach(m) < quorum);
+    let connected = rest.iter().all(|a| {
+        rest.iter()
+            .all(|b| !cut.contains(&(a.as_str(), b.as_str())))
+    });
+    let majority = if connected && rest.len() >= quorum {
+        rest
+    } else {
+        Vec::new()
+    };
+    let mut isolated = isolated;
+    isolated.sort();
+    (isolated, majority)
 }
 
 /// The nemesis's state: what is broken now.
@@ -52,13 +198,33 @@ impl Nemesis {
         }
     }
 
-    fn record(&mut self, phase: &str, fault: &str, detail: String) {
-        tracing::info!(phase, fault, %detail, "nemesis");
-        self.events.push(NemesisEvent {
-            time_ns: self.started.elapsed().as_nanos() as u64,
-            phase: phase.into(),
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
+
+    fn record(&mut self, event: NemesisEvent) {
+        tracing::info!(phase = event.phase, fault = event.fault, detail = %event.detail, "nemesis");
+        self.events.push(event);
+    }
+
+    /// Records a fault now in force.
+    fn record_start(&mut self, event: NemesisEvent) {
+        let time_ns = self.now();
+        self.record(NemesisEvent {
+            time_ns,
+            phase: "start".into(),
+            ..event
+        });
+    }
+
+    /// Records the end of a fault at `time_ns` (taken before healing it).
+    fn record_stop(&mut self, time_ns: u64, fault: &str, detail: String) {
+        self.record(NemesisEvent {
+            time_ns,
+            phase: "stop".into(),
             fault: fault.into(),
             detail,
+            ..NemesisEvent::default()
         });
     }
 
@@ -69,73 +235,49 @@ impl Nemesis {
         fault: Fault,
         rng: &mut StdRng,
     ) -> anyhow::Result<String> {
-        let ips: Vec<String> = cluster.nodes.iter().map(|n| n.ip.clone()).collect();
+        let leader = cluster
+            .leader(Duration::from_secs(2))
+            .await
+            .and_then(|id| cluster.node(id))
+            .map(|n| n.name.clone());
         match fault {
-            Fault::Partition => {
-                let leader = cluster.leader(Duration::from_secs(2)).await;
-                let mut order = ips.clone();
-                order.shuffle(rng);
-                // A ring needs five nodes: with three, every node is its
-                // neighbours' neighbour and nothing would be cut.
-                let kinds: &[&str] = if ips.len() >= 5 {
-                    &[
-                        "partition-halves",
-                        "partition-leader",
-                        "partition-ring",
-                        "partition-bridge",
-                    ]
-                } else {
-                    &["partition-halves", "partition-leader", "partition-bridge"]
-                };
-                let kind = kinds[rng.gen_range(0..kinds.len())];
-                let cuts: Vec<(String, String)> = match kind {
-                    "partition-leader" => {
-                        let l = leader
-                            .and_then(|id| cluster.node(id))
-                            .map_or_else(|| order[0].clone(), |n| n.ip.clone());
-                        ips.iter()
-                            .filter(|ip| **ip != l)
-                            .map(|ip| (l.clone(), ip.clone()))
-                            .collect()
-                    }
-                    "partition-ring" => {
-                        // Each node reaches only its ring neighbours: every
-                        // node sees a majority, no two see the same one.
-                        let n = order.len();
-                        let mut cuts = Vec::new();
-                        for i in 0..n {
-                            for j in i + 1..n {
-                                let d = (j - i).min(n - (j - i));
-                                if d > 1 {
-                                    cuts.push((order[i].clone(), order[j].clone()));
-                                }
-                            }
-                        }
-                        cuts
-                    }
-                    "partition-bridge" => {
-                        // Two halves joined by one node (order[0]) that
-                        // sees both.
-                        let rest = &order[1..];
-                        let (a, b) = rest.split_at(rest.len() / 2);
-                        a.iter()
-                            .flat_map(|x| b.iter().map(move |y| (x.clone(), y.clone())))
-                            .collect()
-                    }
-                    _ => {
-                        let (a, b) = order.split_at(order.len() / 2);
-                        a.iter()
-                            .flat_map(|x| b.iter().map(move |y| (x.clone(), y.clone())))
-                            .collect()
-                    }
-                };
-                for (a, b) in &cuts {
-                    self.firewall.cut(a, b)?;
+            Fault::Partition | Fault::ClientPartition => {
+                let masters: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+                let replicas: Vec<String> =
+                    cluster.replicas.iter().map(|r| r.name.clone()).collect();
+                let plan = plan_partition(
+                    &masters,
+                    &replicas,
+                    leader.as_deref(),
+                    fault == Fault::ClientPartition,
+                    rng,
+                );
+                let by_name: BTreeMap<&str, &crate::cluster::Process> = cluster
+                    .nodes
+                    .iter()
+                    .chain(&cluster.replicas)
+                    .map(|p| (p.name.as_str(), p))
+                    .collect();
+                for (a, b) in &plan.cuts {
+                    self.firewall
+                        .cut(by_name[a.as_str()], by_name[b.as_str()])?;
                 }
+                for p in &plan.unreachable {
+                    self.firewall.cut_clients(by_name[p.as_str()])?;
+                }
+                let (isolated, majority) = sides(&masters, &plan.cuts);
                 let detail = self.firewall.describe();
-                self.partition = Some(kind.to_owned());
-                self.record("start", kind, detail);
-                Ok(kind.into())
+                self.partition = Some(plan.kind.to_owned());
+                self.record_start(NemesisEvent {
+                    fault: plan.kind.into(),
+                    detail,
+                    isolated,
+                    majority,
+                    unreachable: plan.unreachable,
+                    leader,
+                    ..NemesisEvent::default()
+                });
+                Ok(plan.kind.into())
             }
             Fault::Kill | Fault::Pause => {
                 let candidates: Vec<String> = cluster
@@ -150,34 +292,50 @@ impl Nemesis {
                     return Ok(String::new());
                 }
                 // Prefer the leader half of the time: that is where it hurts.
-                let leader = cluster.leader(Duration::from_secs(1)).await;
-                let victim = match leader.and_then(|id| cluster.node(id)) {
-                    Some(l) if rng.gen_bool(0.5) => l.name.clone(),
+                let victim = match &leader {
+                    Some(l) if candidates.contains(l) && rng.gen_bool(0.5) => l.clone(),
                     _ => candidates[rng.gen_range(0..candidates.len())].clone(),
+                };
+                let majority = cluster
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.clone())
+                    .filter(|n| *n != victim)
+                    .collect();
+                let event = NemesisEvent {
+                    detail: victim.clone(),
+                    isolated: vec![victim.clone()],
+                    majority,
+                    leader,
+                    ..NemesisEvent::default()
                 };
                 let p = cluster
                     .nodes
                     .iter_mut()
                     .find(|n| n.name == victim)
                     .expect("a node");
-                if fault == Fault::Kill {
+                let name = if fault == Fault::Kill {
                     p.kill();
-                    self.killed.push(victim.clone());
-                    self.record("start", "kill", victim);
-                    Ok("kill".into())
+                    self.killed.push(victim);
+                    "kill"
                 } else {
                     p.pause();
-                    self.paused.push(victim.clone());
-                    self.record("start", "pause", victim);
-                    Ok("pause".into())
-                }
+                    self.paused.push(victim);
+                    "pause"
+                };
+                self.record_start(NemesisEvent {
+                    fault: name.into(),
+                    ..event
+                });
+                Ok(name.into())
             }
             Fault::Membership => {
-                let leader = cluster.leader(Duration::from_secs(2)).await;
                 let candidates: Vec<u64> = cluster
                     .nodes
                     .iter()
-                    .filter(|n| Some(n.id) != leader && !cluster.removed.contains(&n.id))
+                    .filter(|n| {
+                        Some(&n.name) != leader.as_ref() && !cluster.removed.contains(&n.id)
+                    })
                     .map(|n| n.id)
                     .collect();
                 if !cluster.removed.is_empty() || candidates.is_empty() {
@@ -186,7 +344,12 @@ impl Nemesis {
                 let id = candidates[rng.gen_range(0..candidates.len())];
                 cluster.membership(AdminRequest::Remove { id }).await?;
                 cluster.removed.push(id);
-                self.record("start", "membership", format!("removed node {id}"));
+                self.record_start(NemesisEvent {
+                    fault: "membership".into(),
+                    detail: format!("removed node {id}"),
+                    leader,
+                    ..NemesisEvent::default()
+                });
                 Ok("membership".into())
             }
         }
@@ -194,28 +357,32 @@ impl Nemesis {
 
     /// Ends the fault started as `name`.
     pub async fn stop(&mut self, cluster: &mut Cluster, name: &str) -> anyhow::Result<()> {
+        let now = self.now();
         match name {
             "" => Ok(()),
             n if n.starts_with("partition") => {
-                self.firewall.heal()?;
                 if let Some(kind) = self.partition.take() {
-                    self.record("stop", &kind, "healed".into());
+                    self.record_stop(now, &kind, "healed".into());
                 }
-                Ok(())
+                self.firewall.heal()
             }
             "kill" => {
-                for victim in std::mem::take(&mut self.killed) {
-                    cluster.restart(&victim)?;
-                    self.record("stop", "kill", format!("restarted {victim}"));
+                while let Some(victim) = self.killed.pop() {
+                    self.record_stop(now, "kill", format!("restarted {victim}"));
+                    if let Err(e) = cluster.restart(&victim) {
+                        // Still down: healing tries again.
+                        self.killed.push(victim);
+                        return Err(e);
+                    }
                 }
                 Ok(())
             }
             "pause" => {
                 for victim in std::mem::take(&mut self.paused) {
+                    self.record_stop(now, "pause", format!("resumed {victim}"));
                     if let Some(p) = cluster.nodes.iter_mut().find(|n| n.name == victim) {
                         p.resume();
                     }
-                    self.record("stop", "pause", format!("resumed {victim}"));
                 }
                 Ok(())
             }
@@ -226,7 +393,7 @@ impl Nemesis {
                         .membership(AdminRequest::AddLearner { id, addr })
                         .await?;
                     cluster.membership(AdminRequest::Promote { id }).await?;
-                    self.record("stop", "membership", format!("re-added node {id}"));
+                    self.record_stop(now, "membership", format!("re-added node {id}"));
                 }
                 Ok(())
             }
@@ -256,6 +423,79 @@ impl Nemesis {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn sides_find_the_cut_off_masters_and_the_majority() {
+        let masters = names(&["n1", "n2", "n3"]);
+        let cut = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+                .collect()
+        };
+        // The leader alone (replica r1 with the majority).
+        let (isolated, majority) =
+            sides(&masters, &cut(&[("n1", "n2"), ("n1", "n3"), ("n1", "r1")]));
+        assert_eq!((isolated, majority), (names(&["n1"]), names(&["n2", "n3"])));
+        // A bridge: everybody still reaches a majority, nobody is cut off
+        // and no side is a clique.
+        let (isolated, majority) = sides(&masters, &cut(&[("n2", "n3")]));
+        assert!(isolated.is_empty() && majority.is_empty());
+        // A five-node ring.
+        let five = names(&["n1", "n2", "n3", "n4", "n5"]);
+        let ring = cut(&[
+            ("n1", "n3"),
+            ("n1", "n4"),
+            ("n2", "n4"),
+            ("n2", "n5"),
+            ("n3", "n5"),
+        ]);
+        assert_eq!(sides(&five, &ring), (vec![], vec![]));
+    }
+
+    #[test]
+    fn every_partition_cuts_something_and_client_partitions_leave_a_minority() {
+        let masters = names(&["n1", "n2", "n3", "n4", "n5"]);
+        let replicas = names(&["r1"]);
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut kinds = BTreeSet::new();
+        for _ in 0..200 {
+            let plan = plan_partition(&masters, &replicas, Some("n4"), false, &mut rng);
+            assert!(!plan.cuts.is_empty(), "{plan:?}");
+            assert!(plan.unreachable.is_empty());
+            if plan.kind == "partition-leader" {
+                assert!(plan.cuts.iter().all(|(a, _)| a == "n4"));
+                assert_eq!(plan.cuts.len(), 5);
+                assert_eq!(sides(&masters, &plan.cuts).0, names(&["n4"]));
+            }
+            kinds.insert(plan.kind);
+        }
+        assert_eq!(kinds.len(), 4, "{kinds:?}");
+        for _ in 0..50 {
+            let plan = plan_partition(&masters, &replicas, None, true, &mut rng);
+            assert_eq!(plan.kind, "partition-clients");
+            let (isolated, majority) = sides(&masters, &plan.cuts);
+            assert_eq!(isolated.len(), 2);
+            assert_eq!(majority.len(), 3);
+            // The clients reach exactly the minority.
+            for m in &majority {
+                assert!(plan.unreachable.contains(m));
+            }
+            for m in &isolated {
+                assert!(!plan.unreachable.contains(m));
             }
         }
     }

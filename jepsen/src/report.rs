@@ -9,8 +9,10 @@
 //!   FINDs and triangles for writes; operations still pending at the end are
 //!   drawn as info at the end of the run.
 //! * `throughput.svg`: completions per second, one line per outcome.
+//! * `terms.svg`: each master's Raft term from its metrics, with the
+//!   moments it led and those it did not answer.
 //!
-//! Both shade the nemesis intervals (a fault's `start` paired with its next
+//! All three shade the nemesis intervals (a fault's `start` paired with its next
 //! `stop`; a start never stopped lasts to the end) with one translucent
 //! colour per fault kind, named in the legend. [`summary`] is the compact
 //! text printed at the end of a run.
@@ -26,6 +28,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::history::{Event, EventType, NemesisEvent, Op, Record};
+use crate::monitor::Sample;
 
 /// The history file's name inside a run directory.
 pub const HISTORY_FILE: &str = "history.jsonl";
@@ -41,9 +44,14 @@ pub const MIN_LATENCY_MS: f64 = 0.05;
 /// `dir` if needed.
 pub fn write_history(dir: &Path, records: &[Record]) -> io::Result<()> {
     fs::create_dir_all(dir)?;
-    let mut out = BufWriter::new(File::create(dir.join(HISTORY_FILE))?);
-    for record in records {
-        serde_json::to_writer(&mut out, record)?;
+    write_jsonl(&dir.join(HISTORY_FILE), records)
+}
+
+/// Writes `items` to `path`, one JSON object a line.
+pub fn write_jsonl<T: serde::Serialize>(path: &Path, items: &[T]) -> io::Result<()> {
+    let mut out = BufWriter::new(File::create(path)?);
+    for item in items {
+        serde_json::to_writer(&mut out, item)?;
         out.write_all(b"\n")?;
     }
     out.flush()
@@ -603,6 +611,99 @@ pub fn plot_throughput(
     Ok(())
 }
 
+/// Renders what the masters' metrics said over the run to `path` (SVG):
+/// each master's Raft term as a line (x = seconds since the run started),
+/// a filled dot where it said it led, a cross where it did not answer (down
+/// or paused), with the nemesis intervals shaded as in [`plot_latency`].
+pub fn plot_terms(path: &Path, samples: &[Sample], nemesis: &[NemesisEvent]) -> anyhow::Result<()> {
+    let end_ns = samples
+        .iter()
+        .map(|s| s.time_ns)
+        .chain(nemesis.iter().map(|e| e.time_ns))
+        .max()
+        .unwrap_or(0);
+    let intervals = fault_intervals(nemesis, end_ns);
+    let colours = fault_colours(&intervals);
+    let x_max = secs(end_ns).max(1e-3) * 1.01;
+    let t_max = samples.iter().filter_map(|s| s.term).max().unwrap_or(1) as f64;
+    let y_max = t_max * 1.1 + 1.0;
+    let mut nodes: Vec<&str> = samples.iter().map(|s| s.node.as_str()).collect();
+    nodes.sort();
+    nodes.dedup();
+
+    let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (plot_area, legend_area) = root.split_horizontally(WIDTH - LEGEND_WIDTH);
+    let mut chart = ChartBuilder::on(&plot_area)
+        .caption(
+            "Raft term per master (dot: leader, cross: no answer)",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        .build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("time (s since start)")
+        .y_desc("term")
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()?;
+    for iv in &intervals {
+        let colour = colours[iv.fault.as_str()];
+        chart.draw_series(std::iter::once(Rectangle::new(
+            [(secs(iv.start_ns), 0.0), (secs(iv.end_ns), y_max)],
+            colour.mix(BAND_ALPHA).filled(),
+        )))?;
+    }
+    let mut legend = Vec::new();
+    for (k, node) in nodes.iter().enumerate() {
+        let colour = NODE_PALETTE[k % NODE_PALETTE.len()];
+        // Nodes drawn a little apart so that equal terms stay visible.
+        let offset = k as f64 * 0.04;
+        let mine: Vec<&Sample> = samples.iter().filter(|s| s.node == *node).collect();
+        let line: Vec<(f64, f64)> = mine
+            .iter()
+            .filter_map(|s| s.term.map(|t| (secs(s.time_ns), t as f64 + offset)))
+            .collect();
+        chart.draw_series(LineSeries::new(line, colour.stroke_width(2)))?;
+        chart.draw_series(
+            mine.iter()
+                .filter(|s| s.is_leader == Some(true))
+                .filter_map(|s| s.term.map(|t| (secs(s.time_ns), t as f64 + offset)))
+                .map(|p| Circle::new(p, 3, colour.filled())),
+        )?;
+        let mut last_term = 0.0;
+        let mut downs = Vec::new();
+        for s in &mine {
+            match s.term {
+                Some(t) if s.up => last_term = t as f64,
+                _ => downs.push((secs(s.time_ns), last_term + offset)),
+            }
+        }
+        chart.draw_series(
+            downs
+                .into_iter()
+                .map(|p| Cross::new(p, 3, colour.stroke_width(1))),
+        )?;
+        legend.push((LegendMark::Line(colour), (*node).to_owned()));
+    }
+    legend.extend(band_legend(&colours));
+    draw_legend(&legend_area, &legend)?;
+    root.present()?;
+    Ok(())
+}
+
+/// Line colours for the masters in [`plot_terms`].
+const NODE_PALETTE: [RGBColor; 5] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+];
+
 // ---------------------------------------------------------------------------
 // Terminal summary.
 
@@ -769,6 +870,7 @@ mod tests {
             phase: phase.into(),
             fault: fault.into(),
             detail: format!("{phase} {fault}"),
+            ..NemesisEvent::default()
         }
     }
 

@@ -14,10 +14,16 @@ use serde::Serialize;
 
 use crate::checker::{self, Anomaly};
 use crate::cluster::{list_state, Cluster, ClusterSpec};
+use crate::evidence;
 use crate::history::{Entry, Record};
+use crate::monitor::Monitor;
 use crate::nemesis::{Fault, Nemesis};
+use crate::netns::{self, RunNetwork};
 use crate::report;
 use crate::workload::{self, ClientPlan, ClientSettings, Recorder, Targets, Workload};
+
+/// The monitor's samples inside a run directory (JSON lines).
+pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// Environment variable naming the namespace a re-executed harness runs in.
 pub const NETNS_ENV: &str = "CORVID_JEPSEN_NETNS";
@@ -98,41 +104,55 @@ pub struct RunVerdict {
     pub anomalies: Vec<Anomaly>,
     /// Faults injected, by kind.
     pub faults: BTreeMap<String, usize>,
+    /// Faults that showed no effect ("nemesis had no effect: …"); any
+    /// fails the run.
+    pub nemesis_problems: Vec<String>,
 }
 
-/// Runs the harness: outside a namespace, makes one and re-executes itself
-/// inside; inside, runs the test. Returns whether the run met expectations.
+/// Runs the harness: outside a namespace, makes the run's namespaces and
+/// re-executes itself inside the run namespace; inside, runs the test.
+/// Returns whether the run met expectations.
 pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
+    if args.nodes == 0 || args.nodes > netns::MAX_PER_KIND || args.replicas > netns::MAX_PER_KIND {
+        bail!(
+            "--nodes must be 1 to {0} and --replicas at most {0}",
+            netns::MAX_PER_KIND
+        );
+    }
     match std::env::var(NETNS_ENV) {
-        Ok(_) => run_inside(args).await,
-        Err(_) => run_in_new_namespace().await,
+        Ok(ns) => run_inside(args, ns).await,
+        Err(_) => run_in_new_namespaces(&args).await,
     }
 }
 
-/// Makes the run's namespace, runs this same command inside it, and
-/// removes the namespace whatever happens: the run ending, failing, or
-/// being interrupted (Ctrl-C, SIGTERM).
-async fn run_in_new_namespace() -> anyhow::Result<bool> {
-    let ns = format!("corvid-jepsen-{}", std::process::id());
-    ip(&["netns", "add", &ns])?;
-    let result = run_child_in(&ns).await;
-    // Deleting the namespace also drops every iptables rule made in it.
-    let deleted = ip(&["netns", "del", &ns]);
+impl RunArgs {
+    /// Replicas started: none unless the replicas workload runs.
+    pub fn replica_count(&self) -> usize {
+        if self.workload.contains(&Workload::Replicas) {
+            self.replicas
+        } else {
+            0
+        }
+    }
+}
+
+/// Makes the run's namespaces (see [`netns`]), runs this same command
+/// inside the run namespace, and removes every namespace whatever happens:
+/// the run ending, failing, or being interrupted (Ctrl-C, SIGTERM).
+async fn run_in_new_namespaces(args: &RunArgs) -> anyhow::Result<bool> {
+    let id = std::process::id().to_string();
+    let processes = netns::processes(args.nodes, args.replica_count());
+    let mut network = RunNetwork::create(&id, &processes)?;
+    let result = run_child_in(&network.run_ns).await;
+    // Deleting the namespaces also drops every veth, the bridge and every
+    // iptables rule made in them.
+    let deleted = network.delete();
     let ok = result?;
     deleted?;
     Ok(ok)
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    crate::cluster::system_tool(
-        "ip",
-        args,
-        "iproute2; making a network namespace needs root",
-    )
-}
-
 async fn run_child_in(ns: &str) -> anyhow::Result<bool> {
-    ip(&["netns", "exec", ns, "ip", "link", "set", "lo", "up"])?;
     let mut child = tokio::process::Command::new("ip");
     child
         .args(["netns", "exec", ns])
@@ -152,7 +172,7 @@ async fn run_child_in(ns: &str) -> anyhow::Result<bool> {
         _ = term.recv() => None,
     };
     if status.is_none() {
-        eprintln!("corvid-jepsen: interrupted; stopping the run and removing its namespace");
+        eprintln!("corvid-jepsen: interrupted; stopping the run and removing its namespaces");
         let _ = Command::new("kill")
             .args(["-INT", "--", &group])
             .stderr(std::process::Stdio::null())
@@ -168,7 +188,7 @@ async fn run_child_in(ns: &str) -> anyhow::Result<bool> {
     Ok(status.is_some_and(|s| s.success()))
 }
 
-async fn run_inside(args: RunArgs) -> anyhow::Result<bool> {
+async fn run_inside(args: RunArgs, run_ns: String) -> anyhow::Result<bool> {
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -184,22 +204,31 @@ async fn run_inside(args: RunArgs) -> anyhow::Result<bool> {
         bin_dir: args.bin_dir.clone(),
         dir: dir.join("nodes"),
         nodes: args.nodes,
-        replicas: if args.workload.contains(&Workload::Replicas) {
-            args.replicas
-        } else {
-            0
-        },
+        replicas: args.replica_count(),
+        run_ns,
         unsafe_stale_reads: args.unsafe_stale_reads,
     })
     .await?;
     let started = Instant::now();
     let recorder = Recorder::new(started);
     let mut nemesis = Nemesis::new(started);
+    let monitor = Monitor::spawn(
+        cluster
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.metrics()))
+            .collect(),
+        started,
+        // A bound, whatever happens: the run, healing and some slack.
+        Instant::now() + Duration::from_secs(args.time_limit + 120),
+    );
     let outcome = exercise(&args, seed, &mut cluster, &recorder, &mut nemesis).await;
     // Heal whatever the outcome, before anything else.
     nemesis.heal_all(&mut cluster).await;
     outcome?;
-    let (masters, replicas) = final_states(&cluster, &args).await?;
+    let finals = final_states(&cluster, &args).await;
+    // The monitor also saw the recovery.
+    let samples = monitor.finish().await;
     let events = recorder.events();
     let mut records: Vec<Record> = events.iter().cloned().map(Record::Client).collect();
     records.extend(nemesis.events.iter().cloned().map(Record::Nemesis));
@@ -208,6 +237,17 @@ async fn run_inside(args: RunArgs) -> anyhow::Result<bool> {
         Record::Nemesis(e) => e.time_ns,
     });
     report::write_history(&dir, &records)?;
+    report::write_jsonl(&dir.join(METRICS_FILE), &samples)?;
+    let windows = evidence::analyse(&events, &nemesis.events, &samples);
+    let table = evidence::table(&windows);
+    std::fs::write(dir.join("faults.md"), &table)?;
+    std::fs::write(
+        dir.join("faults.json"),
+        serde_json::to_string_pretty(&windows)?,
+    )?;
+    // Whatever happened to the final reads, the history and the fault
+    // table are on disk.
+    let (masters, replicas) = finals?;
 
     let checked = checker::check_all(
         &events,
@@ -216,6 +256,7 @@ async fn run_inside(args: RunArgs) -> anyhow::Result<bool> {
             replicas,
         },
     );
+    let nemesis_problems = evidence::problems(&windows);
     let mut faults = BTreeMap::new();
     for e in nemesis.events.iter().filter(|e| e.phase == "start") {
         *faults.entry(e.fault.clone()).or_insert(0) += 1;
@@ -231,6 +272,7 @@ async fn run_inside(args: RunArgs) -> anyhow::Result<bool> {
         unknown: checked.unknown,
         anomalies: checked.anomalies,
         faults,
+        nemesis_problems,
     };
     std::fs::write(
         dir.join("verdict.json"),
@@ -238,6 +280,10 @@ async fn run_inside(args: RunArgs) -> anyhow::Result<bool> {
     )?;
     report::plot_latency(&dir.join("latency.svg"), &events, &nemesis.events)?;
     report::plot_throughput(&dir.join("throughput.svg"), &events, &nemesis.events)?;
+    report::plot_terms(&dir.join("terms.svg"), &samples, &nemesis.events)?;
+    if !windows.is_empty() {
+        println!("fault windows (also in faults.md):\n{table}");
+    }
     println!(
         "{}",
         report::summary(
@@ -248,6 +294,9 @@ async fn run_inside(args: RunArgs) -> anyhow::Result<bool> {
         )
     );
     print_anomalies(&verdict.anomalies, 10);
+    for p in &verdict.nemesis_problems {
+        println!("FAILED: {p}");
+    }
     println!("run directory: {}", dir.display());
     if args.expect_anomaly {
         println!(
@@ -259,11 +308,14 @@ async fn run_inside(args: RunArgs) -> anyhow::Result<bool> {
             }
         );
     }
-    Ok(if args.expect_anomaly {
-        !verdict.valid
-    } else {
-        verdict.valid
-    })
+    // A fault without effect fails the run either way: it tested nothing.
+    let effective = verdict.nemesis_problems.is_empty();
+    Ok(effective
+        && if args.expect_anomaly {
+            !verdict.valid
+        } else {
+            verdict.valid
+        })
 }
 
 /// Clients and nemesis until the time limit.
