@@ -196,11 +196,12 @@ impl Cluster {
         // Short timeouts so that a run sees many faults and recoveries; a
         // snapshot every 2,000 entries so that catch-up by snapshot happens.
         // Clients come from the bridge's address, not loopback: PLAIN
-        // without TLS must be allowed.
+        // without TLS must be allowed. Peers listen on 192.0.2.x without
+        // mutual TLS, inside the run's namespaces only: say so explicitly.
         std::fs::write(
             &config,
             "[mupdate]\nfailed_auth_delay_ms = 0\nallow_plaintext = true\n\
-             [raft]\nwrite_timeout_ms = 2000\nsnapshot_after_entries = 2000\nkeep_log_entries = 500\n\
+             [raft]\nallow_insecure_peer = true\nwrite_timeout_ms = 2000\nsnapshot_after_entries = 2000\nkeep_log_entries = 500\n\
              [replica]\nsilence_timeout_ms = 2000\nleaderless_timeout_ms = 1500\nwrite_timeout_ms = 2000\n",
         )?;
         let common = |name: &str, ip: &str| -> Vec<String> {
