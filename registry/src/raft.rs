@@ -171,6 +171,8 @@ pub const NOT_A_MEMBER: &str = "this node is not a member of the registry cluste
 pub const SYNCHRONISING: &str = "replica is synchronising";
 /// Why a write or read fails fast on a node that knows no leader.
 pub const NO_LEADER: &str = "no leader";
+/// Why a write fails that was sent towards a leader that then went away.
+pub const NO_LEADER_MAYBE_APPLIED: &str = "no leader; the write may still be applied";
 
 /// The leader's wall clock, stamped into each proposal it appends.
 pub fn now_ms() -> u64 {
@@ -198,6 +200,8 @@ pub struct Registry {
     leaderless_grace: Duration,
     /// Last time a leader was known fresh (see [`Registry::leader_is_fresh`]).
     leader_contact: Arc<Mutex<Option<Instant>>>,
+    /// When this node started (its leader contact age before any contact).
+    started_at: Instant,
 }
 
 /// Readers waiting for a read index. One request is in flight at a time;
@@ -278,6 +282,7 @@ impl Registry {
             peer_tls,
             leaderless_grace: Duration::from_millis(settings.election_timeout_max_ms * 2),
             leader_contact: Arc::default(),
+            started_at: Instant::now(),
         };
         if settings.unsafe_test_stale_reads {
             tracing::error!(
@@ -387,14 +392,13 @@ impl Registry {
                 continue;
             }
             proposal.stamp_ms = now_ms();
-            let err =
-                match tokio::time::timeout(remaining, self.raft.client_write(proposal.clone()))
-                    .await
-                {
-                    Err(_) => return Err(RegistryError::Timeout(self.write_timeout)),
-                    Ok(Ok(resp)) => return Ok(resp.data),
-                    Ok(Err(e)) => e,
-                };
+            let write = tokio::time::timeout(remaining, self.raft.client_write(proposal.clone()));
+            let err = match self.while_leader_fresh(write).await {
+                None => return Err(RegistryError::Unavailable(NO_LEADER_MAYBE_APPLIED.into())),
+                Some(Err(_)) => return Err(RegistryError::Timeout(self.write_timeout)),
+                Some(Ok(Ok(resp))) => return Ok(resp.data),
+                Some(Ok(Err(e))) => e,
+            };
             // A ForwardToLeader may come for an entry this node did append
             // (and that may commit): retrying is safe only because the
             // state machine answers a repeated tag from its session table.
@@ -406,11 +410,12 @@ impl Registry {
                 continue;
             };
             metrics::counter!("corvid_raft_forwarded_writes_total").increment(1);
-            match self
-                .peers
-                .call(&addr, &PeerRequest::Write(proposal.clone()), remaining)
-                .await
-            {
+            let request = PeerRequest::Write(proposal.clone());
+            let forward = self.peers.call(&addr, &request, remaining);
+            let Some(answer) = self.while_leader_fresh(forward).await else {
+                return Err(RegistryError::Unavailable(NO_LEADER_MAYBE_APPLIED.into()));
+            };
+            match answer {
                 Ok(PeerResponse::Write(outcome)) => return Ok(outcome),
                 // The leader we asked was no longer leader: ask again.
                 Ok(PeerResponse::Error(m)) | Err(PeerError::Remote { message: m, .. })
@@ -447,7 +452,11 @@ impl Registry {
         started: Instant,
         remaining: Duration,
     ) -> Result<(), RegistryError> {
-        if started.elapsed() >= self.leaderless_grace {
+        // Waiting helps only while an election may still be running: not
+        // when this node has been without a leader for an election already.
+        if started.elapsed() >= self.leaderless_grace
+            || self.leader_contact_age() >= self.leaderless_grace * 2
+        {
             return Err(RegistryError::Unavailable(NO_LEADER.into()));
         }
         tokio::time::sleep(LEADER_POLL.min(remaining)).await;
@@ -479,27 +488,55 @@ impl Registry {
     /// vote (which, with pre-vote, a cut-off node keeps forever), this goes
     /// false when the node is cut off.
     pub fn leader_is_fresh(&self) -> bool {
+        let (is_leader, alone, known) = {
+            let rx = self.raft.metrics();
+            let m = rx.borrow_watched();
+            (
+                m.state == ServerState::Leader,
+                m.membership_config.membership().voter_ids().count() <= 1,
+                m.current_leader.is_some(),
+            )
+        };
+        if is_leader && alone {
+            return true;
+        }
+        (is_leader || known) && self.leader_contact_age() <= self.leaderless_grace
+    }
+
+    /// How long ago this node last heard from a leader: on a leader, its
+    /// last quorum acknowledgement (the instant, not
+    /// `millis_since_quorum_ack`: metrics are republished on changes only,
+    /// and a cut-off leader changes nothing); on others, the last
+    /// AppendEntries, or the start of the process if none came yet.
+    fn leader_contact_age(&self) -> Duration {
         let rx = self.raft.metrics();
         let m = rx.borrow_watched();
         if m.state == ServerState::Leader {
-            if m.membership_config.membership().voter_ids().count() <= 1 {
-                return true;
-            }
-            // The instant, not `millis_since_quorum_ack`: metrics are
-            // republished on changes only, and a cut-off leader changes nothing.
             // `None`: just elected, no round trip yet.
-            return m.last_quorum_acked.is_none_or(|at| {
-                openraft::TokioInstant::now().saturating_duration_since(*at)
-                    <= self.leaderless_grace
+            return m.last_quorum_acked.as_ref().map_or(Duration::ZERO, |at| {
+                openraft::TokioInstant::now().saturating_duration_since(**at)
             });
         }
-        m.current_leader.is_some()
-            && self
-                .leader_contact
-                .lock()
-                .ok()
-                .and_then(|c| *c)
-                .is_some_and(|at| at.elapsed() <= self.leaderless_grace)
+        let contact = self.leader_contact.lock().ok().and_then(|c| *c);
+        contact.unwrap_or(self.started_at).elapsed()
+    }
+
+    /// Runs `fut` (a request that needs the leader) until it completes, or
+    /// until this node loses its fresh leader: `None` then. A leader cut off
+    /// from its majority answers in about an election instead of after the
+    /// whole write timeout.
+    async fn while_leader_fresh<F: std::future::Future>(&self, fut: F) -> Option<F::Output> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return Some(out),
+                _ = tokio::time::sleep(LEADER_POLL * 5) => {
+                    if !self.leader_is_fresh() {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     /// Waits until a read on this node reflects every write committed before
@@ -547,7 +584,13 @@ impl Registry {
                 self.wait_for_leader(started, remaining).await?;
                 continue;
             }
-            match self.shared_read_index(remaining).await {
+            let Some(answer) = self
+                .while_leader_fresh(self.shared_read_index(remaining))
+                .await
+            else {
+                return Err(RegistryError::Unavailable(NO_LEADER.into()));
+            };
+            match answer {
                 Ok(i) => return Ok(i),
                 Err(e) => {
                     last = e;
