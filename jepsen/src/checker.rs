@@ -82,6 +82,10 @@ pub mod checks {
     pub const CONVERGENCE: &str = "convergence";
     /// The history itself is malformed (a harness bug).
     pub const HISTORY: &str = "history";
+    /// An acknowledged ACTIVATE followed by a FIND that shows a reservation
+    /// with no RESERVE or DEACTIVATE that could fall between (what a
+    /// duplicated RESERVE applied after the ACTIVATE would show).
+    pub const RESURRECTED: &str = "resurrected-reservation";
 }
 
 /// Anomalies of one kind reported per mailbox and node before the rest are
@@ -194,6 +198,9 @@ pub fn check_all_with(events: &[Event], finals: &FinalStates, budget: &Budget) -
         .filter(|e| e.kind == EventType::Invoke)
         .count();
     verdict.anomalies.extend(check_ownership(events));
+    verdict
+        .anomalies
+        .extend(check_resurrected_reservations(events));
     verdict
         .anomalies
         .extend(check_monotonic_replica_reads(events));
@@ -312,6 +319,58 @@ pub fn check_ownership(events: &[Event]) -> Vec<Anomaly> {
             ),
             events,
         ));
+    }
+    anomalies
+}
+
+/// Finds acknowledged ACTIVATEs that a later FIND on a master shows as a
+/// reservation when no RESERVE or DEACTIVATE may fall between them: a
+/// write applied twice (a retried RESERVE landing after the client's
+/// ACTIVATE) looks exactly like this. Linearizability catches it too; this
+/// names it.
+pub fn check_resurrected_reservations(events: &[Event]) -> Vec<Anomaly> {
+    let (ops, _) = pair(events);
+    let mut anomalies = Vec::new();
+    for (mailbox, ops) in by_mailbox(&ops, |o| !o.inv.node.starts_with('r')) {
+        let activates = ops.iter().copied().filter(|o| {
+            matches!(o.inv.op, Op::Activate { .. }) && matches!(o.status, Status::Ok(Value::Done))
+        });
+        let demoters: Vec<&Operation> = ops
+            .iter()
+            .copied()
+            .filter(|o| {
+                matches!(o.inv.op, Op::Reserve { .. } | Op::Deactivate { .. })
+                    && o.may_have_effect()
+            })
+            .collect();
+        'activate: for a in activates {
+            for f in ops.iter().copied().filter(|f| {
+                matches!(f.inv.op, Op::Find)
+                    && f.invoke > a.end()
+                    && matches!(f.status, Status::Ok(Value::Found { entry: Some(e) }) if !e.active)
+            }) {
+                if demoters.iter().any(|r| may_fall_between(a, r, f)) {
+                    continue;
+                }
+                let mut involved = a.indices();
+                involved.extend(f.indices());
+                anomalies.push(Anomaly::new(
+                    checks::RESURRECTED,
+                    Some(mailbox),
+                    format!(
+                        "{} was acknowledged, then {} showed a reservation, and no RESERVE or \
+                         DEACTIVATE can fall between them",
+                        describe(a),
+                        describe(f)
+                    ),
+                    involved,
+                ));
+                if anomalies.len() >= MAX_REPORTED {
+                    return anomalies;
+                }
+                continue 'activate;
+            }
+        }
     }
     anomalies
 }
@@ -979,17 +1038,17 @@ enum Refusal {
 }
 
 impl Refusal {
-    /// The refusal a server's text means, matched loosely.
+    /// The refusal a server's text means: exactly one of the texts the
+    /// registry's own model answers with. A loose match would let a future
+    /// "unavailable: … does not exist" be taken as a definite refusal.
     fn classify(reason: &str) -> Refusal {
-        let r = reason.to_ascii_lowercase();
-        if r.contains("already exists") {
+        use corvid_registry::model::Refusal as Server;
+        let is = |r: Server| reason == r.to_string();
+        if is(Server::AlreadyExists) {
             Refusal::AlreadyExists
-        } else if r.contains("not currently active") || r.contains("not active") {
+        } else if is(Server::NotActive) {
             Refusal::NotActive
-        } else if r.contains("doesn't exist")
-            || r.contains("does not exist")
-            || r.contains("not exist")
-        {
+        } else if is(Server::DoesNotExist) {
             Refusal::DoesNotExist
         } else {
             Refusal::Unrecognized
@@ -1864,16 +1923,23 @@ mod tests {
     }
 
     #[test]
-    fn refusal_texts_are_matched_loosely() {
+    fn refusal_texts_are_matched_exactly() {
         use Refusal::*;
         for (text, kind) in [
             ("mailbox already exists", AlreadyExists),
-            ("Mailbox already exists (elsewhere)", AlreadyExists),
+            ("Mailbox already exists (elsewhere)", Unrecognized),
             ("mailbox not currently active", NotActive),
-            ("mailbox is not active", NotActive),
+            ("mailbox is not active", Unrecognized),
             ("mailbox doesn't exist", DoesNotExist),
-            ("Mailbox does not exist", DoesNotExist),
+            (
+                "registry unavailable: no leader; mailbox doesn't exist",
+                Unrecognized,
+            ),
             ("server unavailable", Unrecognized),
+            (
+                "request superseded by a later one of the same session",
+                Unrecognized,
+            ),
         ] {
             assert_eq!(Refusal::classify(text), kind, "{text}");
         }
@@ -2109,6 +2175,34 @@ mod tests {
     }
 
     #[test]
+    fn a_reservation_back_after_an_activate_is_named() {
+        // A duplicated RESERVE applied after the ACTIVATE.
+        let mut bad = H::default();
+        bad.run(1, M, reserve(L1), Value::Done);
+        bad.run(1, M, activate(L1, "a"), Value::Done);
+        bad.run(2, M, Op::Find, found(reserved(L1)));
+        let named = check_resurrected_reservations(&bad.events);
+        assert_eq!(named.len(), 1, "{named:#?}");
+        assert_eq!(named[0].check, checks::RESURRECTED);
+        let v = check_all(&bad.events, &FinalStates::default());
+        assert!(checks_of(&v).contains(&(checks::RESURRECTED, Some(M))));
+        // A RESERVE in flight across the ACTIVATE explains it.
+        let mut ok = H::default();
+        ok.invoke(3, M, reserve(L1));
+        ok.run(1, M, activate(L1, "a"), Value::Done);
+        ok.info(3);
+        ok.run(2, M, Op::Find, found(reserved(L1)));
+        assert!(check_resurrected_reservations(&ok.events).is_empty());
+        // So does a failed-for-sure one not.
+        let mut failed = H::default();
+        failed.run(1, M, activate(L1, "a"), Value::Done);
+        failed.invoke(3, M, reserve(L1));
+        failed.fail(3);
+        failed.run(2, M, Op::Find, found(reserved(L1)));
+        assert_eq!(check_resurrected_reservations(&failed.events).len(), 1);
+    }
+
+    #[test]
     fn writes_through_replicas_count_and_replica_reads_do_not() {
         let mut h = H::default();
         h.run_on(1, "r1", M, activate(L1, "a"), Value::Done);
@@ -2190,7 +2284,7 @@ mod tests {
         // A refusal that is none of the model's.
         h.run(1, "user.e", reserve(L1), refused("permission denied"));
         // And the right refusals, for contrast.
-        h.run(1, "user.f", Op::Delete, refused("Mailbox does not exist"));
+        h.run(1, "user.f", Op::Delete, refused(NO_SUCH));
         h.run(1, "user.f", reserve(L1), Value::Done);
         h.run(1, "user.f", deactivate(L1), refused(NOT_ACTIVE));
         h.run(1, "user.f", reserve(L2), refused(EXISTS));

@@ -37,6 +37,8 @@ pub struct ClusterSpec {
     /// The run namespace (each process runs in its node namespace, see
     /// [`crate::netns::node_namespace`]).
     pub run_ns: String,
+    /// Raft `snapshot_after_entries` and `keep_log_entries`.
+    pub snapshots: (u64, u64),
 }
 
 /// One registry process (master or replica) and how to reach it.
@@ -198,11 +200,15 @@ impl Cluster {
         // Clients come from the bridge's address, not loopback: PLAIN
         // without TLS must be allowed. Peers listen on 192.0.2.x without
         // mutual TLS, inside the run's namespaces only: say so explicitly.
+        let (snapshot_after, keep_log) = spec.snapshots;
         std::fs::write(
             &config,
-            "[mupdate]\nfailed_auth_delay_ms = 0\nallow_plaintext = true\n\
-             [raft]\nallow_insecure_peer = true\nwrite_timeout_ms = 2000\nsnapshot_after_entries = 2000\nkeep_log_entries = 500\n\
-             [replica]\nsilence_timeout_ms = 2000\nleaderless_timeout_ms = 1500\nwrite_timeout_ms = 2000\n",
+            format!(
+                "[mupdate]\nfailed_auth_delay_ms = 0\nallow_plaintext = true\n\
+                 [raft]\nallow_insecure_peer = true\nwrite_timeout_ms = 2000\n\
+                 snapshot_after_entries = {snapshot_after}\nkeep_log_entries = {keep_log}\n\
+                 [replica]\nsilence_timeout_ms = 2000\nleaderless_timeout_ms = 1500\nwrite_timeout_ms = 2000\n"
+            ),
         )?;
         let common = |name: &str, ip: &str| -> Vec<String> {
             vec![

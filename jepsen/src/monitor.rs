@@ -153,8 +153,15 @@ impl Monitor {
     }
 }
 
+/// The value of the unlabelled series `name` in a Prometheus text page.
+pub fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// One `GET /metrics`, or `None` if the node did not answer in time.
-async fn scrape(addr: &str) -> Option<String> {
+pub async fn scrape(addr: &str) -> Option<String> {
     let get = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
         s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
@@ -173,6 +180,13 @@ async fn scrape(addr: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_one_series() {
+        let page = "# TYPE corvid_stream_followers gauge\ncorvid_stream_followers_x 3\ncorvid_stream_followers 1\n";
+        assert_eq!(metric(page, "corvid_stream_followers"), Some(1.0));
+        assert_eq!(metric(page, "corvid_raft_term"), None);
+    }
 
     #[test]
     fn parses_the_raft_metrics() {

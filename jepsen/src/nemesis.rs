@@ -30,6 +30,32 @@ pub enum Fault {
     Pause,
     /// Remove a voter from the membership, re-add it when the fault ends.
     Membership,
+    /// Cut the master a replica follows from the other masters, but not
+    /// from the replica: the replica must move to a master of the majority
+    /// and keep up with new writes.
+    ReplicaMaster,
+    /// A replica killed, paused, or cut from every master.
+    Replica,
+    /// Two faults at once, with five or more masters: one node killed and
+    /// another cut off (the leader half of the time), leaving a majority
+    /// that can still elect.
+    Double,
+}
+
+/// How long a replica may take to follow a majority master after its own
+/// was cut off: the master's heartbeat says "no leader" after about an
+/// election, the harness's `leaderless_timeout_ms` is 1.5 s, plus slack.
+const REPLICA_FAILOVER: Duration = Duration::from_secs(4);
+
+impl Fault {
+    /// The shortest time this fault is held: long enough for its effect to
+    /// show (a replica's failover takes seconds).
+    pub fn min_hold(self) -> Duration {
+        match self {
+            Fault::ReplicaMaster => REPLICA_FAILOVER + Duration::from_secs(2),
+            _ => Duration::from_secs(2),
+        }
+    }
 }
 
 /// A partition to make: which processes are cut from which, and from the
@@ -180,8 +206,14 @@ pub struct Nemesis {
     partition: Option<String>,
     killed: Vec<String>,
     paused: Vec<String>,
+    /// A replica-master partition in force: the replica and the leader's
+    /// applied index when it began.
+    replica_watch: Option<(String, u64)>,
     /// Recorded events.
     pub events: Vec<NemesisEvent>,
+    /// Faults whose expected effect did not show (the replica did not fail
+    /// over); they fail the run.
+    pub problems: Vec<String>,
     started: Instant,
 }
 
@@ -193,7 +225,9 @@ impl Nemesis {
             partition: None,
             killed: Vec::new(),
             paused: Vec::new(),
+            replica_watch: None,
             events: Vec::new(),
+            problems: Vec::new(),
             started,
         }
     }
@@ -329,6 +363,9 @@ impl Nemesis {
                 });
                 Ok(name.into())
             }
+            Fault::ReplicaMaster => self.start_replica_master(cluster, leader).await,
+            Fault::Replica => self.start_replica(cluster, leader, rng),
+            Fault::Double => self.start_double(cluster, leader, rng),
             Fault::Membership => {
                 let candidates: Vec<u64> = cluster
                     .nodes
@@ -360,7 +397,14 @@ impl Nemesis {
         let now = self.now();
         match name {
             "" => Ok(()),
+            "double" => {
+                let partition = Box::pin(self.stop(cluster, "partition")).await;
+                Box::pin(self.stop(cluster, "kill")).await.and(partition)
+            }
             n if n.starts_with("partition") => {
+                if let Some((replica, before)) = self.replica_watch.take() {
+                    self.check_replica_failover(cluster, &replica, before).await;
+                }
                 if let Some(kind) = self.partition.take() {
                     self.record_stop(now, &kind, "healed".into());
                 }
@@ -380,7 +424,12 @@ impl Nemesis {
             "pause" => {
                 for victim in std::mem::take(&mut self.paused) {
                     self.record_stop(now, "pause", format!("resumed {victim}"));
-                    if let Some(p) = cluster.nodes.iter_mut().find(|n| n.name == victim) {
+                    if let Some(p) = cluster
+                        .nodes
+                        .iter_mut()
+                        .chain(cluster.replicas.iter_mut())
+                        .find(|n| n.name == victim)
+                    {
                         p.resume();
                     }
                 }
@@ -399,6 +448,210 @@ impl Nemesis {
             }
             other => anyhow::bail!("unknown fault {other}"),
         }
+    }
+
+    /// Cuts the master that a replica follows (the one with a log stream
+    /// open) from the other masters.
+    async fn start_replica_master(
+        &mut self,
+        cluster: &mut Cluster,
+        leader: Option<String>,
+    ) -> anyhow::Result<String> {
+        let Some(replica) = cluster.replicas.first().map(|r| r.name.clone()) else {
+            return Ok(String::new());
+        };
+        let mut followed = None;
+        for n in cluster.nodes.iter().filter(|n| n.running() && !n.paused) {
+            let page = crate::monitor::scrape(&n.metrics())
+                .await
+                .unwrap_or_default();
+            if crate::monitor::metric(&page, "corvid_stream_followers").unwrap_or(0.0) >= 1.0 {
+                followed = Some(n.name.clone());
+                break;
+            }
+        }
+        let Some(followed) = followed else {
+            return Ok(String::new());
+        };
+        let before = leader_applied(cluster).await.unwrap_or(0);
+        let others: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .filter(|n| *n != followed)
+            .collect();
+        for o in &others {
+            let (a, b) = (
+                cluster.nodes.iter().find(|n| n.name == followed),
+                cluster.nodes.iter().find(|n| n.name == *o),
+            );
+            if let (Some(a), Some(b)) = (a, b) {
+                self.firewall.cut(a, b)?;
+            }
+        }
+        let kind = "partition-replica-master";
+        self.partition = Some(kind.into());
+        self.replica_watch = Some((replica.clone(), before));
+        self.record_start(NemesisEvent {
+            fault: kind.into(),
+            detail: format!("{replica} follows {followed}; {}", self.firewall.describe()),
+            isolated: vec![followed],
+            majority: others,
+            leader,
+            ..NemesisEvent::default()
+        });
+        Ok(kind.into())
+    }
+
+    /// Before healing a replica-master partition: the replica must have
+    /// applied, from a majority master, what the cluster committed by now.
+    async fn check_replica_failover(&mut self, cluster: &Cluster, replica: &str, before: u64) {
+        let Some(target) = leader_applied(cluster).await else {
+            return;
+        };
+        if target <= before {
+            return; // nothing was written meanwhile: nothing to show
+        }
+        let Some(r) = cluster.replicas.iter().find(|r| r.name == replica) else {
+            return;
+        };
+        let deadline = Instant::now() + REPLICA_FAILOVER;
+        let mut applied = 0.0;
+        while Instant::now() < deadline {
+            let page = crate::monitor::scrape(&r.metrics())
+                .await
+                .unwrap_or_default();
+            applied = crate::monitor::metric(&page, "corvid_replica_applied_index").unwrap_or(0.0);
+            if applied >= target as f64 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.problems.push(format!(
+            "nemesis had no effect: replica {replica} did not move to a majority master \
+             (applied {applied}, the cluster had committed {target})"
+        ));
+    }
+
+    /// Kills, pauses, or cuts from every master, one replica.
+    fn start_replica(
+        &mut self,
+        cluster: &mut Cluster,
+        leader: Option<String>,
+        rng: &mut StdRng,
+    ) -> anyhow::Result<String> {
+        let candidates: Vec<usize> = (0..cluster.replicas.len())
+            .filter(|&i| cluster.replicas[i].running() && !cluster.replicas[i].paused)
+            .collect();
+        if candidates.is_empty() || self.partition.is_some() {
+            return Ok(String::new());
+        }
+        let i = candidates[rng.gen_range(0..candidates.len())];
+        let victim = cluster.replicas[i].name.clone();
+        let event = NemesisEvent {
+            detail: format!("replica {victim}"),
+            isolated: vec![victim.clone()],
+            leader,
+            ..NemesisEvent::default()
+        };
+        let name = match rng.gen_range(0..3) {
+            0 => {
+                cluster.replicas[i].kill();
+                self.killed.push(victim);
+                "kill"
+            }
+            1 => {
+                cluster.replicas[i].pause();
+                self.paused.push(victim);
+                "pause"
+            }
+            _ => {
+                for n in &cluster.nodes {
+                    self.firewall.cut(&cluster.replicas[i], n)?;
+                }
+                self.partition = Some("partition-replica".into());
+                "partition-replica"
+            }
+        };
+        self.record_start(NemesisEvent {
+            fault: name.into(),
+            ..event
+        });
+        Ok(name.into())
+    }
+
+    /// One node killed and another cut off from everybody: with five
+    /// masters three remain, a majority that can elect.
+    fn start_double(
+        &mut self,
+        cluster: &mut Cluster,
+        leader: Option<String>,
+        rng: &mut StdRng,
+    ) -> anyhow::Result<String> {
+        let running: Vec<String> = cluster
+            .nodes
+            .iter()
+            .filter(|n| n.running() && !n.paused)
+            .map(|n| n.name.clone())
+            .collect();
+        let down = self.killed.len() + self.paused.len();
+        if cluster.nodes.len() < 5 || down > 0 || running.len() < cluster.nodes.len() {
+            return Ok(String::new());
+        }
+        let mut order = running.clone();
+        order.shuffle(rng);
+        // The one cut off is the leader half of the time; the one killed
+        // never is (the partition is what should move leadership).
+        let cut = match &leader {
+            Some(l) if rng.gen_bool(0.5) => l.clone(),
+            _ => order[0].clone(),
+        };
+        let victim = order
+            .iter()
+            .find(|n| **n != cut && Some(*n) != leader.as_ref())
+            .cloned()
+            .expect("five running masters");
+        let majority: Vec<String> = running
+            .iter()
+            .filter(|n| **n != cut && **n != victim)
+            .cloned()
+            .collect();
+        if let Some(p) = cluster.nodes.iter_mut().find(|n| n.name == victim) {
+            p.kill();
+        }
+        self.killed.push(victim.clone());
+        self.record_start(NemesisEvent {
+            fault: "kill".into(),
+            detail: victim.clone(),
+            isolated: vec![victim.clone()],
+            majority: majority.clone(),
+            leader: leader.clone(),
+            ..NemesisEvent::default()
+        });
+        let cut_p = cluster
+            .nodes
+            .iter()
+            .find(|n| n.name == cut)
+            .expect("a node");
+        for other in cluster
+            .nodes
+            .iter()
+            .chain(&cluster.replicas)
+            .filter(|o| o.name != cut)
+        {
+            self.firewall.cut(cut_p, other)?;
+        }
+        let kind = "partition-double";
+        self.partition = Some(kind.into());
+        self.record_start(NemesisEvent {
+            fault: kind.into(),
+            detail: format!("{} with {victim} killed", self.firewall.describe()),
+            isolated: vec![cut],
+            majority,
+            leader,
+            ..NemesisEvent::default()
+        });
+        Ok("double".into())
     }
 
     /// Heals everything, whatever is broken. Errors are logged, not
@@ -426,6 +679,13 @@ impl Nemesis {
             }
         }
     }
+}
+
+/// The applied index of the leader, as its metrics say.
+async fn leader_applied(cluster: &Cluster) -> Option<u64> {
+    let id = cluster.leader(Duration::from_secs(2)).await?;
+    let page = crate::monitor::scrape(&cluster.node(id)?.metrics()).await?;
+    crate::monitor::metric(&page, "corvid_raft_applied_index").map(|v| v as u64)
 }
 
 #[cfg(test)]

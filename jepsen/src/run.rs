@@ -62,6 +62,14 @@ pub struct RunArgs {
         default_value = "partition,kill,pause,membership"
     )]
     pub nemesis: Vec<Fault>,
+    /// Raft snapshot every this many entries (small values make followers
+    /// and replicas catch up by snapshot, and purge entries that a retried
+    /// write may have reached).
+    #[arg(long, default_value_t = 2000)]
+    pub snapshot_after: u64,
+    /// Log entries kept behind a snapshot.
+    #[arg(long, default_value_t = 500)]
+    pub keep_log: u64,
     /// Seconds between faults (each then holds 2–5 s).
     #[arg(long, default_value_t = 3)]
     pub nemesis_interval: u64,
@@ -207,6 +215,7 @@ async fn run_inside(args: RunArgs, run_ns: String) -> anyhow::Result<bool> {
         replicas: args.replica_count(),
         run_ns,
         unsafe_stale_reads: args.unsafe_stale_reads,
+        snapshots: (args.snapshot_after, args.keep_log),
     })
     .await?;
     let started = Instant::now();
@@ -256,7 +265,8 @@ async fn run_inside(args: RunArgs, run_ns: String) -> anyhow::Result<bool> {
             replicas,
         },
     );
-    let nemesis_problems = evidence::problems(&windows);
+    let mut nemesis_problems = evidence::problems(&windows);
+    nemesis_problems.extend(nemesis.problems.iter().cloned());
     let mut faults = BTreeMap::new();
     for e in nemesis.events.iter().filter(|e| e.phase == "start") {
         *faults.entry(e.fault.clone()).or_insert(0) += 1;
@@ -400,7 +410,7 @@ async fn exercise(
             {
                 let fault = args.nemesis[rng.gen_range(0..args.nemesis.len())];
                 let name = nemesis.start(cluster, fault, &mut rng).await?;
-                let hold = Duration::from_millis(rng.gen_range(2000..5000));
+                let hold = Duration::from_millis(rng.gen_range(2000..5000)).max(fault.min_hold());
                 active = Some((name, Instant::now() + hold));
             }
             _ => {}

@@ -7,7 +7,11 @@
 //! * `ownership`: every client races to RESERVE the same fresh name for its
 //!   own backend; at most one may win each;
 //! * `replicas`: one writer per name ACTIVATEs versions 1, 2, 3… on the
-//!   masters while readers FIND on the replicas.
+//!   masters while readers FIND on the replicas;
+//! * `lifecycle`: RESERVE → ACTIVATE → FIND (→ DELETE) on a few shared
+//!   names, each sequence on one node: with small snapshots and leader
+//!   partitions it provokes retried writes, and a duplicate RESERVE applied
+//!   after its ACTIVATE shows as a resurrected reservation.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +34,8 @@ pub enum Workload {
     Ownership,
     /// Monotonic, converging reads on replicas.
     Replicas,
+    /// Mailboxes created and activated in sequence, then read back.
+    Lifecycle,
 }
 
 /// The shared, append-only history.
@@ -248,6 +254,26 @@ pub async fn client(plan: ClientPlan, recorder: Recorder) {
                     _ => Op::Find,
                 };
                 me.run(target, &mailbox, op).await;
+            }
+            Workload::Lifecycle => {
+                let target = &targets.masters[rng.gen_range(0..targets.masters.len())];
+                let mailbox = format!("user.life{}", rng.gen_range(0..settings.mailboxes));
+                let location = backends[rng.gen_range(0..backends.len())].to_owned();
+                let acl = format!("u{}\tlrs\t", rng.gen_range(0..4));
+                me.run(
+                    target,
+                    &mailbox,
+                    Op::Reserve {
+                        location: location.clone(),
+                    },
+                )
+                .await;
+                me.run(target, &mailbox, Op::Activate { location, acl })
+                    .await;
+                me.run(target, &mailbox, Op::Find).await;
+                if rng.gen_bool(0.5) {
+                    me.run(target, &mailbox, Op::Delete).await;
+                }
             }
             Workload::Ownership => {
                 // Every client claims the same name in the same 200 ms slot.
