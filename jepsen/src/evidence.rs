@@ -179,7 +179,11 @@ fn window(start: &NemesisEvent, end_ns: u64, events: &[Event], samples: &[Sample
                 *m = m.max(*age);
             }
         }
-        if down && w.isolated.contains(&s.node) && s.up && s.time_ns > grace_ns {
+        // A sample is stamped when its scrape starts; one started within a
+        // scrape timeout of the end may have been answered after the node
+        // was resumed or restarted, so it proves nothing.
+        let settled = s.time_ns + (crate::monitor::SCRAPE_TIMEOUT.as_nanos() as u64) < end_ns;
+        if down && w.isolated.contains(&s.node) && s.up && s.time_ns > grace_ns && settled {
             *w.late_answers.entry(s.node.clone()).or_default() += 1;
         }
     }

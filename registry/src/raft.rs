@@ -202,6 +202,10 @@ pub struct Registry {
     leader_contact: Arc<Mutex<Option<Instant>>>,
     /// When this node started (its leader contact age before any contact).
     started_at: Instant,
+    /// A fresh leader's membership no longer lists this node.
+    removed: Arc<AtomicBool>,
+    /// When the membership was last probed (see `probe_membership`).
+    membership_probe: Arc<Mutex<Option<Instant>>>,
 }
 
 /// Readers waiting for a read index. One request is in flight at a time;
@@ -283,6 +287,8 @@ impl Registry {
             leaderless_grace: Duration::from_millis(settings.election_timeout_max_ms * 2),
             leader_contact: Arc::default(),
             started_at: Instant::now(),
+            removed: Arc::default(),
+            membership_probe: Arc::default(),
         };
         if settings.unsafe_test_stale_reads {
             tracing::error!(
@@ -457,6 +463,8 @@ impl Registry {
         if started.elapsed() >= self.leaderless_grace
             || self.leader_contact_age() >= self.leaderless_grace * 2
         {
+            // Perhaps removed from the cluster: the next request will say so.
+            self.probe_membership();
             return Err(RegistryError::Unavailable(NO_LEADER.into()));
         }
         tokio::time::sleep(LEADER_POLL.min(remaining)).await;
@@ -464,6 +472,8 @@ impl Registry {
     }
 
     fn note_leader_contact(&self) {
+        // A leader replicates to us: we are a member (again).
+        self.removed.store(false, Ordering::Release);
         if let Ok(mut c) = self.leader_contact.lock() {
             *c = Some(Instant::now());
         }
@@ -472,14 +482,72 @@ impl Registry {
     /// Fails with [`RegistryError::NotMember`] on a node that was initialized
     /// and is not (any longer) in the membership.
     fn check_member(&self) -> Result<(), RegistryError> {
+        if !self.is_member() {
+            return Err(RegistryError::NotMember);
+        }
+        Ok(())
+    }
+
+    /// False on a node that was initialized and is not in the membership it
+    /// knows, or that a fresh leader's membership no longer lists (a
+    /// removed node is often never sent the entry that removes it).
+    fn is_member(&self) -> bool {
         let rx = self.raft.metrics();
         let m = rx.borrow_watched();
         let membership = m.membership_config.membership();
         let initialized = membership.nodes().next().is_some();
-        if initialized && membership.get_node(&m.id).is_none() {
-            return Err(RegistryError::NotMember);
+        !(initialized && membership.get_node(&m.id).is_none())
+            && !self.removed.load(Ordering::Acquire)
+    }
+
+    /// In the background, at most once a second: asks the other members
+    /// whether their (fresh) leader's membership still lists this node.
+    fn probe_membership(&self) {
+        {
+            let Ok(mut last) = self.membership_probe.lock() else {
+                return;
+            };
+            if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(Instant::now());
         }
-        Ok(())
+        let (me, peers): (u64, Vec<String>) = {
+            let rx = self.raft.metrics();
+            let m = rx.borrow_watched();
+            let peers = m
+                .membership_config
+                .membership()
+                .nodes()
+                .filter(|(id, _)| **id != m.id)
+                .map(|(_, n)| n.addr.clone())
+                .collect();
+            (m.id, peers)
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let asks = peers.iter().map(|addr| {
+                let request = PeerRequest::Admin(AdminRequest::Status);
+                let pool = this.peers.clone();
+                async move {
+                    pool.call(addr, &request, Duration::from_millis(300))
+                        .await
+                        .ok()
+                }
+            });
+            for answer in futures::future::join_all(asks).await {
+                if let Some(PeerResponse::Admin(AdminResponse::Status(s))) = answer {
+                    if s.leader.is_some() && s.leader_fresh && !s.nodes.contains_key(&me) {
+                        tracing::warn!(
+                            "node {} reports a membership without this node ({me}): removed",
+                            s.id
+                        );
+                        this.removed.store(true, Ordering::Release);
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     /// Whether this node has heard from a leader within about one election
@@ -851,7 +919,7 @@ impl Registry {
                         .collect()
                 })
                 .unwrap_or_default(),
-            member: membership.get_node(&m.id).is_some(),
+            member: membership.get_node(&m.id).is_some() && !self.removed.load(Ordering::Acquire),
             leader_fresh: self.leader_is_fresh(),
         }
     }

@@ -109,3 +109,39 @@ async fn a_node_without_a_leader_refuses_within_about_an_election() {
     assert!(find.text.contains("no leader"), "{}", find.text);
     assert!(started.elapsed() < Duration::from_secs(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_says_it_is_not_a_member() {
+    use corvid_registry::peer::AdminRequest;
+    let cluster = TestCluster::start(3, "");
+    cluster.init(3).await;
+    let leader = cluster.leader(&[1, 2, 3]).await;
+    let gone = (1..=3).find(|&i| i != leader).unwrap();
+    let mut c = cluster.client(gone).await;
+    activate(&mut c, "user.before").await;
+    cluster
+        .admin(leader, AdminRequest::Remove { id: gone })
+        .await
+        .unwrap();
+    // Poll, within a deadline, until the node has applied its removal.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut refused = None;
+    while refused.is_none() && Instant::now() < deadline {
+        let r = c
+            .command(&Command::Reserve {
+                name: "user.after".into(),
+                location: "be1!default".into(),
+            })
+            .await
+            .unwrap();
+        if r.status == Status::No && r.text.contains("not a member of the registry cluster") {
+            refused = Some(r);
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert!(refused.is_some(), "the removed node says why it refuses");
+    let status = cluster.status(gone).await.unwrap();
+    assert!(!status.member, "cluster status shows it: {status:?}");
+    assert!(cluster.status(leader).await.unwrap().member);
+}
