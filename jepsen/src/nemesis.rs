@@ -30,6 +30,16 @@ pub enum Fault {
     Pause,
     /// Remove a voter from the membership, re-add it when the fault ends.
     Membership,
+    /// Only the partition that cuts the current leader off from everyone
+    /// else (clients still reach it).
+    PartitionLeader,
+    /// No fault: `--nemesis none`, for a run that differs from another only
+    /// by its fault.
+    None,
+    /// Every master loses power at once: SIGKILL, every write its disk
+    /// never fsynced is dropped (see [`crate::powerfs`]), restarted when
+    /// the fault ends.
+    PowerLoss,
 }
 
 /// A partition to make: which processes are cut from which, and from the
@@ -51,6 +61,7 @@ fn plan_partition(
     replicas: &[String],
     leader: Option<&str>,
     clients: bool,
+    only_leader: bool,
     rng: &mut StdRng,
 ) -> Plan {
     let mut order = masters.to_vec();
@@ -95,7 +106,11 @@ fn plan_partition(
     } else {
         &["partition-halves", "partition-leader", "partition-bridge"]
     };
-    let kind = kinds[rng.gen_range(0..kinds.len())];
+    let kind = if only_leader {
+        "partition-leader"
+    } else {
+        kinds[rng.gen_range(0..kinds.len())]
+    };
     let cuts = match kind {
         "partition-leader" => {
             // The leader alone; replicas stay with the majority.
@@ -180,6 +195,8 @@ pub struct Nemesis {
     partition: Option<String>,
     killed: Vec<String>,
     paused: Vec<String>,
+    /// Masters down after a power loss.
+    powered_off: Vec<String>,
     /// Recorded events.
     pub events: Vec<NemesisEvent>,
     started: Instant,
@@ -193,6 +210,7 @@ impl Nemesis {
             partition: None,
             killed: Vec::new(),
             paused: Vec::new(),
+            powered_off: Vec::new(),
             events: Vec::new(),
             started,
         }
@@ -241,7 +259,7 @@ impl Nemesis {
             .and_then(|id| cluster.node(id))
             .map(|n| n.name.clone());
         match fault {
-            Fault::Partition | Fault::ClientPartition => {
+            Fault::Partition | Fault::ClientPartition | Fault::PartitionLeader => {
                 let masters: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
                 let replicas: Vec<String> =
                     cluster.replicas.iter().map(|r| r.name.clone()).collect();
@@ -250,6 +268,7 @@ impl Nemesis {
                     &replicas,
                     leader.as_deref(),
                     fault == Fault::ClientPartition,
+                    fault == Fault::PartitionLeader,
                     rng,
                 );
                 let by_name: BTreeMap<&str, &crate::cluster::Process> = cluster
@@ -329,6 +348,39 @@ impl Nemesis {
                 });
                 Ok(name.into())
             }
+            Fault::None => Ok(String::new()),
+            Fault::PowerLoss => {
+                anyhow::ensure!(
+                    cluster.has_power_disks(),
+                    "power-loss needs the masters on power-loss disks"
+                );
+                if !self.killed.is_empty() || !self.paused.is_empty() {
+                    return Ok(String::new());
+                }
+                let all: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+                let time_ns = self.now();
+                let mut lost = Vec::new();
+                for name in &all {
+                    if let Some(p) = cluster.nodes.iter_mut().find(|n| n.name == *name) {
+                        p.kill();
+                    }
+                }
+                for name in &all {
+                    let (files, bytes) = cluster.power_cut(name)?;
+                    lost.push(format!("{name}: {bytes} unsynced bytes in {files} files"));
+                }
+                self.powered_off = all.clone();
+                self.record(NemesisEvent {
+                    time_ns,
+                    phase: "start".into(),
+                    fault: "power-loss".into(),
+                    detail: lost.join("; "),
+                    isolated: all,
+                    leader,
+                    ..NemesisEvent::default()
+                });
+                Ok("power-loss".into())
+            }
             Fault::Membership => {
                 let candidates: Vec<u64> = cluster
                     .nodes
@@ -377,6 +429,16 @@ impl Nemesis {
                 }
                 Ok(())
             }
+            "power-loss" => {
+                while let Some(victim) = self.powered_off.pop() {
+                    if let Err(e) = cluster.restart(&victim) {
+                        self.powered_off.push(victim);
+                        return Err(e);
+                    }
+                }
+                self.record_stop(now, "power-loss", "power back on every master".into());
+                Ok(())
+            }
             "pause" => {
                 for victim in std::mem::take(&mut self.paused) {
                     self.record_stop(now, "pause", format!("resumed {victim}"));
@@ -404,11 +466,12 @@ impl Nemesis {
     /// Heals everything, whatever is broken. Errors are logged, not
     /// returned: healing goes on.
     pub async fn heal_all(&mut self, cluster: &mut Cluster) {
-        for name in ["partition", "pause", "kill", "membership"] {
+        for name in ["partition", "pause", "kill", "power-loss", "membership"] {
             let broken = match name {
                 "partition" => true,
                 "pause" => !self.paused.is_empty(),
                 "kill" => !self.killed.is_empty(),
+                "power-loss" => !self.powered_off.is_empty(),
                 _ => !cluster.removed.is_empty(),
             };
             if !broken {
@@ -473,7 +536,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         let mut kinds = BTreeSet::new();
         for _ in 0..200 {
-            let plan = plan_partition(&masters, &replicas, Some("n4"), false, &mut rng);
+            let plan = plan_partition(&masters, &replicas, Some("n4"), false, false, &mut rng);
             assert!(!plan.cuts.is_empty(), "{plan:?}");
             assert!(plan.unreachable.is_empty());
             if plan.kind == "partition-leader" {
@@ -485,7 +548,7 @@ mod tests {
         }
         assert_eq!(kinds.len(), 4, "{kinds:?}");
         for _ in 0..50 {
-            let plan = plan_partition(&masters, &replicas, None, true, &mut rng);
+            let plan = plan_partition(&masters, &replicas, None, true, false, &mut rng);
             assert_eq!(plan.kind, "partition-clients");
             let (isolated, majority) = sides(&masters, &plan.cuts);
             assert_eq!(isolated.len(), 2);

@@ -140,6 +140,16 @@ impl Drop for PowerDisk {
     }
 }
 
+/// Where `old` is after renaming `from` (itself or a directory above it)
+/// to `to`. (`to.join("")` would add a trailing slash: not a file any more.)
+fn moved_path(old: &Path, from: &Path, to: &Path) -> PathBuf {
+    match old.strip_prefix(from) {
+        Ok(rest) if rest.as_os_str().is_empty() => to.to_owned(),
+        Ok(rest) => to.join(rest),
+        Err(_) => old.to_owned(),
+    }
+}
+
 fn errno(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
@@ -406,7 +416,7 @@ impl Filesystem for PowerFs {
             .map(|(p, i)| (p.clone(), *i))
             .collect();
         for (old, ino) in moved {
-            let new = to.join(old.strip_prefix(&from).unwrap_or(Path::new("")));
+            let new = moved_path(&old, &from, &to);
             self.inodes.remove(&old);
             self.inodes.insert(new.clone(), ino);
             self.paths.insert(ino, new);
@@ -419,10 +429,7 @@ impl Filesystem for PowerFs {
                 .collect();
             for (old, len) in moved {
                 u.remove(&old);
-                u.insert(
-                    to.join(old.strip_prefix(&from).unwrap_or(Path::new(""))),
-                    len,
-                );
+                u.insert(moved_path(&old, &from, &to), len);
             }
         }
         reply.ok()
@@ -648,11 +655,17 @@ mod tests {
         let mut g = File::create(mnt.join("tmp")).unwrap();
         g.write_all(b"renamed").unwrap();
         g.sync_all().unwrap();
-        drop(g);
         std::fs::rename(mnt.join("tmp"), mnt.join("sub/kept")).unwrap();
+        // Still open under its old name: the unsynced tail follows it.
+        g.write_all(b"+tail").unwrap();
+        drop(g);
+        assert_eq!(
+            std::fs::read(mnt.join("sub/kept")).unwrap(),
+            b"renamed+tail"
+        );
         assert_eq!(std::fs::read(mnt.join("wal")).unwrap(), b"synced lost");
         let (files, bytes) = disk.power_cut().unwrap();
-        assert_eq!((files, bytes), (2, 8));
+        assert_eq!((files, bytes), (3, 13));
         assert_eq!(std::fs::read(mnt.join("wal")).unwrap(), b"synced ");
         assert_eq!(std::fs::read(mnt.join("sub/never-synced")).unwrap(), b"");
         assert_eq!(std::fs::read(mnt.join("sub/kept")).unwrap(), b"renamed");
