@@ -14,14 +14,14 @@ status=0
 CONFIGS=(
   "--nemesis partition,kill,pause,membership"
   "--nodes 5 --nemesis partition,kill,pause,double"
-  "--workload lifecycle,registry --snapshot-after 100 --keep-log 10 --mailboxes 3 --concurrency 8 --nemesis partition,kill"
+  "--workload lifecycle,registry --snapshot-after 100 --keep-log 10 --mailboxes 3 --concurrency 8 --nemesis partition-leader,kill"
   "--nemesis replica-master,replica,partition"
   "--nemesis client-partition,partition,kill"
   "--nodes 5 --workload lifecycle,registry,replicas --snapshot-after 100 --keep-log 10 --mailboxes 3 --concurrency 8 --nemesis double,partition,replica-master"
-  "--mailboxes 3 --concurrency 10 --nemesis partition,kill,pause,membership"
+  "--mailboxes 3 --concurrency 10 --nemesis partition,kill,pause,membership,power-loss"
   "--nodes 5 --nemesis partition,client-partition,replica,membership"
   "--workload lifecycle,ownership,replicas --snapshot-after 100 --keep-log 10 --mailboxes 3 --concurrency 8 --nemesis partition,pause,replica-master"
-  "--nemesis partition,kill,pause,membership,replica"
+  "--nemesis partition,kill,pause,membership,replica,power-loss"
 )
 for i in $(seq 1 "$N"); do
   config=${CONFIGS[$(( (i - 1) % ${#CONFIGS[@]} ))]}

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::powerfs::PowerDisk;
 use anyhow::{bail, Context};
 use corvid_registry::mupdate::client::Client;
 use corvid_registry::peer::{
@@ -32,8 +33,12 @@ pub struct ClusterSpec {
     pub nodes: usize,
     /// Replicas following them.
     pub replicas: usize,
-    /// Start nodes with the test-only safety-breaking switch.
-    pub unsafe_stale_reads: bool,
+    /// Test-only safety-breaking registry switches to start the masters
+    /// with (`--unsafe-test-…`).
+    pub unsafe_switches: Vec<String>,
+    /// Put each master's data directory on a [`PowerDisk`], so that the
+    /// power-loss fault can drop what was never fsynced.
+    pub power_disks: bool,
     /// The run namespace (each process runs in its node namespace, see
     /// [`crate::netns::node_namespace`]).
     pub run_ns: String,
@@ -184,6 +189,9 @@ pub struct Cluster {
     pub replicas: Vec<Process>,
     /// Node ids removed from the membership by the nemesis.
     pub removed: Vec<u64>,
+    /// The masters' power-loss disks, by name (after the processes: they
+    /// are unmounted once the processes are gone).
+    disks: BTreeMap<String, PowerDisk>,
 }
 
 impl Cluster {
@@ -226,6 +234,17 @@ impl Cluster {
                 format!("{ip}:9905"),
             ]
         };
+        let mut disks = BTreeMap::new();
+        if spec.power_disks {
+            for i in 1..=spec.nodes {
+                let name = format!("n{i}");
+                let disk = PowerDisk::mount(
+                    &spec.dir.join("platters").join(&name),
+                    &spec.dir.join(&name),
+                )?;
+                disks.insert(name, disk);
+            }
+        }
         let mut nodes = Vec::new();
         for i in 1..=spec.nodes {
             let name = format!("n{i}");
@@ -239,9 +258,7 @@ impl Cluster {
                 "--peer-listen".into(),
                 format!("{ip}:3906"),
             ]);
-            if spec.unsafe_stale_reads {
-                args.push("--unsafe-test-stale-reads".into());
-            }
+            args.extend(spec.unsafe_switches.iter().cloned());
             nodes.push(Process::new(&spec.dir, (name, ip, netns), i as u64, args));
         }
         for n in &mut nodes {
@@ -274,6 +291,7 @@ impl Cluster {
             nodes,
             replicas,
             removed: Vec::new(),
+            disks,
         };
         cluster
             .leader(Duration::from_secs(20))
@@ -295,6 +313,66 @@ impl Cluster {
             p.start(&bin)?;
         }
         Ok(())
+    }
+
+    /// Whether the masters' data directories can lose power.
+    pub fn has_power_disks(&self) -> bool {
+        !self.disks.is_empty()
+    }
+
+    /// The power cut on master `name`, which must already be killed: drops
+    /// every write its disk never fsynced. Returns the files and bytes lost.
+    pub fn power_cut(&mut self, name: &str) -> anyhow::Result<(usize, u64)> {
+        let running = self.nodes.iter().any(|n| n.name == name && n.running());
+        anyhow::ensure!(!running, "{name} must be down before its power cut");
+        self.disks
+            .get_mut(name)
+            .with_context(|| format!("{name} has no power-loss disk"))?
+            .power_cut()
+    }
+
+    /// Waits until every running master has applied what the leader had
+    /// in its log when asked, so that the clients' first reads do not
+    /// race the followers' start-up catch-up.
+    pub async fn wait_caught_up(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        let target = loop {
+            let mut last = None;
+            for n in &self.nodes {
+                if let Some(s) = self.status(n).await {
+                    if s.role == "Leader" {
+                        last = Some(s.last_log_index);
+                    }
+                }
+            }
+            match last {
+                Some(i) => break i,
+                None if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                None => bail!("no leader to catch up with"),
+            }
+        };
+        loop {
+            let mut behind = Vec::new();
+            for n in &self.nodes {
+                match self.status(n).await {
+                    Some(s) if s.applied_index >= target => {}
+                    Some(s) => behind.push(format!("{} at {}", n.name, s.applied_index)),
+                    None => behind.push(format!("{} unreachable", n.name)),
+                }
+            }
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "masters did not catch up with index {target}: {}",
+                    behind.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The status of node `n` as it sees itself.

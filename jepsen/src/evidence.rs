@@ -128,7 +128,7 @@ fn window(start: &NemesisEvent, end_ns: u64, events: &[Event], samples: &[Sample
         ..Window::default()
     };
     let partition = w.fault.starts_with("partition");
-    let down = w.fault == "kill" || w.fault == "pause";
+    let down = w.fault == "kill" || w.fault == "pause" || w.fault == "power-loss";
 
     for e in events
         .iter()

@@ -9,6 +9,8 @@
 //!   as DROP rules inside them.
 //! * [`monitor`], [`evidence`]: the nodes' Raft metrics during the run,
 //!   and per fault window the proof that the fault had its effect.
+//! * [`powerfs`]: a FUSE disk that forgets what was never fsynced, for
+//!   the power-loss fault.
 //! * [`cluster`], [`workload`], [`nemesis`], [`run`]: the processes, the
 //!   clients, the faults and one run from start to verdict.
 
@@ -20,6 +22,7 @@ pub mod history;
 pub mod monitor;
 pub mod nemesis;
 pub mod netns;
+pub mod powerfs;
 pub mod report;
 pub mod run;
 pub mod workload;

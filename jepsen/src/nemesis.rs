@@ -40,6 +40,16 @@ pub enum Fault {
     /// another cut off (the leader half of the time), leaving a majority
     /// that can still elect.
     Double,
+    /// Only the partition that cuts the current leader off from everyone
+    /// else (clients still reach it).
+    PartitionLeader,
+    /// No fault: `--nemesis none`, for a run that differs from another only
+    /// by its fault.
+    None,
+    /// Every master loses power at once: SIGKILL, every write its disk
+    /// never fsynced is dropped (see [`crate::powerfs`]), restarted when
+    /// the fault ends.
+    PowerLoss,
 }
 
 /// How long a replica may take to follow a majority master after its own
@@ -77,6 +87,7 @@ fn plan_partition(
     replicas: &[String],
     leader: Option<&str>,
     clients: bool,
+    only_leader: bool,
     rng: &mut StdRng,
 ) -> Plan {
     let mut order = masters.to_vec();
@@ -121,7 +132,11 @@ fn plan_partition(
     } else {
         &["partition-halves", "partition-leader", "partition-bridge"]
     };
-    let kind = kinds[rng.gen_range(0..kinds.len())];
+    let kind = if only_leader {
+        "partition-leader"
+    } else {
+        kinds[rng.gen_range(0..kinds.len())]
+    };
     let cuts = match kind {
         "partition-leader" => {
             // The leader alone; replicas stay with the majority.
@@ -209,6 +224,8 @@ pub struct Nemesis {
     /// A replica-master partition in force: the replica and the leader's
     /// applied index when it began.
     replica_watch: Option<(String, u64)>,
+    /// Masters down after a power loss.
+    powered_off: Vec<String>,
     /// Recorded events.
     pub events: Vec<NemesisEvent>,
     /// Faults whose expected effect did not show (the replica did not fail
@@ -226,6 +243,7 @@ impl Nemesis {
             killed: Vec::new(),
             paused: Vec::new(),
             replica_watch: None,
+            powered_off: Vec::new(),
             events: Vec::new(),
             problems: Vec::new(),
             started,
@@ -275,7 +293,7 @@ impl Nemesis {
             .and_then(|id| cluster.node(id))
             .map(|n| n.name.clone());
         match fault {
-            Fault::Partition | Fault::ClientPartition => {
+            Fault::Partition | Fault::ClientPartition | Fault::PartitionLeader => {
                 let masters: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
                 let replicas: Vec<String> =
                     cluster.replicas.iter().map(|r| r.name.clone()).collect();
@@ -284,6 +302,7 @@ impl Nemesis {
                     &replicas,
                     leader.as_deref(),
                     fault == Fault::ClientPartition,
+                    fault == Fault::PartitionLeader,
                     rng,
                 );
                 let by_name: BTreeMap<&str, &crate::cluster::Process> = cluster
@@ -366,6 +385,39 @@ impl Nemesis {
             Fault::ReplicaMaster => self.start_replica_master(cluster, leader).await,
             Fault::Replica => self.start_replica(cluster, leader, rng),
             Fault::Double => self.start_double(cluster, leader, rng),
+            Fault::None => Ok(String::new()),
+            Fault::PowerLoss => {
+                anyhow::ensure!(
+                    cluster.has_power_disks(),
+                    "power-loss needs the masters on power-loss disks"
+                );
+                if !self.killed.is_empty() || !self.paused.is_empty() {
+                    return Ok(String::new());
+                }
+                let all: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+                let time_ns = self.now();
+                let mut lost = Vec::new();
+                for name in &all {
+                    if let Some(p) = cluster.nodes.iter_mut().find(|n| n.name == *name) {
+                        p.kill();
+                    }
+                }
+                for name in &all {
+                    let (files, bytes) = cluster.power_cut(name)?;
+                    lost.push(format!("{name}: {bytes} unsynced bytes in {files} files"));
+                }
+                self.powered_off = all.clone();
+                self.record(NemesisEvent {
+                    time_ns,
+                    phase: "start".into(),
+                    fault: "power-loss".into(),
+                    detail: lost.join("; "),
+                    isolated: all,
+                    leader,
+                    ..NemesisEvent::default()
+                });
+                Ok("power-loss".into())
+            }
             Fault::Membership => {
                 let candidates: Vec<u64> = cluster
                     .nodes
@@ -419,6 +471,16 @@ impl Nemesis {
                         return Err(e);
                     }
                 }
+                Ok(())
+            }
+            "power-loss" => {
+                while let Some(victim) = self.powered_off.pop() {
+                    if let Err(e) = cluster.restart(&victim) {
+                        self.powered_off.push(victim);
+                        return Err(e);
+                    }
+                }
+                self.record_stop(now, "power-loss", "power back on every master".into());
                 Ok(())
             }
             "pause" => {
@@ -657,11 +719,12 @@ impl Nemesis {
     /// Heals everything, whatever is broken. Errors are logged, not
     /// returned: healing goes on.
     pub async fn heal_all(&mut self, cluster: &mut Cluster) {
-        for name in ["partition", "pause", "kill", "membership"] {
+        for name in ["partition", "pause", "kill", "power-loss", "membership"] {
             let broken = match name {
                 "partition" => true,
                 "pause" => !self.paused.is_empty(),
                 "kill" => !self.killed.is_empty(),
+                "power-loss" => !self.powered_off.is_empty(),
                 _ => !cluster.removed.is_empty(),
             };
             if !broken {
@@ -733,7 +796,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         let mut kinds = BTreeSet::new();
         for _ in 0..200 {
-            let plan = plan_partition(&masters, &replicas, Some("n4"), false, &mut rng);
+            let plan = plan_partition(&masters, &replicas, Some("n4"), false, false, &mut rng);
             assert!(!plan.cuts.is_empty(), "{plan:?}");
             assert!(plan.unreachable.is_empty());
             if plan.kind == "partition-leader" {
@@ -745,7 +808,7 @@ mod tests {
         }
         assert_eq!(kinds.len(), 4, "{kinds:?}");
         for _ in 0..50 {
-            let plan = plan_partition(&masters, &replicas, None, true, &mut rng);
+            let plan = plan_partition(&masters, &replicas, None, true, false, &mut rng);
             assert_eq!(plan.kind, "partition-clients");
             let (isolated, majority) = sides(&masters, &plan.cuts);
             assert_eq!(isolated.len(), 2);

@@ -54,7 +54,7 @@ pub struct RunArgs {
         default_value = "registry,ownership,replicas"
     )]
     pub workload: Vec<Workload>,
-    /// Faults, comma-separated; empty for none.
+    /// Faults, comma-separated; `none` for none.
     #[arg(
         long,
         value_enum,
@@ -82,14 +82,34 @@ pub struct RunArgs {
     /// Random seed (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Start the nodes with the test-only switch that breaks safety
-    /// (`--unsafe-test-stale-reads`); the run must then find an anomaly.
+    /// TEST ONLY: start the masters with `--unsafe-test-stale-reads`
+    /// (every node reads its own state). Partitions catch it.
     #[arg(long)]
     pub unsafe_stale_reads: bool,
-    /// Succeed only if the checker finds an anomaly (to prove it is not
-    /// vacuous, with --unsafe-stale-reads).
+    /// TEST ONLY: start the masters with
+    /// `--unsafe-test-leader-local-reads` (the leader reads its own state
+    /// without confirming it still leads). A partition that cuts the
+    /// leader off catches it.
     #[arg(long)]
+    pub unsafe_leader_local_reads: bool,
+    /// TEST ONLY: start the masters with `--unsafe-test-ack-before-fsync`
+    /// (log appends acknowledged without a WAL fsync). The power-loss
+    /// fault catches it.
+    #[arg(long)]
+    pub unsafe_ack_before_fsync: bool,
+    /// Put the masters' data on power-loss disks even without the
+    /// power-loss fault (implied by `--nemesis power-loss`), so that a run
+    /// without it differs from one with it only by the fault.
+    #[arg(long)]
+    pub power_disks: bool,
+    /// Succeed only if the checker finds an anomaly (to prove it is not
+    /// vacuous, with an unsafe switch and its fault).
+    #[arg(long, conflicts_with = "expect_valid")]
     pub expect_anomaly: bool,
+    /// Succeed only if the checker finds nothing (the default; spelled out
+    /// for an unsafe switch run without its fault).
+    #[arg(long)]
+    pub expect_valid: bool,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -134,6 +154,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
 }
 
 impl RunArgs {
+    /// The registry flags of the unsafe switches asked for.
+    pub fn unsafe_switches(&self) -> Vec<String> {
+        [
+            (self.unsafe_stale_reads, "--unsafe-test-stale-reads"),
+            (
+                self.unsafe_leader_local_reads,
+                "--unsafe-test-leader-local-reads",
+            ),
+            (
+                self.unsafe_ack_before_fsync,
+                "--unsafe-test-ack-before-fsync",
+            ),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, flag)| flag.to_owned())
+        .collect()
+    }
+
     /// Replicas started: none unless the replicas workload runs.
     pub fn replica_count(&self) -> usize {
         if self.workload.contains(&Workload::Replicas) {
@@ -196,7 +235,8 @@ async fn run_child_in(ns: &str) -> anyhow::Result<bool> {
     Ok(status.is_some_and(|s| s.success()))
 }
 
-async fn run_inside(args: RunArgs, run_ns: String) -> anyhow::Result<bool> {
+async fn run_inside(mut args: RunArgs, run_ns: String) -> anyhow::Result<bool> {
+    args.nemesis.retain(|f| *f != Fault::None);
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -214,10 +254,17 @@ async fn run_inside(args: RunArgs, run_ns: String) -> anyhow::Result<bool> {
         nodes: args.nodes,
         replicas: args.replica_count(),
         run_ns,
-        unsafe_stale_reads: args.unsafe_stale_reads,
         snapshots: (args.snapshot_after, args.keep_log),
+        unsafe_switches: args.unsafe_switches(),
+        power_disks: args.power_disks || args.nemesis.contains(&Fault::PowerLoss),
     })
     .await?;
+    // The first read waits for every master to apply the set-up: an unsafe
+    // read switch must be caught by a fault, not by start-up lag.
+    cluster
+        .wait_caught_up(Duration::from_secs(20))
+        .await
+        .context("waiting for the masters to catch up before the first operation")?;
     let started = Instant::now();
     let recorder = Recorder::new(started);
     let mut nemesis = Nemesis::new(started);
@@ -257,6 +304,15 @@ async fn run_inside(args: RunArgs, run_ns: String) -> anyhow::Result<bool> {
     // Whatever happened to the final reads, the history and the fault
     // table are on disk.
     let (masters, replicas) = finals?;
+    // The final read of every key, so that `check DIR` finds a lost write
+    // that no client read again.
+    std::fs::write(
+        dir.join(FINAL_STATES_FILE),
+        serde_json::to_string_pretty(&SavedFinals {
+            masters: Some(masters.clone()),
+            replicas: replicas.clone(),
+        })?,
+    )?;
 
     let checked = checker::check_all(
         &events,
@@ -315,6 +371,16 @@ async fn run_inside(args: RunArgs, run_ns: String) -> anyhow::Result<bool> {
                 "FAILED: --expect-anomaly, but the checker found nothing"
             } else {
                 "as expected (--expect-anomaly): the anomalies above were found, so the checker is not vacuous"
+            }
+        );
+    }
+    if args.expect_valid {
+        println!(
+            "{}",
+            if verdict.valid {
+                "as expected (--expect-valid): no anomaly"
+            } else {
+                "FAILED: --expect-valid, but the checker found anomalies"
             }
         );
     }
@@ -473,12 +539,40 @@ async fn final_states(
     Ok((masters, replicas))
 }
 
-/// Re-checks a run directory's history (after changing the checker). The
-/// final states are not in the history, so this checks the clients' view.
+/// The final states of a run (masters and replicas), in the run directory.
+pub const FINAL_STATES_FILE: &str = "final-states.json";
+
+/// What [`FINAL_STATES_FILE`] holds.
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+pub struct SavedFinals {
+    /// The masters' state after healing (a linearizable LIST), if read.
+    pub masters: Option<State>,
+    /// Each replica's state, by name.
+    pub replicas: BTreeMap<String, State>,
+}
+
+/// Re-checks a run directory's history (after changing the checker), with
+/// the final states it saved (runs older than that file: the clients'
+/// view only).
 pub fn recheck(dir: &Path) -> anyhow::Result<bool> {
     let records = report::read_history(&dir.join(report::HISTORY_FILE))?;
     let (events, _) = report::split_records(&records);
-    let checked = checker::check_all(&events, &checker::FinalStates::default());
+    let finals = match std::fs::read_to_string(dir.join(FINAL_STATES_FILE)) {
+        Ok(text) => serde_json::from_str::<SavedFinals>(&text)
+            .with_context(|| format!("reading {FINAL_STATES_FILE}"))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("no {FINAL_STATES_FILE} in this run: checking the clients' view only");
+            SavedFinals::default()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let checked = checker::check_all(
+        &events,
+        &checker::FinalStates {
+            masters: finals.masters,
+            replicas: finals.replicas,
+        },
+    );
     print_anomalies(&checked.anomalies, usize::MAX);
     println!(
         "{} operations, {} mailboxes, {} unknown, {} anomalies",
@@ -499,5 +593,51 @@ fn print_anomalies(anomalies: &[Anomaly], most: usize) {
             a.mailbox.as_deref().unwrap_or("-"),
             a.message
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `check DIR` uses the saved final states: an acknowledged write that
+    /// no client read again is lost only in the final LIST.
+    #[test]
+    fn recheck_finds_a_lost_write_only_in_the_saved_final_states() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(report::HISTORY_FILE),
+            concat!(
+                r#"{"time_ns":1,"process":0,"type":"invoke","mailbox":"user.a","node":"n1","f":"reserve","location":"be1!default"}"#,
+                "\n",
+                r#"{"time_ns":2,"process":0,"type":"ok","mailbox":"user.a","node":"n1","f":"reserve","location":"be1!default","value":{"kind":"done"}}"#,
+                "\n"
+            ),
+        )
+        .unwrap();
+        // Without final states the clients' view alone is consistent.
+        assert!(recheck(dir.path()).unwrap());
+        let save = |masters: State| {
+            let finals = SavedFinals {
+                masters: Some(masters),
+                replicas: BTreeMap::new(),
+            };
+            std::fs::write(
+                dir.path().join(FINAL_STATES_FILE),
+                serde_json::to_string(&finals).unwrap(),
+            )
+            .unwrap();
+        };
+        save(State::new());
+        assert!(!recheck(dir.path()).unwrap(), "the lost RESERVE is found");
+        save(State::from([(
+            "user.a".to_owned(),
+            Some(Entry {
+                location: "be1!default".into(),
+                acl: String::new(),
+                active: false,
+            }),
+        )]));
+        assert!(recheck(dir.path()).unwrap());
     }
 }

@@ -239,6 +239,16 @@ pub struct Args {
     /// [raft.unsafe_test_stale_reads].
     #[arg(long)]
     pub unsafe_test_stale_reads: bool,
+    /// TEST ONLY, BREAKS SAFETY: the leader serves reads from its own state
+    /// without confirming its leadership; followers stay linearizable
+    /// [raft.unsafe_test_leader_local_reads].
+    #[arg(long)]
+    pub unsafe_test_leader_local_reads: bool,
+    /// TEST ONLY, BREAKS DURABILITY: acknowledge log appends without
+    /// fsyncing the WAL; a power loss loses acknowledged writes
+    /// [raft.unsafe_test_ack_before_fsync].
+    #[arg(long)]
+    pub unsafe_test_ack_before_fsync: bool,
     /// Let a master listen for peers on a non-loopback address without peer
     /// mutual TLS [raft.allow_insecure_peer].
     #[arg(long)]
@@ -312,6 +322,12 @@ impl Config {
         }
         if args.unsafe_test_stale_reads {
             config.raft.unsafe_test_stale_reads = true;
+        }
+        if args.unsafe_test_leader_local_reads {
+            config.raft.unsafe_test_leader_local_reads = true;
+        }
+        if args.unsafe_test_ack_before_fsync {
+            config.raft.unsafe_test_ack_before_fsync = true;
         }
         if args.allow_insecure_peer {
             config.raft.allow_insecure_peer = true;

@@ -90,6 +90,16 @@ pub struct RaftSettings {
     /// a deposed leader or a partitioned follower serves stale data. Exists
     /// so that the Jepsen harness can show it detects the anomaly.
     pub unsafe_test_stale_reads: bool,
+    /// TEST ONLY, BREAKS SAFETY: the leader answers reads from its own
+    /// state without confirming that it still leads (no read index), while
+    /// followers stay linearizable. Stale only when a deposed leader is cut
+    /// off from the new one: the Jepsen harness's partitions must catch it.
+    pub unsafe_test_leader_local_reads: bool,
+    /// TEST ONLY, BREAKS DURABILITY: log appends are acknowledged to Raft
+    /// before (in fact without) the WAL fsync, so a power loss on a
+    /// majority loses acknowledged writes. Only the Jepsen harness's
+    /// power-loss fault can catch it.
+    pub unsafe_test_ack_before_fsync: bool,
     /// Most concurrent connections to the peer port; more are closed at
     /// once.
     pub max_peer_connections: usize,
@@ -139,6 +149,8 @@ impl Default for RaftSettings {
             peer_tls_key: None,
             peer_tls_ca: None,
             unsafe_test_stale_reads: false,
+            unsafe_test_leader_local_reads: false,
+            unsafe_test_ack_before_fsync: false,
             max_peer_connections: 128,
             allow_insecure_peer: false,
         }
@@ -189,6 +201,7 @@ pub struct Registry {
     write_timeout: Duration,
     read_consistency: ReadConsistency,
     unsafe_stale_reads: bool,
+    unsafe_leader_local_reads: bool,
     /// Set once the state machine has caught up with what was committed
     /// before a restart; local reads wait for it.
     recovered: Arc<AtomicBool>,
@@ -257,7 +270,8 @@ impl Registry {
             Network {
                 tls: client_tls.clone(),
             },
-            LogStore::new(store.clone()),
+            LogStore::new(store.clone())
+                .with_unsafe_ack_before_fsync(settings.unsafe_test_ack_before_fsync),
             StateMachine::new(store.clone()),
         )
         .await?;
@@ -280,6 +294,7 @@ impl Registry {
             write_timeout: Duration::from_millis(settings.write_timeout_ms),
             read_consistency: settings.read_consistency,
             unsafe_stale_reads: settings.unsafe_test_stale_reads,
+            unsafe_leader_local_reads: settings.unsafe_test_leader_local_reads,
             recovered: Arc::new(AtomicBool::new(false)),
             peers: PeerPool::new(client_tls),
             read_batches: Arc::default(),
@@ -293,6 +308,16 @@ impl Registry {
         if settings.unsafe_test_stale_reads {
             tracing::error!(
                 "unsafe_test_stale_reads is on: reads may be stale; never use this outside tests"
+            );
+        }
+        if settings.unsafe_test_leader_local_reads {
+            tracing::error!(
+                "unsafe_test_leader_local_reads is on: a deposed leader may serve stale reads; never use this outside tests"
+            );
+        }
+        if settings.unsafe_test_ack_before_fsync {
+            tracing::error!(
+                "unsafe_test_ack_before_fsync is on: acknowledged writes are lost on power loss; never use this outside tests"
             );
         }
         registry.spawn_recovery();
@@ -496,8 +521,8 @@ impl Registry {
         let m = rx.borrow_watched();
         let membership = m.membership_config.membership();
         let initialized = membership.nodes().next().is_some();
-        !(initialized && membership.get_node(&m.id).is_none())
-            && !self.removed.load(Ordering::Acquire)
+        let listed = !initialized || membership.get_node(&m.id).is_some();
+        listed && !self.removed.load(Ordering::Acquire)
     }
 
     /// In the background, at most once a second: asks the other members
@@ -612,6 +637,12 @@ impl Registry {
     /// index (ReadIndex), and this node applies up to it.
     pub async fn read_barrier(&self) -> Result<(), RegistryError> {
         if self.unsafe_stale_reads {
+            return Ok(());
+        }
+        if self.unsafe_leader_local_reads
+            && self.raft.metrics().borrow_watched().state == ServerState::Leader
+        {
+            // TEST ONLY: no read index, so no proof that it still leads.
             return Ok(());
         }
         if self.read_consistency == ReadConsistency::Local {

@@ -620,12 +620,25 @@ fn index_key(index: u64) -> [u8; 8] {
 #[derive(Debug, Clone)]
 pub struct LogStore {
     store: Store,
+    /// TEST ONLY (see [`crate::raft::RaftSettings::unsafe_test_ack_before_fsync`]).
+    unsafe_ack_before_fsync: bool,
 }
 
 impl LogStore {
     /// The log of `store`.
     pub fn new(store: Store) -> Self {
-        LogStore { store }
+        LogStore {
+            store,
+            unsafe_ack_before_fsync: false,
+        }
+    }
+
+    /// TEST ONLY, BREAKS DURABILITY: appends are reported durable to
+    /// openraft as soon as they are written, and the WAL is not fsynced
+    /// for them at all, so a power loss loses acknowledged entries.
+    pub fn with_unsafe_ack_before_fsync(mut self, on: bool) -> Self {
+        self.unsafe_ack_before_fsync = on;
+        self
     }
 }
 
@@ -718,6 +731,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             count += 1;
         }
         s.db.write(batch).map_err(db_err)?;
+        if self.unsafe_ack_before_fsync {
+            // TEST ONLY: the entries are in the page cache, nowhere safer.
+            metrics::counter!("corvid_raft_log_entries_appended_total").increment(count);
+            callback.io_completed(Ok(()));
+            return Ok(());
+        }
         // Group commit: one fsync covers every entry openraft batched into
         // this append; it runs off the Raft task so the next batch can form.
         let s = s.clone();
