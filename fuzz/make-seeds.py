@@ -5,7 +5,8 @@ MUPDATE seeds follow ../shared/reference/mupdate-protocol.md (Cyrus's client
 sends every argument as a {n+} literal). Frame seeds are bincode (standard
 config: varint integers, enum variants as varint indices) behind a 4-byte
 big-endian length, as peer::write_frame writes them. Config seeds are the
-printed defaults and the examples from docs/src/cluster.md.
+examples from docs/src/cluster.md; corpus/config/defaults is the output of
+`corvid-registry --print-config`.
 """
 import base64
 import os
@@ -79,7 +80,7 @@ put("sasl", "plain-initial", b"\2\0user\0pencil")
 put("sasl", "plain-prompted", b"\0user\0user\0pencil")
 put("sasl", "plain-wrong", b"\6\0user\0wrong")
 put("sasl", "scram-ok", b"\1n,,n=user,r=fyko+d2lbbFgONRv9qkxdawL\nc=biws,r=%N,p=%P\n")
-put("sasl", "scram-initial-ok", b"\3n,,n=admin,r=abc\nc=biws,r=%N,p=%P\n")
+put("sasl", "scram-initial-wrong-password", b"\3n,,n=admin,r=abc\nc=biws,r=%N,p=%P\n")
 put("sasl", "scram-unknown", b"\5n,,n=nobody,r=abc\nc=biws,r=%N,p=%P\n")
 put("sasl", "scram-bad-proof", b"\1n,,n=user,r=abc\nc=biws,r=%N,p=AAAA\n")
 put("sasl", "scram-authzid", b"\1y,a=admin,n=user,r=abc\nc=eSxhPWFkbWluLA==,r=%N,p=%P\n")

@@ -151,6 +151,16 @@ fuzz_target!(|data: &[u8]| {
             message.to_vec()
         };
         let step = exchange.step(Some(&message));
+        if std::env::var_os("CORVID_FUZZ_VERBOSE").is_some() {
+            eprintln!(
+                "{:?} -> {:?}",
+                String::from_utf8_lossy(&message),
+                step.as_ref().map(|s| match s {
+                    SaslStep::Challenge(c) => String::from_utf8_lossy(c).into_owned(),
+                    SaslStep::Success { identity, .. } => format!("success as {}", identity.user),
+                })
+            );
+        }
         if i == 0 {
             client_first = message;
             if let Ok(SaslStep::Challenge(c)) = &step {
