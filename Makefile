@@ -7,7 +7,7 @@ CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/release
 ARGS ?=
 
-.PHONY: run build test lint unit interop jepsen-short jepsen bench bench-failover bench-join docs deps-build deps-test clean-data
+.PHONY: run build test lint unit interop jepsen-short jepsen bench bench-failover bench-join docs deps-build deps-test clean-data fuzz
 
 deps-build:
 	@bash scripts/install-deps.sh build
@@ -63,6 +63,29 @@ bench-join: build deps-test
 bench-failover: deps-build
 	CORVID_FAILOVER_REPORT=$(CURDIR)/docs/src/failover.md \
 		$(CARGO) test --release --locked --test failover -- --ignored --nocapture
+
+## Coverage-guided fuzzing (cargo fuzz, libFuzzer): each target for
+## FUZZ_SECONDS (docs/src/security.md, "Fuzzing"). cargo fuzz needs nightly
+## compiler flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them.
+## Builds in its own target dir outside the clone (RocksDB's C++ is compiled
+## once more there, ~11 min on 2 cores, then reused); point ROCKSDB_LIB_DIR
+## at a directory holding a librocksdb.a of the same version to link that
+## instead. New inputs go to FUZZ_CORPUS; fuzz/corpus keeps the seeds only.
+## Crashes land in fuzz/artifacts/<target>/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= mupdate_request mupdate_response sasl frames config
+FUZZ_TARGET_DIR ?= $(HOME)/.cache/corvid-fuzz-target
+FUZZ_CORPUS ?= $(HOME)/.cache/corvid-fuzz-corpus
+FUZZ_SANITIZER ?= address
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		mkdir -p $(FUZZ_CORPUS)/$$t && \
+		RUSTC_BOOTSTRAP=1 $(if $(ROCKSDB_LIB_DIR),ROCKSDB_LIB_DIR=$(ROCKSDB_LIB_DIR) ROCKSDB_STATIC=1) nice -n 10 \
+			$(CARGO) fuzz run -s $(FUZZ_SANITIZER) --target-dir $(FUZZ_TARGET_DIR) \
+			$$t $(FUZZ_CORPUS)/$$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) \
+			|| exit 1; \
+	done
 
 docs:
 	@command -v mdbook >/dev/null || $(CARGO) install --locked mdbook --version "~0.4"

@@ -273,7 +273,7 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
-                toml::from_str(&text)
+                Config::from_toml_str(&text)
                     .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?
             }
             None => Config::default(),
@@ -339,7 +339,14 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    /// Parses a configuration file's text (no flags applied, not validated:
+    /// [`Config::load`] validates after the flags). Pure, for the fuzzer.
+    pub fn from_toml_str(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Checks the settings for contradictions and unusable values.
+    pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.tls.cert.is_some() == self.tls.key.is_some(),
             "[tls] needs both cert and key (only {} is set): refusing to run MUPDATE without the TLS \

@@ -225,8 +225,23 @@ pub fn decode_frame<T: DeserializeOwned>(
     }
     buf.advance(4);
     let body = buf.split_to(len);
-    bincode::serde::decode_from_slice(&body, bincode::config::standard())
-        .map(|(v, _)| Some(v))
+    // bincode allocates a string's or byte buffer's announced length before
+    // reading it; unlimited, a 12-byte frame announcing an exabyte aborts the
+    // process. No honest frame claims more than its own length, so the limit
+    // is the smallest of a few sizes that holds the body.
+    match body.len() {
+        0..=4096 => decode_body::<T, 4096>(&body),
+        4097..=1_048_576 => decode_body::<T, 1_048_576>(&body),
+        _ => decode_body::<T, MAX_FRAME_BYTES>(&body),
+    }
+    .map(Some)
+}
+
+/// Decodes a frame body, claiming at most `LIMIT` bytes for its contents.
+fn decode_body<T: DeserializeOwned, const LIMIT: usize>(body: &[u8]) -> Result<T, String> {
+    let config = bincode::config::standard().with_limit::<LIMIT>();
+    bincode::serde::decode_from_slice(body, config)
+        .map(|(v, _)| v)
         .map_err(|e| e.to_string())
 }
 
@@ -551,5 +566,26 @@ mod tests {
         assert!(decode_frame::<PeerRequest>(&mut buf, 1024).is_err());
         let mut buf = BytesMut::from(&[0, 0, 0, 3, 0xFF, 0xFF, 0xFF][..]);
         assert!(decode_frame::<PeerRequest>(&mut buf, 1024).is_err());
+    }
+
+    /// Found by `fuzz/fuzz_targets/frames.rs`: a 12-byte `PeerResponse::Error`
+    /// whose string announces ~3.6 EB made bincode allocate that much before
+    /// reading, and the allocation failure aborted the process.
+    #[test]
+    fn huge_announced_string_is_refused_without_allocating() {
+        // [len][PeerResponse::Error][u64 varint 0x31f1f1f9f3ffffff][2 bytes]
+        let crash = [
+            0x00, 0x00, 0x00, 0x0c, 0x06, 0xfd, 0xff, 0xff, 0xff, 0xf3, 0xf9, 0xf1, 0xf1, 0x31,
+            0x32, 0x37,
+        ];
+        let mut buf = BytesMut::from(&crash[..]);
+        assert!(decode_frame::<PeerResponse>(&mut buf, MAX_FRAME_BYTES).is_err());
+        assert!(buf.is_empty());
+        // A request's string: Admin(Init { members: [(1, <2^63 bytes>)] }).
+        let body = [6u8, 0, 1, 1, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0x80];
+        let mut wire = (body.len() as u32).to_be_bytes().to_vec();
+        wire.extend_from_slice(&body);
+        let mut buf = BytesMut::from(&wire[..]);
+        assert!(decode_frame::<PeerRequest>(&mut buf, MAX_FRAME_BYTES).is_err());
     }
 }
