@@ -37,10 +37,12 @@ interop: build deps-test
 	CORVID_BIN_DIR=$(BIN) bash tests/interop/run-all.sh
 
 ## Jepsen-style runs (root: each run makes its own network namespace).
-## jepsen-short (in make test, about 6 minutes): 45 s with partitions and
+## jepsen-short (in make test, about 8 minutes): 45 s with partitions and
 ## kills must show no anomaly; each test-only unsafe switch runs 20 s with
 ## the one fault that exposes it (anomalies expected) and 20 s without it
-## (none expected); the real code under power loss must lose nothing.
+## (none expected); the real code under power loss must lose nothing; a
+## replica must leave a master cut off from the others; the lifecycle
+## workload under small snapshots and leader partitions must stay valid.
 JEPSEN_OUT ?= $(CARGO_TARGET_DIR)/jepsen-runs
 JEPSEN_ARGS ?=
 jepsen-short: build deps-test
