@@ -1273,6 +1273,80 @@ mod tests {
         assert_eq!(s.scan(|_| true).unwrap().1.len(), 3);
     }
 
+    fn record(index: u64, p: Proposal) -> LogRecord {
+        LogRecord {
+            log_id: log_id(index),
+            proposal: Some(p),
+        }
+    }
+
+    #[test]
+    fn a_replica_keeps_recent_records_for_update_catch_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let records = vec![
+            record(1, proposal(1, reserve("user.a"))),
+            record(2, proposal(2, activate("user.b"))),
+            record(
+                3,
+                proposal(
+                    3,
+                    RegistryCommand::Delete {
+                        name: "user.a".into(),
+                    },
+                ),
+            ),
+        ];
+        s.keep_records(&records).unwrap();
+        let mut batch = ApplyBatch::new(&s).unwrap();
+        for r in &records {
+            batch.entry(r.log_id, r.proposal.as_ref()).unwrap();
+        }
+        batch.commit().unwrap();
+        // A lagging UPDATE subscriber gets the current entry of each name.
+        let touched = s.entries_touched(1, 3).unwrap().expect("records kept");
+        let names: Vec<_> = touched
+            .iter()
+            .map(|(n, e)| (n.as_str(), e.is_some()))
+            .collect();
+        assert_eq!(names, [("user.a", false), ("user.b", true)]);
+        // After a snapshot replaced the state, the old records are gone and
+        // anything at or below the snapshot needs a resync.
+        s.begin_reset().unwrap();
+        s.finish_reset(Some(log_id(10))).unwrap();
+        assert!(s.entries_touched(1, 3).unwrap().is_none());
+        assert!(s.committed_records(10, 10, 10).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn log_entries_at_or_below_an_installed_snapshot_are_never_streamed() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(&dir.path().join("a")).unwrap();
+        assert_eq!(
+            apply_one(&a, 1, &proposal(1, reserve("user.x"))),
+            Outcome::Done
+        );
+        let snapshot = StateMachine::new(a.clone()).build_snapshot().await.unwrap();
+        // A follower whose log holds entries (perhaps never committed) at
+        // and after the snapshot's index when the snapshot is installed.
+        let b = Store::open(&dir.path().join("b")).unwrap();
+        b.keep_records(&[
+            record(1, proposal(9, reserve("user.stale"))),
+            record(2, proposal(10, reserve("user.stale2"))),
+        ])
+        .unwrap();
+        assert!(b.committed_records(1, 2, 10).unwrap().is_some());
+        StateMachine::new(b.clone())
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        assert!(
+            b.committed_records(1, 2, 10).unwrap().is_none(),
+            "the stream must send a snapshot instead"
+        );
+        assert!(b.committed_records(2, 2, 10).unwrap().is_some());
+    }
+
     #[test]
     fn an_older_snapshot_never_replaces_a_newer_file() {
         let dir = tempfile::tempdir().unwrap();
