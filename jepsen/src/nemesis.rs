@@ -333,12 +333,7 @@ impl Nemesis {
                 Ok(plan.kind.into())
             }
             Fault::Kill | Fault::Pause => {
-                let candidates: Vec<String> = cluster
-                    .nodes
-                    .iter()
-                    .filter(|n| n.running() && !n.paused)
-                    .map(|n| n.name.clone())
-                    .collect();
+                let candidates = up_masters(cluster);
                 // Never more than a minority down at once.
                 let down = self.killed.len() + self.paused.len();
                 if down + 1 > (cluster.nodes.len() - 1) / 2 || candidates.is_empty() {
@@ -650,12 +645,7 @@ impl Nemesis {
         leader: Option<String>,
         rng: &mut StdRng,
     ) -> anyhow::Result<String> {
-        let running: Vec<String> = cluster
-            .nodes
-            .iter()
-            .filter(|n| n.running() && !n.paused)
-            .map(|n| n.name.clone())
-            .collect();
+        let running = up_masters(cluster);
         let down = self.killed.len() + self.paused.len();
         if cluster.nodes.len() < 5 || down > 0 || running.len() < cluster.nodes.len() {
             return Ok(String::new());
@@ -742,6 +732,16 @@ impl Nemesis {
             }
         }
     }
+}
+
+/// The masters running and not paused.
+fn up_masters(cluster: &Cluster) -> Vec<String> {
+    cluster
+        .nodes
+        .iter()
+        .filter(|n| n.running() && !n.paused)
+        .map(|n| n.name.clone())
+        .collect()
 }
 
 /// The applied index of the leader, as its metrics say.

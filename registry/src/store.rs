@@ -236,6 +236,16 @@ impl Store {
         self.cf(CF_STATE_FAMILIES[self.active.load(Ordering::Acquire) as usize])
     }
 
+    /// The live state family as of the point-in-time view `snap` (read from
+    /// the view itself, so a swap cannot come between).
+    fn live_family_in(&self, snap: &rocksdb::Snapshot<'_>) -> io::Result<&rocksdb::ColumnFamily> {
+        let active: bool = match snap.get_cf(self.cf(CF_STATE), KEY_ACTIVE).map_err(db_err)? {
+            Some(b) => decode(&b)?,
+            None => false,
+        };
+        Ok(self.cf(CF_STATE_FAMILIES[active as usize]))
+    }
+
     /// The family a replica stages a snapshot in.
     fn staging_cf(&self) -> &rocksdb::ColumnFamily {
         self.cf(CF_STATE_FAMILIES[!self.active.load(Ordering::Acquire) as usize])
@@ -336,12 +346,7 @@ impl Store {
         mut each: impl FnMut(Result<Option<LogIdOf<TypeConfig>>, Vec<StateItem>>) -> bool,
     ) -> io::Result<()> {
         let snap = self.db.snapshot();
-        // The live family as of the view, so a swap cannot come between.
-        let active: bool = match snap.get_cf(self.cf(CF_STATE), KEY_ACTIVE).map_err(db_err)? {
-            Some(b) => decode(&b)?,
-            None => false,
-        };
-        let family = self.cf(CF_STATE_FAMILIES[active as usize]);
+        let family = self.live_family_in(&snap)?;
         let end = if mailboxes_only {
             MAILBOX_KEY_END
         } else {
@@ -1107,15 +1112,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 Some(b) => decode(&b)?,
                 None => Default::default(),
             };
-            let active: bool = match snap.get_cf(s.cf(CF_STATE), KEY_ACTIVE).map_err(db_err)? {
-                Some(b) => decode(&b)?,
-                None => false,
-            };
             let mut items = Vec::new();
-            for item in snap.iterator_cf(
-                s.cf(CF_STATE_FAMILIES[active as usize]),
-                IteratorMode::Start,
-            ) {
+            for item in snap.iterator_cf(s.live_family_in(&snap)?, IteratorMode::Start) {
                 let (k, v) = item.map_err(db_err)?;
                 items.push(StateItem::decode(&k, &v)?);
             }

@@ -6,13 +6,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{activate, metric, registry_bin, wait_for, write_users, Daemon, TestCluster, ADMIN};
+use common::{
+    activate, metric, ready_lines, registry_bin, wait_for, write_users, Daemon, TestCluster, ADMIN,
+};
 use corvid_registry::mupdate::client::Client;
 use tokio::net::TcpStream;
 
@@ -45,17 +47,8 @@ fn spawn(args: &[&str], nofile: Option<u64>) -> Result<Daemon, String> {
         }
     }
     let mut child = cmd.spawn().expect("spawn corvid-registry");
-    let stdout = child.stdout.take().unwrap();
+    let rx = ready_lines(child.stdout.take().unwrap());
     let mut stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if line.starts_with("corvid-registry ready") {
-                let _ = tx.send(line);
-            }
-        }
-    });
     let (etx, erx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         // Echo the log (for failures) and keep it for the caller.
@@ -67,18 +60,7 @@ fn spawn(args: &[&str], nofile: Option<u64>) -> Result<Daemon, String> {
     let started = Instant::now();
     loop {
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(50)) {
-            let field = |k: &str| {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix(k))
-                    .unwrap_or_default()
-                    .to_string()
-            };
-            return Ok(Daemon {
-                mupdate: field("mupdate="),
-                metrics: field("metrics="),
-                peer: field("peer="),
-                child,
-            });
+            return Ok(Daemon::from_ready_line(&line, child));
         }
         if child.try_wait().unwrap().is_some() {
             return Err(erx.recv_timeout(DEADLINE).unwrap_or_default());
@@ -184,10 +166,13 @@ async fn node_started_under_ulimit_256_serves_through_400_connections() {
     let args = node_args(dir.path());
     let mut d = spawn(&refs(&args), Some(256)).expect("starts under ulimit -n 256");
     // 256 - 64 reserved - 128 peer connections: 64 MUPDATE connections.
-    assert_eq!(
-        metric(&d.metrics, "corvid_mupdate_connections_max").await,
-        Some(64.0)
-    );
+    // The listener task sets the gauge as it starts, which may come just
+    // after the ready line: wait for it.
+    let cap = wait_for(DEADLINE, || {
+        metric(&d.metrics, "corvid_mupdate_connections_max")
+    })
+    .await;
+    assert_eq!(cap, Some(64.0));
     let mut session = admin(&d.mupdate).await;
     activate(&mut session, "user.before").await;
     let conns = flood(&d.mupdate, 400).await;

@@ -99,6 +99,20 @@ where
     }
 }
 
+/// Sends each "corvid-registry ready" line the daemon prints on `stdout`.
+pub fn ready_lines(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.starts_with("corvid-registry ready") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    rx
+}
+
 /// A running `corvid-registry` child process.
 pub struct Daemon {
     pub child: Child,
@@ -134,33 +148,26 @@ impl Daemon {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn corvid-registry");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.starts_with("corvid-registry ready") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
+        let rx = ready_lines(child.stdout.take().unwrap());
         let line = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("corvid-registry printed its ready line");
+        Daemon::from_ready_line(&line, child)
+    }
+
+    /// The daemon `child` whose ready line is `line`
+    /// (`corvid-registry ready mupdate=… metrics=… [peer=…]`).
+    pub fn from_ready_line(line: &str, child: Child) -> Daemon {
         let field = |k: &str| {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(k))
-                .unwrap()
+                .unwrap_or_default()
                 .to_string()
         };
         Daemon {
             mupdate: field("mupdate="),
             metrics: field("metrics="),
-            peer: line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("peer="))
-                .unwrap_or_default()
-                .to_string(),
+            peer: field("peer="),
             child,
         }
     }
