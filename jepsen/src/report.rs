@@ -23,6 +23,7 @@ use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::Path;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -285,6 +286,28 @@ fn fault_colours(intervals: &[Interval]) -> BTreeMap<&str, RGBColor> {
 }
 
 /// Nearest-rank percentile of sorted values.
+/// Shades each fault interval on a chart whose y axis is linear up to
+/// `y_max`.
+fn draw_fault_bands<DB>(
+    chart: &mut ChartContext<'_, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    intervals: &[Interval],
+    colours: &BTreeMap<&str, RGBColor>,
+    y_max: f64,
+) -> anyhow::Result<()>
+where
+    DB: DrawingBackend,
+    DB::ErrorType: 'static,
+{
+    for iv in intervals {
+        let colour = colours[iv.fault.as_str()];
+        chart.draw_series(std::iter::once(Rectangle::new(
+            [(secs(iv.start_ns), 0.0), (secs(iv.end_ns), y_max)],
+            colour.mix(BAND_ALPHA).filled(),
+        )))?;
+    }
+    Ok(())
+}
+
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
@@ -579,13 +602,7 @@ pub fn plot_throughput(
         .light_line_style(RGBColor(235, 235, 235))
         .draw()?;
 
-    for iv in &intervals {
-        let colour = colours[iv.fault.as_str()];
-        chart.draw_series(std::iter::once(Rectangle::new(
-            [(secs(iv.start_ns), 0.0), (secs(iv.end_ns), y_max)],
-            colour.mix(BAND_ALPHA).filled(),
-        )))?;
-    }
+    draw_fault_bands(&mut chart, &intervals, &colours, y_max)?;
 
     let mut legend = Vec::new();
     for outcome in Outcome::ALL {
@@ -650,13 +667,7 @@ pub fn plot_terms(path: &Path, samples: &[Sample], nemesis: &[NemesisEvent]) -> 
         .y_label_formatter(&|v| format!("{v:.0}"))
         .light_line_style(RGBColor(235, 235, 235))
         .draw()?;
-    for iv in &intervals {
-        let colour = colours[iv.fault.as_str()];
-        chart.draw_series(std::iter::once(Rectangle::new(
-            [(secs(iv.start_ns), 0.0), (secs(iv.end_ns), y_max)],
-            colour.mix(BAND_ALPHA).filled(),
-        )))?;
-    }
+    draw_fault_bands(&mut chart, &intervals, &colours, y_max)?;
     let mut legend = Vec::new();
     for (k, node) in nodes.iter().enumerate() {
         let colour = NODE_PALETTE[k % NODE_PALETTE.len()];
