@@ -8,6 +8,8 @@
 //! `decode_line` as the server does.
 #![no_main]
 
+mod split;
+
 use bytes::BytesMut;
 use corvid_registry::mupdate::codec::{write_request, Command, Frame, Limits, RequestDecoder};
 use libfuzzer_sys::fuzz_target;
@@ -126,37 +128,8 @@ fuzz_target!(|data: &[u8]| {
     let [sel, k, rest @ ..] = data else { return };
     let k = usize::from(*k % 16).min(rest.len());
     let (sizes, stream) = rest.split_at(k);
-    let limits = match sel % 4 {
-        0 => Limits::default(),
-        1 => Limits {
-            max_line: 64,
-            max_literal: 32,
-            max_args: 4,
-        },
-        2 => Limits {
-            max_line: 16,
-            max_literal: 8,
-            max_args: 2,
-        },
-        _ => Limits {
-            max_line: 1 + usize::from(sel >> 2),
-            max_literal: usize::from(sel >> 2),
-            max_args: usize::from(sel >> 5),
-        },
-    };
+    let limits = split::limits(*sel);
     let whole = run(limits, &[stream]);
-    let mut pieces = Vec::new();
-    let mut at = 0;
-    let mut i = 0;
-    while at < stream.len() {
-        let n = sizes
-            .get(i % sizes.len().max(1))
-            .map_or(stream.len(), |&s| usize::from(s).max(1));
-        let end = (at + n).min(stream.len());
-        pieces.push(&stream[at..end]);
-        at = end;
-        i += 1;
-    }
-    let chunked = run(limits, &pieces);
+    let chunked = run(limits, &split::pieces(sizes, stream));
     assert_eq!(whole, chunked, "one-shot and chunked decoding differ");
 });
