@@ -1,0 +1,3 @@
+//! `corvid-proxy`: the IMAP frontend daemon.
+
+fn main() {}
