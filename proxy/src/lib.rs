@@ -2,8 +2,17 @@
 //! mailbox is looked up in an embedded replica ([`corvid_registry::replica`])
 //! and its traffic passed to the Cyrus backend that holds it.
 //!
+//! * [`routing`]: the one lookup every protocol calls (mailbox → backend).
 //! * [`imap`]: the IMAP codec (pure) and the client sessions.
+//! * [`backend`]: logged-in connections to Cyrus backends.
+//! * [`login`]: password checks (on the backend, or `saslauthd`).
 //! * [`namespace`]: internal mailbox names and what a user sees.
+//! * [`config`], [`daemon`]: running the proxy.
 
+pub mod backend;
+pub mod config;
+pub mod daemon;
 pub mod imap;
+pub mod login;
 pub mod namespace;
+pub mod routing;

@@ -1,3 +1,66 @@
 //! `corvid-proxy`: the IMAP frontend daemon.
 
-fn main() {}
+use clap::Parser;
+use corvid_proxy::config::{Args, Config};
+use corvid_proxy::daemon;
+use tokio::net::TcpListener;
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run().await {
+        eprintln!("corvid-proxy: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = Config::load(&args)?;
+    if args.print_config {
+        print!("{}", toml::to_string_pretty(&config)?);
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CORVID_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let prometheus = corvid_registry::metrics::install()?;
+    let metrics_addr = if config.metrics.listen.is_empty() {
+        None
+    } else {
+        let listener = TcpListener::bind(&config.metrics.listen)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("binding metrics listener {}: {e}", config.metrics.listen)
+            })?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(corvid_registry::metrics::serve(listener, prometheus));
+        Some(addr)
+    };
+    let running = daemon::start(&config).await?;
+    let show = |a: Option<std::net::SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
+    tracing::info!(
+        imap = %show(running.imap_addr),
+        imaps = %show(running.imaps_addr),
+        metrics = %show(metrics_addr),
+        data = %config.proxy.data_dir.display(),
+        "proxy ready"
+    );
+    // One machine-readable line on stdout for scripts and tests.
+    println!(
+        "corvid-proxy ready imap={} imaps={} metrics={}",
+        show(running.imap_addr),
+        show(running.imaps_addr),
+        show(metrics_addr)
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = term.recv() => tracing::info!("terminated; shutting down"),
+    }
+    running.replica.shutdown();
+    Ok(())
+}
