@@ -776,3 +776,30 @@ _ready_field() {
 _corvid_proxy_ready() {
   grep -q '^corvid-proxy ready imap=' "$1" || ! kill -0 "$2" 2>/dev/null
 }
+
+## cyrus_murder_frontend DIR NAME IMAP_PORT SLAVE_PORT MUPDATE_HOSTPORT USER
+## PASS PROXY_PASS BACKEND_IMAP_PORT EXTRA_CONF BACKEND=IP...: cyrus_frontend
+## with EXTRA_CONF (imapd.conf lines, e.g. serverlist) written before master
+## starts: Cyrus service processes serve many connections, so lines appended
+## later reach only processes forked after them.
+cyrus_murder_frontend() {
+  local dir=$1 name=$2 imap_port=$3 slave_port=$4 mupdate=$5 user=$6 pass=$7
+  local proxy_pass=$8 backend_port=$9 extra=${10}
+  shift 10
+  _cyrus_instance "$dir" "$name" "$user"
+  _cyrus_mupdate_client "$dir" "$mupdate" "$user" "$pass"
+  cat >>"$dir/imapd.conf" <<EOC
+proxy_authname: $CYRUS_PROXY_USER
+proxy_password: $proxy_pass
+$extra
+EOC
+  _cyrus_user "$dir" "$name" "$user" "$pass"
+  _cyrus_name_files "$dir" "$backend_port" "$@"
+  _cyrus_start "$dir" \
+    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"127.0.0.1:$imap_port\" prefork=0 maxchild=20
+  mupdate cmd=\"$CYRUS_BIN/mupdate -C $dir/imapd.conf\" listen=\"127.0.0.1:$slave_port\" prefork=1 maxchild=1" \
+    "$imap_port" \
+    unshare --mount --propagation private -- \
+    sh -c 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/services && shift 2 && exec "$@"' \
+    frontend-namespace "$dir/hosts" "$dir/services"
+}
