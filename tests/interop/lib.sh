@@ -621,3 +621,185 @@ start_corvid_cluster() {
 _corvid_cluster_has_leader() {
   "$CORVID_BIN_DIR/corvidctl" cluster --peer "$1" status 2>/dev/null | grep -q ' Leader '
 }
+
+# ---------------------------------------------------------------- murder (proxy.sh)
+
+# _cyrus_name_files DIR IMAP_PORT NAME=IP...: DIR/hosts (the system's plus
+# "IP NAME" per pair) and DIR/services (the system's without imap, plus
+# "imap IMAP_PORT/tcp"), for bind-mounting in a private mount namespace so
+# that getaddrinfo(NAME, "imap") finds a loopback backend (see cyrus_frontend).
+_cyrus_name_files() {
+  local dir=$1 port=$2 b
+  shift 2
+  {
+    cat /etc/hosts
+    for b in "$@"; do
+      echo "${b#*=} ${b%%=*}"
+    done
+  } >"$dir/hosts"
+  {
+    awk '{ for (i = 1; i <= NF && $i !~ /^#/; i++) if (i != 2 && $i == "imap") next; print }' /etc/services
+    echo "imap $port/tcp"
+  } >"$dir/services"
+}
+
+## cyrus_murder_backend DIR NAME IP IMAP_PORT MUPDATE_HOSTPORT USER PASS
+## PROXY_PASS PEER=IP...: like cyrus_backend (listens on IP:IMAP_PORT,
+## reports to MUPDATE_HOSTPORT as USER, USER is its admin), but ready for
+## cross-backend work: $CYRUS_PROXY_USER is in proxyservers AND admins (XFER
+## and LMTP log in with an empty authorization id), the backend itself logs
+## in to other backends as $CYRUS_PROXY_USER/PROXY_PASS (XFER's outgoing
+## connection), IDLE polls every second (imapidlepoll: 1), and its master runs
+## in a private mount namespace whose /etc/hosts maps each PEER name to its IP
+## and /etc/services maps imap to IMAP_PORT (all backends share the port).
+## Add $CYRUS_PROXY_USER with cyrus_add_user yourself.
+cyrus_murder_backend() {
+  local dir=$1 name=$2 ip=$3 imap_port=$4 mupdate=$5 user=$6 pass=$7 proxy_pass=$8
+  shift 8
+  _cyrus_instance "$dir" "$name" "$user $CYRUS_PROXY_USER"
+  cat >>"$dir/imapd.conf" <<EOC
+proxyservers: $CYRUS_PROXY_USER
+lmtp_admins: $CYRUS_PROXY_USER
+proxy_authname: $CYRUS_PROXY_USER
+proxy_password: $proxy_pass
+imapidlepoll: 1
+allowusermoves: yes
+EOC
+  _cyrus_mupdate_client "$dir" "$mupdate" "$user" "$pass"
+  _cyrus_user "$dir" "$name" "$user" "$pass"
+  _cyrus_name_files "$dir" "$imap_port" "$@"
+  _cyrus_start "$dir" \
+    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"$ip:$imap_port\" prefork=0 maxchild=20" \
+    "$ip:$imap_port" \
+    unshare --mount --propagation private -- \
+    sh -c 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/services && shift 2 && exec "$@"' \
+    backend-namespace "$dir/hosts" "$dir/services"
+}
+
+## imap_script [--check] [HOST:]PORT USER PASS SCRIPT|-: run imap_session.py
+## (scripted session, normalised transcript; see its docstring), bounded.
+imap_script() {
+  timeout 120 python3 "$INTEROP_DIR/imap_session.py" "$@"
+}
+
+## start_saslauthd DIR HOST/PORT: run Debian's saslauthd privately (no system
+## file touched): mechanism rimap (it checks a password by an IMAP LOGIN at
+## HOST/PORT, e.g. a backend), socket DIR/mux, one process, in the
+## foreground under spawn. Exports SASLAUTHD_SOCKET (DIR/mux).
+start_saslauthd() {
+  local dir=$1 target=$2
+  require_bin saslauthd testsaslauthd
+  mkdir -p "$dir"
+  spawn "$dir/saslauthd.log" saslauthd -d -a rimap -O "$target" -m "$dir" -n 1
+  wait_for "saslauthd socket $dir/mux" test -S "$dir/mux" || die "saslauthd did not create $dir/mux"
+  SASLAUTHD_SOCKET=$dir/mux
+  export SASLAUTHD_SOCKET
+}
+
+## start_corvid_proxy DIR PROXY_PASS LOGIN_CHECK CREATE_SERVERS NAME=HOST:PORT...:
+## start corvid-proxy (${CORVID_PROXY_BIN:-$CORVID_BIN_DIR/corvid-proxy}) with
+## DIR/proxy.toml: its embedded replica follows the Corvid node at
+## 127.0.0.1:$CORVID_PEER_PORT (start_corvid), it logs in to backends as
+## $CYRUS_PROXY_USER/PROXY_PASS, checks client passwords by LOGIN_CHECK
+## (backend or saslauthd; the latter uses $SASLAUTHD_SOCKET), creates new
+## top-level mailboxes on CREATE_SERVERS (space-separated names), and knows
+## each backend NAME at HOST:PORT. Waits for its ready line; exports
+## CORVID_PROXY_IMAP and CORVID_PROXY_METRICS (host:port). Returns 1 (after
+## saying why) when the binary is missing or does not become ready: callers
+## decide whether that is a failure.
+start_corvid_proxy() {
+  local dir=$1 proxy_pass=$2 check=$3 create=$4 bin=${CORVID_PROXY_BIN:-$CORVID_BIN_DIR/corvid-proxy}
+  local b s servers="" line pid
+  shift 4
+  if [[ ! -x $bin ]]; then
+    echo "corvid-proxy: $bin does not exist" >&2
+    return 1
+  fi
+  for s in $create; do servers+="${servers:+, }\"$s\""; done
+  mkdir -p "$dir/proxy-data"
+  {
+    cat <<EOC
+[proxy]
+data_dir = "$dir/proxy-data"
+[replica]
+masters = ["127.0.0.1:$CORVID_PEER_PORT"]
+[imap]
+listen = "127.0.0.1:0"
+tls_listen = ""
+[tls]
+cert = ""
+key = ""
+[login]
+check = "$check"
+saslauthd_socket = "${SASLAUTHD_SOCKET:-/run/saslauthd/mux}"
+[backend]
+authname = "$CYRUS_PROXY_USER"
+password = "$proxy_pass"
+[backends]
+EOC
+    for b in "$@"; do
+      echo "${b%%=*} = \"${b#*=}\""
+    done
+    cat <<EOC
+[create]
+servers = [$servers]
+select_mode = "random"
+[namespace]
+unixhierarchysep = false
+altnamespace = false
+[metrics]
+listen = "127.0.0.1:0"
+EOC
+  } >"$dir/proxy.toml"
+  spawn "$dir/proxy.log" "$bin" --config "$dir/proxy.toml"
+  pid=$SPAWNED_PID
+  wait_for "corvid-proxy ready line" _corvid_proxy_ready "$dir/proxy.log" "$pid" || true
+  if ! line=$(grep -m1 '^corvid-proxy ready imap=' "$dir/proxy.log"); then
+    echo "corvid-proxy (pid $pid) exited or printed no ready line; its output:" >&2
+    tail -n 20 "$dir/proxy.log" >&2
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    return 1
+  fi
+  CORVID_PROXY_IMAP=$(_ready_field "$line" imap)
+  CORVID_PROXY_METRICS=$(_ready_field "$line" metrics)
+  export CORVID_PROXY_IMAP CORVID_PROXY_METRICS
+}
+
+# _ready_field LINE KEY: the value of KEY=VALUE in a ready line.
+_ready_field() {
+  local rest=${1#*" $2="}
+  [[ $rest != "$1" ]] || die "no $2= in the ready line: $1"
+  printf '%s\n' "${rest%% *}"
+}
+
+# _corvid_proxy_ready LOG PID: done when LOG has the ready line or PID exited.
+_corvid_proxy_ready() {
+  grep -q '^corvid-proxy ready imap=' "$1" || ! kill -0 "$2" 2>/dev/null
+}
+
+## cyrus_murder_frontend DIR NAME IMAP_PORT SLAVE_PORT MUPDATE_HOSTPORT USER
+## PASS PROXY_PASS BACKEND_IMAP_PORT EXTRA_CONF BACKEND=IP...: cyrus_frontend
+## with EXTRA_CONF (imapd.conf lines, e.g. serverlist) written before master
+## starts: Cyrus service processes serve many connections, so lines appended
+## later reach only processes forked after them.
+cyrus_murder_frontend() {
+  local dir=$1 name=$2 imap_port=$3 slave_port=$4 mupdate=$5 user=$6 pass=$7
+  local proxy_pass=$8 backend_port=$9 extra=${10}
+  shift 10
+  _cyrus_instance "$dir" "$name" "$user"
+  _cyrus_mupdate_client "$dir" "$mupdate" "$user" "$pass"
+  cat >>"$dir/imapd.conf" <<EOC
+proxy_authname: $CYRUS_PROXY_USER
+proxy_password: $proxy_pass
+$extra
+EOC
+  _cyrus_user "$dir" "$name" "$user" "$pass"
+  _cyrus_name_files "$dir" "$backend_port" "$@"
+  _cyrus_start "$dir" \
+    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"127.0.0.1:$imap_port\" prefork=0 maxchild=20
+  mupdate cmd=\"$CYRUS_BIN/mupdate -C $dir/imapd.conf\" listen=\"127.0.0.1:$slave_port\" prefork=1 maxchild=1" \
+    "$imap_port" \
+    unshare --mount --propagation private -- \
+    sh -c 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/services && shift 2 && exec "$@"' \
+    frontend-namespace "$dir/hosts" "$dir/services"
+}
