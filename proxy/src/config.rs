@@ -338,8 +338,20 @@ impl Config {
     }
 
     /// Parses a configuration file's text (no flags applied, not validated).
+    /// An empty path (`cert = ""`) means the same as a missing key.
     pub fn from_toml_str(text: &str) -> Result<Config, toml::de::Error> {
-        toml::from_str(text)
+        let mut config: Config = toml::from_str(text)?;
+        for path in [
+            &mut config.tls.cert,
+            &mut config.tls.key,
+            &mut config.backend.tls_ca,
+            &mut config.backend.password_file,
+        ] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                *path = None;
+            }
+        }
+        Ok(config)
     }
 
     /// Checks the settings for contradictions and unusable values.
@@ -436,6 +448,8 @@ mod tests {
         Config::default().validate().unwrap();
         assert!(Config::from_toml_str("[imap]\nlisten = \"127.0.0.1:0\"\nbogus = 1\n").is_err());
         assert!(Config::from_toml_str("[nope]\n").is_err());
+        let c = Config::from_toml_str("[tls]\ncert = \"\"\nkey = \"\"\n").unwrap();
+        assert!(c.tls.cert.is_none() && c.tls.key.is_none());
     }
 
     #[test]

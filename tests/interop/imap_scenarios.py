@@ -8,6 +8,14 @@
         with SRC and DST on different backends: UID COPY a fresh message from
         SRC to DST (present in both afterwards), then UID MOVE another one
         (present in DST, absent from SRC); SUBSCRIBE DST and LSUB.
+    imap_scenarios.py mastersdown HOST:PORT USER PASS
+        with every registry master stopped: LOGIN, LIST, SELECT INBOX, FETCH
+        and APPEND work (answered from the proxy's replica and the backend);
+        CREATE is refused with a NO that says why.
+    imap_scenarios.py backendloss HOST:PORT USER PASS LOCAL REMOTE -- CMD...
+        session A selects REMOTE, session B selects LOCAL (another backend);
+        then CMD runs (it stops REMOTE's backend): A gets a BYE, B goes on
+        (NOOP, FETCH), and STATUS REMOTE on B is NO [UNAVAILABLE].
     imap_scenarios.py count HOST:PORT USER PASS MAILBOX [SUBJECT]
         print the number of messages in MAILBOX (with SUBJECT, of those whose
         Subject contains it).
@@ -162,6 +170,56 @@ def crossmove(address, user, password, src, dst):
     return 0
 
 
+def mastersdown(address, user, password):
+    conn = connect(address, user, password)
+    check("outage-login", True)
+    typ, data = conn.list('""', "*")
+    names = text_of(data)
+    check("outage-list", typ == "OK" and "INBOX.Archive" in names, f"{typ} {names[:200]}")
+    typ, data = conn.select("INBOX")
+    check("outage-select", typ == "OK", f"{typ} {text_of(data)}")
+    typ, data = conn.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    check("outage-fetch", typ == "OK" and b"Subject" in b"".join(
+        d[1] for d in data if isinstance(d, tuple)), f"{typ}")
+    typ, data = conn.append("INBOX", None, None, small_message("during-outage").encode())
+    check("outage-append", typ == "OK", f"{typ} {text_of(data)}")
+    name = f"INBOX.outage{random.randrange(10**6)}"
+    typ, data = conn.create(name)
+    text = text_of(data)
+    check("outage-create-refused", typ == "NO" and len(text) > 10, f"{typ} {text}")
+    observe("outage-create-answer", f"{typ} {text}")
+    conn.logout()
+    return 0
+
+
+def backendloss(address, user, password, local, remote, command):
+    import subprocess
+    a = connect(address, user, password)
+    b = connect(address, user, password)
+    typ, _ = a.select(remote)
+    check("loss-a-selects-remote", typ == "OK", typ)
+    typ, _ = b.select(local)
+    check("loss-b-selects-local", typ == "OK", typ)
+    rc = subprocess.call(command)
+    check("loss-backend-stopped", rc == 0, f"exit {rc}")
+    try:
+        typ, data = a.noop()
+        bye = a.untagged_responses.get("BYE")
+        check("loss-a-gets-bye", bool(bye) or typ != "OK", f"{typ} {text_of(data)} BYE={bye}")
+    except imaplib.IMAP4.abort as e:
+        # imaplib raises abort on an untagged BYE, with the BYE's text.
+        check("loss-a-gets-bye", "UNAVAILABLE" in str(e), str(e))
+    typ, data = b.noop()
+    check("loss-b-noop", typ == "OK", f"{typ} {text_of(data)}")
+    typ, data = b.fetch("1", "(FLAGS)")
+    check("loss-b-fetch", typ == "OK", f"{typ} {text_of(data)}")
+    typ, data = b.status(remote, "(MESSAGES)")
+    text = text_of(data)
+    check("loss-status-remote-unavailable", typ == "NO" and "UNAVAILABLE" in text, f"{typ} {text}")
+    b.logout()
+    return 0
+
+
 def count(address, user, password, mailbox, subject=None):
     conn = connect(address, user, password)
     typ, data = conn.select(mailbox, readonly=True)
@@ -183,6 +241,10 @@ def main(argv):
             return big(hostport(argv[1]), argv[2], argv[3], argv[4], int(argv[5]))
         if len(argv) == 6 and argv[0] == "crossmove":
             return crossmove(hostport(argv[1]), argv[2], argv[3], argv[4], argv[5])
+        if len(argv) == 4 and argv[0] == "mastersdown":
+            return mastersdown(hostport(argv[1]), argv[2], argv[3])
+        if len(argv) > 7 and argv[0] == "backendloss" and argv[6] == "--":
+            return backendloss(hostport(argv[1]), argv[2], argv[3], argv[4], argv[5], argv[7:])
         if len(argv) in (5, 6) and argv[0] == "count":
             return count(hostport(argv[1]), argv[2], argv[3], argv[4], *argv[5:])
     except (OSError, imaplib.IMAP4.error) as e:

@@ -649,7 +649,9 @@ _cyrus_name_files() {
 ## cross-backend work: $CYRUS_PROXY_USER is in proxyservers AND admins (XFER
 ## and LMTP log in with an empty authorization id), the backend itself logs
 ## in to other backends as $CYRUS_PROXY_USER/PROXY_PASS (XFER's outgoing
-## connection), IDLE polls every second (imapidlepoll: 1), and its master runs
+## connection), IDLE polls every second (imapidlepoll: 1), subscriptions to
+## mailboxes held by another backend are kept (allowallsubscribe: yes; a
+## user's subscriptions live on their INBOX backend), and its master runs
 ## in a private mount namespace whose /etc/hosts maps each PEER name to its IP
 ## and /etc/services maps imap to IMAP_PORT (all backends share the port).
 ## Add $CYRUS_PROXY_USER with cyrus_add_user yourself.
@@ -664,6 +666,7 @@ proxy_authname: $CYRUS_PROXY_USER
 proxy_password: $proxy_pass
 imapidlepoll: 1
 allowusermoves: yes
+allowallsubscribe: yes
 EOC
   _cyrus_mupdate_client "$dir" "$mupdate" "$user" "$pass"
   _cyrus_user "$dir" "$name" "$user" "$pass"
@@ -706,7 +709,8 @@ start_saslauthd() {
 ## each backend NAME at HOST:PORT. Waits for its ready line; exports
 ## CORVID_PROXY_IMAP and CORVID_PROXY_METRICS (host:port). Returns 1 (after
 ## saying why) when the binary is missing or does not become ready: callers
-## decide whether that is a failure.
+## decide whether that is a failure. Its administrator (who sees every
+## mailbox and may move mailboxes) is $CORVID_PROXY_ADMIN (default admin).
 start_corvid_proxy() {
   local dir=$1 proxy_pass=$2 check=$3 create=$4 bin=${CORVID_PROXY_BIN:-$CORVID_BIN_DIR/corvid-proxy}
   local b s servers="" line pid
@@ -721,6 +725,7 @@ start_corvid_proxy() {
     cat <<EOC
 [proxy]
 data_dir = "$dir/proxy-data"
+admins = ["${CORVID_PROXY_ADMIN:-admin}"]
 [replica]
 masters = ["127.0.0.1:$CORVID_PEER_PORT"]
 [imap]

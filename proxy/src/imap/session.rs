@@ -1630,6 +1630,8 @@ impl Session {
             Err(e) => return self.backend_failed(server, &cmd.tag, &e).await,
         };
         // Hold the tagged line back until the replica has caught up.
+        let mut line_start = true;
+        let mut refusal = None;
         let answer = loop {
             let conn = self.backends.get_mut(server).expect("connected");
             let frame = match conn.read_frame().await {
@@ -1638,13 +1640,20 @@ impl Session {
             };
             match frame {
                 Frame::Text { bytes, literal } => {
-                    if bytes.starts_with(our_tag.as_bytes())
+                    if line_start
+                        && bytes.starts_with(our_tag.as_bytes())
                         && bytes.get(our_tag.len()) == Some(&b' ')
                     {
                         break bytes;
                     }
+                    // Cyrus's XFER reports a failed move as `* NO …` and
+                    // still answers OK (cyrus-imapd 3.6): remember it.
+                    if line_start && bytes.starts_with(b"* NO ") {
+                        refusal =
+                            Some(String::from_utf8_lossy(trim_crlf(&bytes[5..])).into_owned());
+                    }
                     self.client.queue(&bytes);
-                    let _ = literal;
+                    line_start = literal.is_none();
                 }
                 Frame::Literal(chunk) => self.client.queue(&chunk),
             }
@@ -1657,15 +1666,37 @@ impl Session {
             })
         );
         if ok {
-            let deadline = Duration::from_secs(10);
+            if let (Wait::At(name, dest), Some(why)) = (&wait, &refusal) {
+                tracing::warn!(mailbox = %name, server = %dest, reason = %why, "move failed on the source backend");
+                let text = format!("[UNAVAILABLE] The move to {dest} failed: {why}");
+                self.client.answer(&cmd.tag, "NO", &text).await?;
+                return Ok(());
+            }
             let seen = match &wait {
-                Wait::Active(n) => self.shared.router.wait_active(n, deadline).await,
-                Wait::Gone(n) => self.shared.router.wait_gone(n, deadline).await,
-                Wait::At(n, server) => self.wait_at(n, server, Duration::from_secs(120)).await,
+                Wait::Active(n) => {
+                    self.shared
+                        .router
+                        .wait_active(n, Duration::from_secs(10))
+                        .await
+                }
+                Wait::Gone(n) => {
+                    self.shared
+                        .router
+                        .wait_gone(n, Duration::from_secs(10))
+                        .await
+                }
+                Wait::At(n, dest) => self.wait_at(n, dest, Duration::from_secs(60)).await,
             };
             if !seen {
                 metrics::counter!("corvid_proxy_read_your_writes_timeouts_total").increment(1);
                 tracing::warn!(command = %cmd.name, "the registry did not show the change in time");
+                if let Wait::At(_, dest) = &wait {
+                    let text = format!(
+                        "[UNAVAILABLE] The source server reported the move done, but the registry does not show the mailbox on {dest}"
+                    );
+                    self.client.answer(&cmd.tag, "NO", &text).await?;
+                    return Ok(());
+                }
             }
         }
         self.client.queue(cmd.tag.as_bytes());
@@ -2046,7 +2077,9 @@ impl Session {
                 };
                 match conn.simple(step.as_bytes()).await {
                     Ok(a) => {
-                        for l in &a.untagged {
+                        // Flag changes of the STORE are the proxy's own
+                        // business; the EXPUNGEs are the client's.
+                        for l in a.untagged.iter().filter(|l| !is_fetch_line(l)) {
                             self.client.queue(l);
                         }
                         if a.status != Status::Ok {
@@ -2128,6 +2161,7 @@ impl Session {
                             if let Some(date) = &item.date {
                                 line.extend_from_slice(format!(" \"{date}\"").as_bytes());
                             }
+                            line.push(b' ');
                             LiteralHeader {
                                 non_sync: true,
                                 ..h
@@ -2198,6 +2232,18 @@ fn fetch_item(line: &[u8]) -> Option<FetchItem> {
         rest.find('"').map(|end| rest[..end].to_string())
     });
     Some(FetchItem { uid, flags, date })
+}
+
+/// Whether an untagged line is a FETCH response (`* n FETCH …`).
+fn is_fetch_line(line: &[u8]) -> bool {
+    let mut words = line.split(|b| *b == b' ');
+    words.next() == Some(b"*")
+        && words
+            .next()
+            .is_some_and(|n| !n.is_empty() && n.iter().all(u8::is_ascii_digit))
+        && words
+            .next()
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"FETCH"))
 }
 
 /// `[APPENDUID validity uid]` → (validity, uid).
@@ -2401,6 +2447,8 @@ mod tests {
         assert_eq!(item.date.as_deref(), Some("30-Nov-2026 06:00:00 +0000"));
         assert_eq!(appenduid_of("APPENDUID 1234 56"), Some((1234, 56)));
         assert_eq!(uid_list(&[1, 2, 9]), "1,2,9");
+        assert!(is_fetch_line(b"* 6 FETCH (FLAGS (\\Deleted) UID 6)\r\n"));
+        assert!(!is_fetch_line(b"* 6 EXPUNGE\r\n"));
     }
 
     #[test]
