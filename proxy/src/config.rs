@@ -103,6 +103,9 @@ pub struct ImapSection {
     pub idle_timeout_secs: u64,
     /// Milliseconds to wait before answering a failed login.
     pub failed_login_delay_ms: u64,
+    /// Seconds between the NOOPs that stand in for IDLE on a backend
+    /// without IDLE (Cyrus's `imapidlepoll`).
+    pub idle_poll_secs: u64,
     /// Allow LOGIN and PLAIN without TLS from clients that are not on
     /// loopback.
     pub allow_plaintext: bool,
@@ -120,6 +123,7 @@ impl Default for ImapSection {
             login_timeout_secs: 60,
             idle_timeout_secs: 30 * 60,
             failed_login_delay_ms: 2_000,
+            idle_poll_secs: 60,
             allow_plaintext: false,
         }
     }

@@ -100,6 +100,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         login_timeout: Duration::from_secs(config.imap.login_timeout_secs),
         idle_timeout: Duration::from_secs(config.imap.idle_timeout_secs),
         failed_login_delay: Duration::from_millis(config.imap.failed_login_delay_ms),
+        idle_poll: Duration::from_secs(config.imap.idle_poll_secs.max(1)),
         allow_plaintext: config.imap.allow_plaintext,
         admins: config.proxy.admins.clone(),
         create_servers: config.create.servers.clone(),

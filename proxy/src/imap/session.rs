@@ -56,6 +56,8 @@ pub struct Shared {
     pub idle_timeout: Duration,
     /// Pause before answering a failed login.
     pub failed_login_delay: Duration,
+    /// How often IDLE polls a backend that has no IDLE of its own.
+    pub idle_poll: Duration,
     /// LOGIN/PLAIN allowed without TLS from non-loopback clients.
     pub allow_plaintext: bool,
     /// Administrators (see everything, may move mailboxes).
@@ -571,6 +573,12 @@ impl Session {
                 .as_ref()
                 .map(|s| s.server.clone())
                 .unwrap_or_default();
+            if name == "IDLE"
+                && literal.is_none()
+                && self.backends.get(&server).is_some_and(|c| !c.has("IDLE"))
+            {
+                return self.idle_by_polling(&tag, &server).await;
+            }
             let outcome = self.relay(&server, &tag, text, literal).await?;
             if matches!(name.as_str(), "CLOSE" | "UNSELECT") && outcome.status == Status::Ok {
                 self.selected = None;
@@ -1304,6 +1312,49 @@ impl Session {
                 Ok(())
             }
             Frame::Literal(_) => unreachable!("no literal announced"),
+        }
+    }
+
+    /// IDLE for a backend without it: the proxy idles with the client and
+    /// polls the backend with NOOP, relaying what it reports.
+    async fn idle_by_polling(&mut self, tag: &str, server: &str) -> Result<(), End> {
+        self.client.queue(b"+ idling\r\n");
+        self.client.flush().await?;
+        let poll = self.shared.idle_poll;
+        loop {
+            let frame = tokio::time::timeout(poll, self.client.frame()).await;
+            match frame {
+                Err(_) => {
+                    let answer = match self.backends.get_mut(server) {
+                        Some(conn) => conn.simple(b"NOOP").await,
+                        None => Err(BackendError::Closed),
+                    };
+                    match answer {
+                        Ok(a) => {
+                            for l in &a.untagged {
+                                self.client.queue(l);
+                            }
+                            self.client.flush().await?;
+                        }
+                        Err(e) => return self.backend_failed(server, tag, &e).await,
+                    }
+                }
+                Ok(Err(e)) => return Err(End::Io(e)),
+                Ok(Ok(None)) => return Err(End::Done),
+                Ok(Ok(Some(Ok(Frame::Text {
+                    bytes,
+                    literal: None,
+                }))))
+                    if trim_crlf(&bytes).eq_ignore_ascii_case(b"DONE") =>
+                {
+                    self.client.answer(tag, "OK", "IDLE terminated").await?;
+                    return Ok(());
+                }
+                Ok(Ok(Some(_))) => {
+                    self.client.queue(b"* BYE expected DONE\r\n");
+                    return Err(End::Closed("bad input during IDLE"));
+                }
+            }
         }
     }
 
