@@ -624,7 +624,8 @@ impl Session {
             "ENABLE" => self.enable(cmd).await?,
             "IDLE" => self.idle_unselected(&tag).await?,
             "LIST" | "XLIST" => self.list(cmd).await?,
-            "LSUB" | "SUBSCRIBE" | "UNSUBSCRIBE" => self.send_to_inbox_backend(cmd).await?,
+            "LSUB" => self.lsub(cmd).await?,
+            "SUBSCRIBE" | "UNSUBSCRIBE" => self.send_to_inbox_backend(cmd).await?,
             "SELECT" | "EXAMINE" => self.select(cmd).await?,
             "CREATE" => self.create(cmd).await?,
             "DELETE" => self.delete(cmd).await?,
@@ -1239,6 +1240,48 @@ impl Session {
             return Ok(());
         };
         self.forward(&server, &cmd).await?;
+        Ok(())
+    }
+
+    /// LSUB from the INBOX backend, without the subscriptions to mailboxes
+    /// that no longer exist anywhere in the murder (as Cyrus's frontend).
+    async fn lsub(&mut self, cmd: Command) -> Result<(), End> {
+        let Some(server) = self.inbox_server(&cmd.tag).await? else {
+            return Ok(());
+        };
+        let line = encode_command(&cmd.name, &cmd.args);
+        let answer = match self.conn(&server).await {
+            Ok(conn) => conn.simple(&line).await,
+            Err(e) => Err(e),
+        };
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => return self.backend_failed(&server, &cmd.tag, &e).await,
+        };
+        for l in &answer.untagged {
+            let keep = match lsub_name(l) {
+                Some(name) => match self.shared.namespace.to_internal(self.user(), &name) {
+                    // A \Noselect parent of subscriptions is kept.
+                    Ok(internal) => {
+                        !matches!(self.shared.router.peek(&internal), Ok(None))
+                            || l.windows(9).any(|w| w.eq_ignore_ascii_case(b"\\Noselect"))
+                    }
+                    Err(_) => true,
+                },
+                None => true,
+            };
+            if keep {
+                self.client.queue(l);
+            }
+        }
+        let text = format!(
+            "{} {}",
+            answer.code.map(|c| format!("[{c}]")).unwrap_or_default(),
+            answer.text
+        );
+        self.client
+            .answer(&cmd.tag, answer.status.as_str(), text.trim())
+            .await?;
         Ok(())
     }
 
@@ -2285,6 +2328,30 @@ fn fetch_item(line: &[u8]) -> Option<FetchItem> {
     Some(FetchItem { uid, flags, date })
 }
 
+/// The mailbox name of a `* LSUB (flags) "sep" name` line (quoted or atom;
+/// `None` for anything else, e.g. a literal, which is then kept as is).
+fn lsub_name(line: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(trim_crlf(line)).ok()?;
+    let rest = text.strip_prefix("* LSUB ")?;
+    let after_flags = &rest[rest.find(')')? + 1..];
+    let after_flags = after_flags.trim_start();
+    // The separator: "x" or NIL.
+    let name = if let Some(r) = after_flags.strip_prefix('"') {
+        let end = r.find('"')?;
+        r[end + 1..].trim_start()
+    } else {
+        after_flags.strip_prefix("NIL")?.trim_start()
+    };
+    if let Some(q) = name.strip_prefix('"') {
+        let q = q.strip_suffix('"')?;
+        Some(q.replace("\\\"", "\"").replace("\\\\", "\\"))
+    } else if name.starts_with('{') || name.is_empty() {
+        None
+    } else {
+        Some(name.to_string())
+    }
+}
+
 /// Whether an untagged line is a FETCH response (`* n FETCH …`).
 fn is_fetch_line(line: &[u8]) -> bool {
     let mut words = line.split(|b| *b == b' ');
@@ -2500,6 +2567,21 @@ mod tests {
         assert_eq!(uid_list(&[1, 2, 9]), "1,2,9");
         assert!(is_fetch_line(b"* 6 FETCH (FLAGS (\\Deleted) UID 6)\r\n"));
         assert!(!is_fetch_line(b"* 6 EXPUNGE\r\n"));
+    }
+
+    #[test]
+    fn lsub_lines_give_their_mailbox() {
+        assert_eq!(
+            lsub_name(b"* LSUB () \".\" INBOX.Sent\r\n").as_deref(),
+            Some("INBOX.Sent")
+        );
+        assert_eq!(
+            lsub_name(b"* LSUB (\\Noselect) \"/\" \"INBOX/a b\"\r\n").as_deref(),
+            Some("INBOX/a b")
+        );
+        assert_eq!(lsub_name(b"* LSUB () NIL foo\r\n").as_deref(), Some("foo"));
+        assert_eq!(lsub_name(b"* LSUB () \".\" {5}\r\n"), None);
+        assert_eq!(lsub_name(b"* LIST () \".\" x\r\n"), None);
     }
 
     #[test]
