@@ -10,7 +10,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use crate::namespace::Namespace;
-use crate::routing::BackendAddr;
+use crate::routing::{BackendAddr, ServerAddrs};
 
 /// The whole configuration file. Every section and key is optional.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -22,6 +22,10 @@ pub struct Config {
     pub replica: ReplicaSection,
     /// The IMAP listeners and their limits.
     pub imap: ImapSection,
+    /// The LMTP listeners (mail delivery from the MTA).
+    pub lmtp: LmtpSection,
+    /// The POP3 listeners.
+    pub pop3: Pop3Section,
     /// Certificate and key for STARTTLS and implicit TLS.
     pub tls: TlsSection,
     /// How client passwords are checked.
@@ -125,6 +129,90 @@ impl Default for ImapSection {
             failed_login_delay_ms: 2_000,
             idle_poll_secs: 60,
             allow_plaintext: false,
+        }
+    }
+}
+
+/// `[lmtp]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LmtpSection {
+    /// TCP listener (24 is LMTP's port); empty string: off.
+    pub listen: String,
+    /// UNIX socket listener (e.g. `/run/corvid/lmtp`, for Postfix's
+    /// `lmtp:unix:`); unset: off.
+    pub unix_socket: Option<PathBuf>,
+    /// Backends' LMTP port when `[lmtp.backends]` names no address.
+    pub backend_port: u16,
+    /// Server name → `host[:port]` of its lmtpd, where it is not the IMAP
+    /// host on `backend_port`.
+    pub backends: BTreeMap<String, String>,
+    /// Largest message accepted (announced by `SIZE=` and counted in DATA).
+    pub max_message_bytes: u64,
+    /// A message is spooled in memory up to this size, then to a file.
+    pub spool_memory_bytes: usize,
+    /// Directory for spool files; unset: the system's temporary directory.
+    pub spool_dir: Option<PathBuf>,
+    /// Most recipients per transaction.
+    pub max_recipients: usize,
+    /// Most concurrent LMTP sessions.
+    pub max_sessions: usize,
+    /// Seconds of silence from the MTA, or a backend, before giving up.
+    pub timeout_secs: u64,
+    /// Name in the greeting and the LHLO answer.
+    pub hostname: String,
+}
+
+impl Default for LmtpSection {
+    fn default() -> Self {
+        LmtpSection {
+            listen: String::new(),
+            unix_socket: None,
+            backend_port: 24,
+            backends: BTreeMap::new(),
+            max_message_bytes: 64 * 1024 * 1024,
+            spool_memory_bytes: 1024 * 1024,
+            spool_dir: None,
+            max_recipients: 1_000,
+            max_sessions: 1_000,
+            timeout_secs: 300,
+            hostname: "corvid-proxy".into(),
+        }
+    }
+}
+
+/// `[pop3]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pop3Section {
+    /// Plain POP3 with STLS (110 is the standard port); empty string: off.
+    pub listen: String,
+    /// Implicit TLS (995 is the standard port); empty string: off.
+    pub tls_listen: String,
+    /// Backends' POP3 port when `[pop3.backends]` names no address.
+    pub backend_port: u16,
+    /// Server name → `host[:port]` of its pop3d, where it is not the IMAP
+    /// host on `backend_port`.
+    pub backends: BTreeMap<String, String>,
+    /// Most concurrent POP3 sessions.
+    pub max_sessions: usize,
+    /// Seconds before an unauthenticated session is closed.
+    pub login_timeout_secs: u64,
+    /// Seconds of client silence before a session is closed (RFC 1939: at
+    /// least 10 minutes).
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for Pop3Section {
+    fn default() -> Self {
+        Pop3Section {
+            listen: String::new(),
+            tls_listen: String::new(),
+            backend_port: 110,
+            backends: BTreeMap::new(),
+            max_sessions: 10_000,
+            login_timeout_secs: 60,
+            idle_timeout_secs: 600,
         }
     }
 }
@@ -350,6 +438,8 @@ impl Config {
             &mut config.tls.key,
             &mut config.backend.tls_ca,
             &mut config.backend.password_file,
+            &mut config.lmtp.unix_socket,
+            &mut config.lmtp.spool_dir,
         ] {
             if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
                 *path = None;
@@ -365,10 +455,35 @@ impl Config {
             "replica.masters is empty: the proxy needs the registry's master peer addresses"
         );
         anyhow::ensure!(
-            !self.imap.listen.is_empty() || !self.imap.tls_listen.is_empty(),
-            "both imap.listen and imap.tls_listen are off: nothing to serve"
+            !self.imap.listen.is_empty()
+                || !self.imap.tls_listen.is_empty()
+                || !self.lmtp.listen.is_empty()
+                || self.lmtp.unix_socket.is_some()
+                || !self.pop3.listen.is_empty()
+                || !self.pop3.tls_listen.is_empty(),
+            "every listener (imap, lmtp, pop3) is off: nothing to serve"
         );
+        anyhow::ensure!(
+            self.pop3.tls_listen.is_empty() || self.tls.cert.is_some(),
+            "pop3.tls_listen needs tls.cert and tls.key"
+        );
+        for (section, map) in [
+            ("lmtp.backends", &self.lmtp.backends),
+            ("pop3.backends", &self.pop3.backends),
+        ] {
+            for (name, addr) in map {
+                anyhow::ensure!(
+                    self.backends.contains_key(name),
+                    "{section}.{name}: no such server in [backends]"
+                );
+                BackendAddr::parse(addr)
+                    .map_err(|e| anyhow::anyhow!("{section}.{name} = {addr:?}: {e}"))?;
+            }
+        }
         for (key, value) in [
+            ("lmtp.listen", &self.lmtp.listen),
+            ("pop3.listen", &self.pop3.listen),
+            ("pop3.tls_listen", &self.pop3.tls_listen),
             ("imap.listen", &self.imap.listen),
             ("imap.tls_listen", &self.imap.tls_listen),
             ("metrics.listen", &self.metrics.listen),
@@ -430,6 +545,31 @@ impl Config {
         anyhow::bail!(
             "the proxy needs its backend password: set backend.password or backend.password_file"
         )
+    }
+
+    /// Every backend's addresses: IMAP from `[backends]`, LMTP and POP3
+    /// from `[lmtp.backends]`/`[pop3.backends]` or else the IMAP host on
+    /// the service's `backend_port`.
+    pub fn server_addrs(&self) -> anyhow::Result<BTreeMap<String, ServerAddrs>> {
+        let mut out = BTreeMap::new();
+        for (name, imap) in &self.backends {
+            let imap = BackendAddr::parse(imap)?;
+            let service =
+                |map: &BTreeMap<String, String>, port: u16| -> anyhow::Result<BackendAddr> {
+                    Ok(match map.get(name) {
+                        Some(a) => BackendAddr::parse(a)?,
+                        None => BackendAddr {
+                            host: imap.host.clone(),
+                            port,
+                            tls: imap.tls,
+                        },
+                    })
+                };
+            let lmtp = service(&self.lmtp.backends, self.lmtp.backend_port)?;
+            let pop3 = service(&self.pop3.backends, self.pop3.backend_port)?;
+            out.insert(name.clone(), ServerAddrs { imap, lmtp, pop3 });
+        }
+        Ok(out)
     }
 
     /// The namespace settings as the naming module takes them.

@@ -1,7 +1,6 @@
 //! Starting the proxy: the embedded replica, the routing table, the
 //! password check and the listeners, from a validated [`Config`].
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -17,7 +16,7 @@ use crate::config::{Config, LoginCheck};
 use crate::imap::codec::Limits;
 use crate::imap::session::Shared;
 use crate::login::PasswordCheck;
-use crate::routing::{BackendAddr, Router};
+use crate::routing::Router;
 
 /// A started proxy.
 pub struct Running {
@@ -36,13 +35,9 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         ReplicaSettings::new(config.replica.masters.clone()),
     )
     .with_context(|| format!("opening the replica in {}", config.proxy.data_dir.display()))?;
-    let mut backends = BTreeMap::new();
-    for (name, addr) in &config.backends {
-        backends.insert(name.clone(), BackendAddr::parse(addr)?);
-    }
     let router = Router::new(
         replica.clone(),
-        backends,
+        config.server_addrs()?,
         Duration::from_millis(config.replica.lookup_sync_ms),
     );
     let tls = match (&config.tls.cert, &config.tls.key) {

@@ -96,6 +96,28 @@ impl BackendAddr {
     }
 }
 
+/// One backend's addresses, per protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAddrs {
+    /// Its imapd.
+    pub imap: BackendAddr,
+    /// Its lmtpd.
+    pub lmtp: BackendAddr,
+    /// Its pop3d.
+    pub pop3: BackendAddr,
+}
+
+/// A backend service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// IMAP.
+    Imap,
+    /// LMTP.
+    Lmtp,
+    /// POP3.
+    Pop3,
+}
+
 /// Where a mailbox lives.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -150,15 +172,15 @@ impl LookupResult {
 #[derive(Clone)]
 pub struct Router {
     replica: Replica,
-    backends: Arc<BTreeMap<String, Arc<BackendAddr>>>,
+    backends: Arc<BTreeMap<String, [Arc<BackendAddr>; 3]>>,
     sync_wait: Duration,
 }
 
 impl Router {
-    /// A router over `replica` with `backends` (server name → address).
+    /// A router over `replica` with `backends` (server name → addresses).
     pub fn new(
         replica: Replica,
-        backends: BTreeMap<String, BackendAddr>,
+        backends: BTreeMap<String, ServerAddrs>,
         sync_wait: Duration,
     ) -> Router {
         Router {
@@ -166,11 +188,21 @@ impl Router {
             backends: Arc::new(
                 backends
                     .into_iter()
-                    .map(|(k, v)| (k, Arc::new(v)))
+                    .map(|(k, v)| (k, [Arc::new(v.imap), Arc::new(v.lmtp), Arc::new(v.pop3)]))
                     .collect(),
             ),
             sync_wait,
         }
+    }
+
+    /// The address of `service` on server `name`, if configured.
+    pub fn service(&self, name: &str, service: Service) -> Option<Arc<BackendAddr>> {
+        let at = match service {
+            Service::Imap => 0,
+            Service::Lmtp => 1,
+            Service::Pop3 => 2,
+        };
+        self.backends.get(name).map(|a| a[at].clone())
     }
 
     /// The embedded replica.
@@ -178,9 +210,9 @@ impl Router {
         &self.replica
     }
 
-    /// The address of server `name`, if configured.
+    /// The IMAP address of server `name`, if configured.
     pub fn backend(&self, name: &str) -> Option<Arc<BackendAddr>> {
-        self.backends.get(name).cloned()
+        self.service(name, Service::Imap)
     }
 
     /// Every configured server name.

@@ -651,7 +651,12 @@ _cyrus_name_files() {
 ## in to other backends as $CYRUS_PROXY_USER/PROXY_PASS (XFER's outgoing
 ## connection), IDLE polls every second (imapidlepoll: 1), subscriptions to
 ## mailboxes held by another backend are kept (allowallsubscribe: yes; a
-## user's subscriptions live on their INBOX backend), and its master runs
+## user's subscriptions live on their INBOX backend), a CREATE without a
+## partition never reseeds rand() from the clock (defaultpartition: default;
+## without it Cyrus 3.6 re-runs srand(time(NULL)) in partlist_initialize, so
+## two backends' first top-level CREATEs in one second get the same
+## uniqueid, and an XFER between them fails with IMAP_MAILBOX_MOVED), and its
+## master runs
 ## in a private mount namespace whose /etc/hosts maps each PEER name to its IP
 ## and /etc/services maps imap to IMAP_PORT (all backends share the port).
 ## Add $CYRUS_PROXY_USER with cyrus_add_user yourself.
@@ -667,6 +672,7 @@ proxy_password: $proxy_pass
 imapidlepoll: 1
 allowusermoves: yes
 allowallsubscribe: yes
+defaultpartition: default
 EOC
   _cyrus_mupdate_client "$dir" "$mupdate" "$user" "$pass"
   _cyrus_user "$dir" "$name" "$user" "$pass"
