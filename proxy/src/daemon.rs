@@ -24,6 +24,12 @@ pub struct Running {
     pub imap_addr: Option<SocketAddr>,
     /// Where implicit-TLS IMAP listens, if on.
     pub imaps_addr: Option<SocketAddr>,
+    /// Where LMTP listens on TCP, if on.
+    pub lmtp_addr: Option<SocketAddr>,
+    /// Where plain POP3 listens, if on.
+    pub pop3_addr: Option<SocketAddr>,
+    /// Where implicit-TLS POP3 listens, if on.
+    pub pop3s_addr: Option<SocketAddr>,
     /// The embedded replica.
     pub replica: Replica,
 }
@@ -107,6 +113,9 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let mut running = Running {
         imap_addr: None,
         imaps_addr: None,
+        lmtp_addr: None,
+        pop3_addr: None,
+        pop3s_addr: None,
         replica,
     };
     for (addr, implicit) in [
@@ -129,6 +138,41 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             listener,
             shared.clone(),
             slots.clone(),
+            implicit,
+        ));
+    }
+    let pop3 = Arc::new(crate::pop3::Shared {
+        router: shared.router.clone(),
+        namespace: config.namespace(),
+        password_check: shared.password_check.clone(),
+        backend: shared.backend.clone(),
+        tls: shared.tls.clone(),
+        login_timeout: Duration::from_secs(config.pop3.login_timeout_secs),
+        idle_timeout: Duration::from_secs(config.pop3.idle_timeout_secs),
+        failed_login_delay: shared.failed_login_delay,
+        allow_plaintext: config.imap.allow_plaintext,
+    });
+    let pop3_slots = Arc::new(Semaphore::new(config.pop3.max_sessions));
+    for (addr, implicit) in [
+        (&config.pop3.listen, false),
+        (&config.pop3.tls_listen, true),
+    ] {
+        if addr.is_empty() {
+            continue;
+        }
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding POP3 listener {addr}"))?;
+        let local = listener.local_addr()?;
+        if implicit {
+            running.pop3s_addr = Some(local);
+        } else {
+            running.pop3_addr = Some(local);
+        }
+        tokio::spawn(crate::pop3::serve(
+            listener,
+            pop3.clone(),
+            pop3_slots.clone(),
             implicit,
         ));
     }

@@ -4,6 +4,7 @@
 //!
 //! * [`routing`]: the one lookup every protocol calls (mailbox → backend).
 //! * [`imap`]: the IMAP codec (pure) and the client sessions.
+//! * [`lmtp`]: delivery from the MTA; [`pop3`]: POP3 to the INBOX's backend.
 //! * [`backend`]: logged-in connections to Cyrus backends.
 //! * [`login`]: password checks (on the backend, or `saslauthd`).
 //! * [`namespace`]: internal mailbox names and what a user sees.
@@ -13,6 +14,8 @@ pub mod backend;
 pub mod config;
 pub mod daemon;
 pub mod imap;
+pub mod lmtp;
 pub mod login;
 pub mod namespace;
+pub mod pop3;
 pub mod routing;

@@ -51,10 +51,13 @@ async fn run() -> anyhow::Result<()> {
     );
     // One machine-readable line on stdout for scripts and tests.
     println!(
-        "corvid-proxy ready imap={} imaps={} metrics={}",
+        "corvid-proxy ready imap={} imaps={} metrics={} lmtp={} pop3={} pop3s={}",
         show(running.imap_addr),
         show(running.imaps_addr),
-        show(metrics_addr)
+        show(metrics_addr),
+        show(running.lmtp_addr),
+        show(running.pop3_addr),
+        show(running.pop3s_addr)
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
