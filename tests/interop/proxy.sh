@@ -182,6 +182,11 @@ for u in "${SESSION_USERS[@]}"; do cyrus_add_user "$FE" "$u" "$S_PASS"; done
 frontend_has() {
   cyrus_mailboxes "$FE" | grep -qxF -- "$1 $2"
 }
+# frontend_on NAME SERVER: the frontend's mailboxes.db has NAME at SERVER!*
+# (any partition, or none).
+frontend_on() {
+  cyrus_mailboxes "$FE" | awk -v n="$1" -v s="$2!" '$1 == n && index($2, s) == 1 { f = 1 } END { exit !f }'
+}
 wait_for "frontend knows user.s3.Archive" frontend_has user.s3.Archive 'be2!default' || true
 out=$(cyrus_mailboxes "$FE")
 for l in 'user.alice be1!default' 'user.alice.Archive be2!default' 'user.bob be2!default' \
@@ -268,10 +273,6 @@ if [[ $UNIXSEP == 1 ]]; then
   # INBOX/d.1; INBOX/v1.2 was created on be1 by the admin.
   users=(s1)
   if [[ ${#TARGETS[@]} -gt 1 ]]; then users+=(s3); fi
-  # frontend_on NAME SERVER: the frontend's mailboxes.db has NAME at SERVER!*.
-  frontend_on() {
-    cyrus_mailboxes "$FE" | awk -v n="$1" -v s="$2!" '$1 == n && index($2, s) == 1 { f = 1 } END { exit !f }'
-  }
   for u in "${users[@]}"; do
     wait_for "frontend knows user.$u.r2^0" frontend_on "user.$u.r2^0" be1 || true
     out=$(registry_find "user.$u.v1^2" "user.$u.v1.2" "user.$u.r2^0" "user.$u.r1^0" "user.$u.d^1" "user.$u.r2.0")
