@@ -276,7 +276,7 @@ class Session:
                 n += 1
                 conn.send(f'y{n} LIST "" {pattern}\r\n'.encode())
                 lines, _ = self.read_until_tagged(conn, f"y{n}")
-                present = any(re.search(r'"\.?" "?' + re.escape(name) + r'"?$', line)
+                present = any(re.search(r'"[./]?" "?' + re.escape(name) + r'"?$', line)
                               for line in lines if line.startswith("* LIST "))
                 if present == want_present:
                     return

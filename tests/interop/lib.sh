@@ -14,6 +14,11 @@
 #                    conf/log/<user>/; set 0 for benchmarks
 #   CYRUS_CLIENT_MECH  SASL mechanism Cyrus backends use towards the master
 #                    (default PLAIN; empty lets Cyrus pick)
+#   CYRUS_UNIXHIERARCHYSEP  1: every Cyrus instance started from now on has
+#                    unixhierarchysep: yes (clients see "/", a "." in a
+#                    folder name is stored as "^"); default 0 (no)
+#   PROXY_UNIXHIERARCHYSEP  1: start_corvid_proxy writes [namespace]
+#                    unixhierarchysep = true; default 0 (false)
 
 INTEROP_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CYRUS_BIN=${CYRUS_BIN:-/usr/lib/cyrus/bin}
@@ -22,6 +27,8 @@ CORVID_BIN_DIR=${CORVID_BIN_DIR:-${CARGO_TARGET_DIR:-$HOME/.cache/corvid-target}
 INTEROP_TIMEOUT=${INTEROP_TIMEOUT:-30}
 CYRUS_TELEMETRY=${CYRUS_TELEMETRY:-1}
 CYRUS_CLIENT_MECH=${CYRUS_CLIENT_MECH-PLAIN}
+CYRUS_UNIXHIERARCHYSEP=${CYRUS_UNIXHIERARCHYSEP:-0}
+PROXY_UNIXHIERARCHYSEP=${PROXY_UNIXHIERARCHYSEP:-0}
 
 INTEROP_PASSED=0
 INTEROP_FAILED=0
@@ -261,9 +268,11 @@ wait_greeting() {
 
 # ---------------------------------------------------------------- Cyrus
 
-# _cyrus_instance DIR SERVERNAME ADMINS: directories and the common imapd.conf.
+# _cyrus_instance DIR SERVERNAME ADMINS: directories and the common imapd.conf
+# (unixhierarchysep from $CYRUS_UNIXHIERARCHYSEP).
 _cyrus_instance() {
-  local dir=$1 name=$2 admins=$3
+  local dir=$1 name=$2 admins=$3 unixsep=no
+  if [[ $CYRUS_UNIXHIERARCHYSEP == 1 ]]; then unixsep=yes; fi
   mkdir -p "$dir"/conf/{lock,proc,socket,log} "$dir"/spool
   cat >"$dir/imapd.conf" <<EOF
 configdirectory: $dir/conf
@@ -278,7 +287,7 @@ sasl_mech_list: PLAIN LOGIN
 allowplaintext: yes
 failedloginpause: 0
 altnamespace: no
-unixhierarchysep: no
+unixhierarchysep: $unixsep
 idlemethod: poll
 EOF
 }
@@ -717,15 +726,17 @@ start_saslauthd() {
 ## saying why) when the binary is missing or does not become ready: callers
 ## decide whether that is a failure. Its administrator (who sees every
 ## mailbox and may move mailboxes) is $CORVID_PROXY_ADMIN (default admin).
+## [namespace] unixhierarchysep is true when $PROXY_UNIXHIERARCHYSEP is 1.
 start_corvid_proxy() {
   local dir=$1 proxy_pass=$2 check=$3 create=$4 bin=${CORVID_PROXY_BIN:-$CORVID_BIN_DIR/corvid-proxy}
-  local b s servers="" line pid
+  local b s servers="" line pid unixsep=false
   shift 4
   if [[ ! -x $bin ]]; then
     echo "corvid-proxy: $bin does not exist" >&2
     return 1
   fi
   for s in $create; do servers+="${servers:+, }\"$s\""; done
+  if [[ $PROXY_UNIXHIERARCHYSEP == 1 ]]; then unixsep=true; fi
   mkdir -p "$dir/proxy-data"
   {
     cat <<EOC
@@ -756,7 +767,7 @@ EOC
 servers = [$servers]
 select_mode = "random"
 [namespace]
-unixhierarchysep = false
+unixhierarchysep = $unixsep
 altnamespace = false
 [metrics]
 listen = "127.0.0.1:0"

@@ -18,12 +18,28 @@
 # 5 curl, 6 saslauthd.
 # Whatever the reference cannot do (cross-backend MOVE in 3.6) is printed as
 # "REFERENCE:" evidence, not counted as a failure; corvid-proxy must do it.
+# UNIXSEP=1: the same murder with unixhierarchysep: yes on every Cyrus
+# instance and [namespace] unixhierarchysep = true in corvid-proxy (clients
+# see "/"; a "." in a folder name is "^" internally); each session user also
+# has INBOX/v1.2 on be1. Only the differential session runs
+# (proxy_session_unixsep.imap, its three runs concurrently), plus checks that
+# Corvid, the frontend and be1 hold the dotted names with "^".
 set -euo pipefail
+UNIXSEP=${UNIXSEP:-0}
+if [[ $UNIXSEP == 1 ]]; then
+  export CYRUS_UNIXHIERARCHYSEP=1 PROXY_UNIXHIERARCHYSEP=1
+fi
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
 SERVER=corvid # the registry is always Corvid here; the frontend varies
-interop_init proxy
+if [[ $UNIXSEP == 1 ]]; then
+  interop_init proxy-unixsep
+  D=/ # what clients (and the admin) type between levels
+else
+  interop_init proxy
+  D=.
+fi
 require_bin unshare mount curl mbsync cyradm saslauthd testsaslauthd sha256sum
 T0=$SECONDS
 ADMIN=admin
@@ -87,9 +103,10 @@ setup_imap() {
 phase "mailboxes"
 {
   for u in alice "${SESSION_USERS[@]}"; do
-    echo "CREATE user.$u"
-    echo "CREATE user.$u.Sent"
-    echo "SETQUOTA user.$u (STORAGE 102400)"
+    echo "CREATE user$D$u"
+    echo "CREATE user$D$u${D}Sent"
+    echo "SETQUOTA user$D$u (STORAGE 102400)"
+    if [[ $UNIXSEP == 1 ]]; then echo "CREATE user/$u/v1.2"; fi
   done
 } | setup_imap "be1: admin creates user.{alice,s1,s2,s3}{,.Sent} with quota" "$BE1_IP:$IMAP_PORT" "$ADMIN" "$PASS"
 # A Cyrus 3.6 backend refuses to CREATE user.X.* without a local user.X
@@ -124,23 +141,25 @@ else
   printf '%s\n' "$out" | sed 's/^/    /'
 fi
 {
-  echo "CREATE user.bob"
-  echo "CREATE shared.team"
-  echo "SETACL shared.team $ADMIN lrswipkxtecda"
+  echo "CREATE user${D}bob"
+  echo "CREATE shared${D}team"
+  echo "SETACL shared${D}team $ADMIN lrswipkxtecda"
   for u in alice "${SESSION_USERS[@]}"; do
-    echo "CREATE user.$u.Archive"
-    echo "SETACL shared.team $u lrswipkxtecda"
+    echo "CREATE user$D$u${D}Archive"
+    echo "SETACL shared${D}team $u lrswipkxtecda"
   done
 } | setup_imap "be2: admin creates user.bob, shared.team and user.{alice,s1,s2,s3}.Archive (accounts over two backends)" \
   "$BE2_IP:$IMAP_PORT" "$ADMIN" "$PASS"
-setup_imap "be2: alice seeds shared.team" "$BE2_IP:$IMAP_PORT" alice "$ALICE_PASS" <<<"APPEND shared.team () team-1"
+setup_imap "be2: alice seeds shared.team" "$BE2_IP:$IMAP_PORT" alice "$ALICE_PASS" <<<"APPEND shared${D}team () team-1"
 setup_imap "be2: bob seeds his INBOX" "$BE2_IP:$IMAP_PORT" bob "$BOB_PASS" <<<"APPEND INBOX () bob-1"
 for u in alice "${SESSION_USERS[@]}"; do
   p=$S_PASS
   [[ $u == alice ]] && p=$ALICE_PASS
-  printf '%s\n' 'APPEND INBOX (\Seen) inbox-1' 'APPEND INBOX () inbox-2' 'APPEND INBOX.Sent (\Seen) sent-1' |
-    setup_imap "be1: $u seeds INBOX and INBOX.Sent" "$BE1_IP:$IMAP_PORT" "$u" "$p"
-  setup_imap "be2: $u seeds INBOX.Archive" "$BE2_IP:$IMAP_PORT" "$u" "$p" <<<"APPEND INBOX.Archive () archive-1"
+  {
+    printf '%s\n' 'APPEND INBOX (\Seen) inbox-1' 'APPEND INBOX () inbox-2' "APPEND INBOX${D}Sent (\\Seen) sent-1"
+    if [[ $UNIXSEP == 1 ]]; then echo "APPEND INBOX/v1.2 () dot-1"; fi
+  } | setup_imap "be1: $u seeds INBOX and INBOX.Sent" "$BE1_IP:$IMAP_PORT" "$u" "$p"
+  setup_imap "be2: $u seeds INBOX.Archive" "$BE2_IP:$IMAP_PORT" "$u" "$p" <<<"APPEND INBOX${D}Archive () archive-1"
 done
 
 # ================================================================ reference frontend
@@ -163,6 +182,11 @@ for u in "${SESSION_USERS[@]}"; do cyrus_add_user "$FE" "$u" "$S_PASS"; done
 frontend_has() {
   cyrus_mailboxes "$FE" | grep -qxF -- "$1 $2"
 }
+# frontend_on NAME SERVER: the frontend's mailboxes.db has NAME at SERVER!*
+# (any partition, or none).
+frontend_on() {
+  cyrus_mailboxes "$FE" | awk -v n="$1" -v s="$2!" '$1 == n && index($2, s) == 1 { f = 1 } END { exit !f }'
+}
 wait_for "frontend knows user.s3.Archive" frontend_has user.s3.Archive 'be2!default' || true
 out=$(cyrus_mailboxes "$FE")
 for l in 'user.alice be1!default' 'user.alice.Archive be2!default' 'user.bob be2!default' \
@@ -171,12 +195,14 @@ for l in 'user.alice be1!default' 'user.alice.Archive be2!default' 'user.bob be2
 done
 
 # ================================================================ 6. saslauthd (private)
-phase "6. saslauthd (rimap to be1) for corvid-proxy's check = \"saslauthd\""
-start_saslauthd "$WORK/saslauthd" "$BE1_IP/$IMAP_PORT"
-out=$(timeout 20 testsaslauthd -f "$SASLAUTHD_SOCKET" -u alice -p "$ALICE_PASS" 2>&1 || true)
-assert_match "6 saslauthd (private socket, rimap to be1) accepts alice's password" '^0: OK' "$out"
-out=$(timeout 20 testsaslauthd -f "$SASLAUTHD_SOCKET" -u alice -p wrong-password 2>&1 || true)
-assert_match "6 saslauthd refuses a wrong password" '^0: NO' "$out"
+if [[ $UNIXSEP != 1 ]]; then
+  phase "6. saslauthd (rimap to be1) for corvid-proxy's check = \"saslauthd\""
+  start_saslauthd "$WORK/saslauthd" "$BE1_IP/$IMAP_PORT"
+  out=$(timeout 20 testsaslauthd -f "$SASLAUTHD_SOCKET" -u alice -p "$ALICE_PASS" 2>&1 || true)
+  assert_match "6 saslauthd (private socket, rimap to be1) accepts alice's password" '^0: OK' "$out"
+  out=$(timeout 20 testsaslauthd -f "$SASLAUTHD_SOCKET" -u alice -p wrong-password 2>&1 || true)
+  assert_match "6 saslauthd refuses a wrong password" '^0: NO' "$out"
+fi
 
 # ================================================================ corvid-proxy
 TARGETS=("cyrus=127.0.0.1:$FE_PORT")
@@ -193,22 +219,94 @@ fi
 
 # ================================================================ 1. differential session
 SESSION=$HERE/proxy_session.imap
+if [[ $UNIXSEP == 1 ]]; then SESSION=$HERE/proxy_session_unixsep.imap; fi
 session_run() { # LABEL HOSTPORT USER -> $WORK/session-LABEL-USER.txt
   imap_script "$2" "$3" "$S_PASS" "$SESSION" >"$WORK/session-$1-$3.txt" 2>&1 || true
 }
-phase "1. differential session"
-session_run cyrus "127.0.0.1:$FE_PORT" s1
-session_run cyrus "127.0.0.1:$FE_PORT" s2
+if [[ $UNIXSEP == 1 ]]; then
+  phase "1. differential session (unixhierarchysep, concurrent runs)"
+else
+  phase "1. differential session"
+fi
+if [[ $UNIXSEP == 1 ]]; then
+  # Separate users and mailboxes: the runs are independent, and running them
+  # at once overlaps their waits for the frontend's MUPDATE slave.
+  pids=()
+  session_run cyrus "127.0.0.1:$FE_PORT" s1 &
+  pids+=("$!")
+  session_run cyrus "127.0.0.1:$FE_PORT" s2 &
+  pids+=("$!")
+  for t in "${TARGETS[@]:1}"; do
+    session_run "${t%%=*}" "${t#*=}" s3 &
+    pids+=("$!")
+  done
+  wait "${pids[@]}"
+else
+  session_run cyrus "127.0.0.1:$FE_PORT" s1
+  session_run cyrus "127.0.0.1:$FE_PORT" s2
+fi
 REF=$(cat "$WORK/session-cyrus-s1.txt")
 printf '%s\n' "$REF" | sed 's/^/    session(cyrus, s1): /'
 assert_no_line "1 cyrus: the scripted session ran to the end" "E: " "$REF"
 assert_eq "1 cyrus: two runs (fresh users s1, s2) give the same normalised transcript" \
   "$REF" "$(cat "$WORK/session-cyrus-s2.txt")"
 for t in "${TARGETS[@]:1}"; do
-  session_run "${t%%=*}" "${t#*=}" s3
+  if [[ $UNIXSEP != 1 ]]; then session_run "${t%%=*}" "${t#*=}" s3; fi
   assert_eq "1 ${t%%=*}: normalised transcript equals the reference frontend's" \
     "$REF" "$(cat "$WORK/session-${t%%=*}-s3.txt")"
 done
+
+# ================================================================ UNIXSEP: internal names
+# registry_find NAME...: Corvid's decoded answers to "Fi FIND NAME" (i = 1..).
+registry_find() {
+  local i=0 n cmds=()
+  for n in "$@"; do
+    i=$((i + 1))
+    cmds+=("F$i FIND \"$n\"")
+  done
+  printf '%s\n' "${cmds[@]}" | mupdatetest_run "$MUPDATE" "$ADMIN" "$PASS" | mupdate_answers || true
+}
+if [[ $UNIXSEP == 1 ]]; then
+  phase "unixhierarchysep: internal names in Corvid, the frontend and be1"
+  # s1 ran against the Cyrus frontend, s3 against corvid-proxy (when there):
+  # both sessions leave INBOX/r2.0 (renamed from INBOX/r1.0) and delete
+  # INBOX/d.1; INBOX/v1.2 was created on be1 by the admin.
+  users=(s1)
+  if [[ ${#TARGETS[@]} -gt 1 ]]; then users+=(s3); fi
+  for u in "${users[@]}"; do
+    wait_for "frontend knows user.$u.r2^0" frontend_on "user.$u.r2^0" be1 || true
+    out=$(registry_find "user.$u.v1^2" "user.$u.v1.2" "user.$u.r2^0" "user.$u.r1^0" "user.$u.d^1" "user.$u.r2.0")
+    printf '%s\n' "$out" | sed "s/^/    corvid FIND ($u): /"
+    assert_match "unixsep $u: Corvid holds INBOX/v1.2 as user.$u.v1^2 at be1" \
+      "^F1 MAILBOX \"user\\.$u\\.v1\\^2\" \"be1!default\"" "$out"
+    assert_answers "unixsep $u: Corvid has no user.$u.v1.2 (a '.' is never a level separator inside a name)" \
+      F2 "F2 OK \"Search completed\"" "$out"
+    # A Cyrus 3.6 backend ACTIVATEs a renamed mailbox at "be1!" (no
+    # partition), whichever frontend sent the RENAME: either is accepted.
+    assert_match "unixsep $u: Corvid holds INBOX/r2.0 (CREATE INBOX/r1.0 + RENAME) as user.$u.r2^0 at be1" \
+      "^F3 MAILBOX \"user\\.$u\\.r2\\^0\" \"be1!(default)?\"" "$out"
+    if grep -q '^F3 MAILBOX [^ ]* "be1!" ' <<<"$out"; then
+      reference "unixsep $u" "be1 ACTIVATEd the renamed user.$u.r2^0 at \"be1!\" (empty partition; be1's own mailboxes.db says !default)"
+    fi
+    assert_answers "unixsep $u: Corvid no longer has user.$u.r1^0 (renamed away)" \
+      F4 "F4 OK \"Search completed\"" "$out"
+    assert_answers "unixsep $u: Corvid no longer has user.$u.d^1 (INBOX/d.1 deleted)" \
+      F5 "F5 OK \"Search completed\"" "$out"
+    assert_answers "unixsep $u: Corvid has no user.$u.r2.0" \
+      F6 "F6 OK \"Search completed\"" "$out"
+  done
+  out=$(cyrus_mailboxes "$FE")
+  for l in 'user.s1.v1^2 be1!default' 'user.s3.v1^2 be1!default' 'user.s3.Archive be2!default'; do
+    assert_line "unixsep: the frontend's mailboxes.db (from Corvid) has $l" "$l" "$out"
+  done
+  out=$(cyrus_mailboxes "$BE1")
+  for u in "${users[@]}"; do
+    assert_line "unixsep: be1's mailboxes.db has user.$u.v1^2 (local)" "user.$u.v1^2 !default" "$out"
+    assert_line "unixsep: be1's mailboxes.db has user.$u.r2^0 (local)" "user.$u.r2^0 !default" "$out"
+  done
+  phase "done"
+  exit 0
+fi
 
 # ================================================================ 2-5 per target
 # Checks that a real Cyrus 3.6 frontend is known to fail (evidence for the
