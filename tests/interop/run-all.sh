@@ -5,7 +5,8 @@
 # report.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-scripts=(mupdatetest.sh backend.sh frontend.sh proxy.sh)
+# Each entry: [VAR=VALUE ...] SCRIPT.
+scripts=(mupdatetest.sh backend.sh frontend.sh proxy.sh "UNIXSEP=1 proxy.sh")
 
 total_passed=0
 total_failed=0
@@ -16,7 +17,8 @@ trap 'rm -f "$out"' EXIT
 for script in "${scripts[@]}"; do
   echo "======== $script (SERVER=${SERVER:-corvid})"
   rc=0
-  CORVID_PROXY_REQUIRED=1 bash "$here/$script" 2>&1 | tee "$out" || rc=$?
+  read -r -a words <<<"$script"
+  CORVID_PROXY_REQUIRED=1 env "${words[@]:0:${#words[@]}-1}" bash "$here/${words[-1]}" 2>&1 | tee "$out" || rc=$?
   summary=$(grep -E '^interop: [0-9]+ passed, [0-9]+ failed$' "$out" | tail -n 1 || true)
   if [[ -z $summary ]]; then
     echo "FAIL: $script printed no summary line"
