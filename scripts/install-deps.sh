@@ -9,7 +9,7 @@ set -euo pipefail
 
 group=${1:-build}
 build_pkgs=(clang libclang-dev make python3)
-test_pkgs=(cyrus-imapd cyrus-murder cyrus-clients cyrus-admin sasl2-bin libsasl2-modules iptables iproute2 isync curl)
+test_pkgs=(cyrus-imapd cyrus-murder cyrus-clients cyrus-admin sasl2-bin libsasl2-modules iptables iproute2 isync curl swaks)
 case "$group" in
   build) want=("${build_pkgs[@]}") ;;
   test) want=("${build_pkgs[@]}" "${test_pkgs[@]}") ;;

@@ -161,6 +161,9 @@ pub struct LmtpSection {
     pub timeout_secs: u64,
     /// Name in the greeting and the LHLO answer.
     pub hostname: String,
+    /// Cyrus's `postuser`: `postuser+shared.folder@…` delivers to the shared
+    /// folder (`+shared.folder@…` always does).
+    pub postuser: String,
 }
 
 impl Default for LmtpSection {
@@ -177,6 +180,7 @@ impl Default for LmtpSection {
             max_sessions: 1_000,
             timeout_secs: 300,
             hostname: "corvid-proxy".into(),
+            postuser: String::new(),
         }
     }
 }

@@ -141,6 +141,48 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             implicit,
         ));
     }
+    let lmtp = Arc::new(crate::lmtp::Shared {
+        router: shared.router.clone(),
+        namespace: config.namespace(),
+        backend: shared.backend.clone(),
+        hostname: config.lmtp.hostname.clone(),
+        max_message_bytes: config.lmtp.max_message_bytes,
+        spool_memory_bytes: config.lmtp.spool_memory_bytes,
+        spool_dir: config.lmtp.spool_dir.clone(),
+        max_recipients: config.lmtp.max_recipients,
+        timeout: Duration::from_secs(config.lmtp.timeout_secs),
+        postuser: config.lmtp.postuser.clone(),
+        next_id: AtomicU64::new(1),
+    });
+    let lmtp_slots = Arc::new(Semaphore::new(config.lmtp.max_sessions));
+    if !config.lmtp.listen.is_empty() {
+        let listener = TcpListener::bind(&config.lmtp.listen)
+            .await
+            .with_context(|| format!("binding LMTP listener {}", config.lmtp.listen))?;
+        running.lmtp_addr = Some(listener.local_addr()?);
+        tokio::spawn(crate::lmtp::serve_tcp(
+            listener,
+            lmtp.clone(),
+            lmtp_slots.clone(),
+        ));
+    }
+    if let Some(path) = &config.lmtp.unix_socket {
+        // A socket file left by a previous run would make bind fail.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_socket()
+        }) {
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
+        }
+        let listener = tokio::net::UnixListener::bind(path)
+            .with_context(|| format!("binding LMTP socket {}", path.display()))?;
+        tokio::spawn(crate::lmtp::serve_unix(
+            listener,
+            lmtp.clone(),
+            lmtp_slots.clone(),
+        ));
+    }
     let pop3 = Arc::new(crate::pop3::Shared {
         router: shared.router.clone(),
         namespace: config.namespace(),

@@ -647,9 +647,28 @@ _cyrus_name_files() {
     done
   } >"$dir/hosts"
   {
-    awk '{ for (i = 1; i <= NF && $i !~ /^#/; i++) if (i != 2 && $i == "imap") next; print }' /etc/services
+    awk '{ for (i = 1; i <= NF && $i !~ /^#/; i++) if (i != 2 && ($i == "imap" || $i == "lmtp")) next; print }' /etc/services
     echo "imap $port/tcp"
+    if [[ -n ${CYRUS_LMTP_PORT:-} ]]; then
+      echo "lmtp $CYRUS_LMTP_PORT/tcp"
+    fi
   } >"$dir/services"
+}
+
+# _cyrus_lmtp_service HOST DIR PORT: a cyrus.conf service line for lmtpd
+# on HOST:PORT, or on the UNIX socket HOST when it is a path (nothing when
+# both PORT and the path are empty). Over TCP Cyrus's lmtpd wants SASL
+# authentication; on a socket it does not.
+_cyrus_lmtp_service() {
+  local listen
+  if [[ $1 == /* ]]; then
+    listen=$1
+  elif [[ -n $3 ]]; then
+    listen=$1:$3
+  else
+    return 0
+  fi
+  printf '\n  lmtp cmd="%s" listen="%s" prefork=0 maxchild=20' "$CYRUS_BIN/lmtpd -C $2/imapd.conf" "$listen"
 }
 
 ## cyrus_murder_backend DIR NAME IP IMAP_PORT MUPDATE_HOSTPORT USER PASS
@@ -687,7 +706,7 @@ EOC
   _cyrus_user "$dir" "$name" "$user" "$pass"
   _cyrus_name_files "$dir" "$imap_port" "$@"
   _cyrus_start "$dir" \
-    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"$ip:$imap_port\" prefork=0 maxchild=20" \
+    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"$ip:$imap_port\" prefork=0 maxchild=20$(_cyrus_lmtp_service "$ip" "$dir" "${CYRUS_LMTP_PORT:-}")" \
     "$ip:$imap_port" \
     unshare --mount --propagation private -- \
     sh -c 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/services && shift 2 && exec "$@"' \
@@ -763,6 +782,10 @@ EOC
       echo "${b%%=*} = \"${b#*=}\""
     done
     cat <<EOC
+[lmtp]
+listen = "127.0.0.1:0"
+unix_socket = "$dir/lmtp.sock"
+backend_port = ${CYRUS_LMTP_PORT:-24}
 [create]
 servers = [$servers]
 select_mode = "random"
@@ -784,7 +807,9 @@ EOC
   fi
   CORVID_PROXY_IMAP=$(_ready_field "$line" imap)
   CORVID_PROXY_METRICS=$(_ready_field "$line" metrics)
-  export CORVID_PROXY_IMAP CORVID_PROXY_METRICS
+  CORVID_PROXY_LMTP=$(_ready_field "$line" lmtp)
+  CORVID_PROXY_LMTP_SOCKET=$dir/lmtp.sock
+  export CORVID_PROXY_IMAP CORVID_PROXY_METRICS CORVID_PROXY_LMTP CORVID_PROXY_LMTP_SOCKET
 }
 
 # _ready_field LINE KEY: the value of KEY=VALUE in a ready line.
@@ -819,7 +844,9 @@ EOC
   _cyrus_name_files "$dir" "$backend_port" "$@"
   _cyrus_start "$dir" \
     "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"127.0.0.1:$imap_port\" prefork=0 maxchild=20
-  mupdate cmd=\"$CYRUS_BIN/mupdate -C $dir/imapd.conf\" listen=\"127.0.0.1:$slave_port\" prefork=1 maxchild=1" \
+  mupdate cmd=\"$CYRUS_BIN/mupdate -C $dir/imapd.conf\" listen=\"127.0.0.1:$slave_port\" prefork=1 maxchild=1$(
+      [[ -z ${CYRUS_FRONTEND_LMTP_SOCKET:-} ]] || _cyrus_lmtp_service "$CYRUS_FRONTEND_LMTP_SOCKET" "$dir" ""
+    )" \
     "$imap_port" \
     unshare --mount --propagation private -- \
     sh -c 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/services && shift 2 && exec "$@"' \

@@ -40,7 +40,7 @@ else
   interop_init proxy
   D=.
 fi
-require_bin unshare mount curl mbsync cyradm saslauthd testsaslauthd sha256sum
+require_bin unshare mount curl mbsync cyradm saslauthd testsaslauthd sha256sum swaks
 T0=$SECONDS
 ADMIN=admin
 PASS=interop-secret
@@ -72,6 +72,10 @@ CORVID_PGID=$SPAWNED_PID
 MUPDATE=127.0.0.1:$CORVID_MUPDATE_PORT
 
 IMAP_PORT=$(free_port)
+# Every backend's lmtpd listens on this port at its own address (LMTP
+# phases), as imapd does on IMAP_PORT.
+CYRUS_LMTP_PORT=$(free_port)
+export CYRUS_LMTP_PORT
 BE1=$WORK/be1
 BE2=$WORK/be2
 PEERS=("be1=$BE1_IP" "be2=$BE2_IP")
@@ -166,6 +170,10 @@ done
 FE=$WORK/fe
 FE_PORT=$(free_port)
 FE_SLAVE_PORT=$(free_port)
+# The frontend's lmtpd listens on a UNIX socket (over TCP it would want the
+# MTA to authenticate).
+CYRUS_FRONTEND_LMTP_SOCKET=$WORK/fe-lmtp.sock
+export CYRUS_FRONTEND_LMTP_SOCKET
 phase "Cyrus frontend on 127.0.0.1:$FE_PORT"
 # serverlist: where top-level CREATEs go. proxyd_disable_mailbox_referrals:
 # without it the frontend answers cyradm's (an RLIST client's) CREATE with
@@ -550,6 +558,54 @@ if [[ ${#TARGETS[@]} -gt 1 ]]; then
   CORVID_PROXY_IMAP=$main_proxy
 fi
 
+# ================================================================ 8. LMTP
+# lmtp_send LABEL TARGET SUBJECT SIZE_KB RCPT...: one LMTP transaction; its
+# RESULT/CLASSES lines, indented, and the CLASSES in $LMTP_CLASSES.
+lmtp_send() {
+  local label=$1 out
+  shift
+  out=$(timeout 180 python3 "$HERE/lmtp_scenarios.py" send "$@" 2>&1 || true)
+  printf '%s\n' "$out" | sed "s/^/    lmtp($label): /"
+  LMTP_CLASSES=$(sed -n 's/^CLASSES //p' <<<"$out")
+}
+
+# count_on BACKEND_IP USER PASS SUBJECT: messages in USER's INBOX with SUBJECT.
+count_on() {
+  timeout 30 python3 "$HERE/imap_scenarios.py" count "$1:$IMAP_PORT" "$2" "$3" INBOX "$4" 2>&1 || true
+}
+
+if [[ $UNIXSEP != 1 ]]; then
+  D_A=alice@example.org
+  D_B=bob@example.org
+  D_X=nosuch@example.org
+  for t in "cyrus=unix:$CYRUS_FRONTEND_LMTP_SOCKET" ${CORVID_PROXY_LMTP:+"corvid=$CORVID_PROXY_LMTP"}; do
+    label=${t%%=*}
+    phase "8. LMTP ($label)"
+    # Two backends and an unknown user in one transaction: per-recipient
+    # answers, the same classes from both frontends.
+    lmtp_send "$label" "${t#*=}" "lmtp-mixed-$label" 4 "$D_A" "$D_B" "$D_X"
+    assert_eq "8 $label: alice (be1), bob (be2), nosuch: per-recipient classes" "2 2 5" "$LMTP_CLASSES"
+    assert_eq "8 $label: the message is in alice's INBOX on be1 (checked on be1)" 1 \
+      "$(count_on "$BE1_IP" alice "$ALICE_PASS" "lmtp-mixed-$label")"
+    assert_eq "8 $label: the message is in bob's INBOX on be2 (checked on be2)" 1 \
+      "$(count_on "$BE2_IP" bob "$BOB_PASS" "lmtp-mixed-$label")"
+  done
+  if [[ -n ${CORVID_PROXY_LMTP:-} ]]; then
+    # A real client: swaks, two recipients on two backends, over TCP.
+    out=$(timeout 60 swaks --silent 1 --protocol LMTP --server "${CORVID_PROXY_LMTP%:*}" \
+      --port "${CORVID_PROXY_LMTP##*:}" --from interop@example.org --to "$D_A,$D_B" \
+      --header "Subject: lmtp-swaks" 2>&1)
+    rc=$?
+    assert_eq "8 corvid: swaks delivers to alice and bob over LMTP (exit status)" 0 "$rc"
+    assert_eq "8 corvid: swaks's message reached alice on be1" 1 "$(count_on "$BE1_IP" alice "$ALICE_PASS" lmtp-swaks)"
+    assert_eq "8 corvid: swaks's message reached bob on be2" 1 "$(count_on "$BE2_IP" bob "$BOB_PASS" lmtp-swaks)"
+    # 20 MB through the UNIX socket (Postfix's lmtp:unix:), spooled to a file.
+    lmtp_send corvid "unix:$CORVID_PROXY_LMTP_SOCKET" lmtp-big 20480 "$D_A"
+    assert_eq "8 corvid: a 20 MB message over the UNIX socket is accepted" 2 "$LMTP_CLASSES"
+    assert_eq "8 corvid: ... and is in alice's INBOX on be1" 1 "$(count_on "$BE1_IP" alice "$ALICE_PASS" lmtp-big)"
+  fi
+fi
+
 # ================================================================ 7. outages (corvid-proxy only)
 # The registry stops (every master of this one-node cluster): the proxy's
 # replica keeps answering; then be2 stops: only the session that had a be2
@@ -560,9 +616,14 @@ if [[ ${#TARGETS[@]} -gt 1 ]]; then
   wait_for "the registry is down" sh -c "! kill -0 $CORVID_PGID 2>/dev/null" || true
   out=$(timeout 120 python3 "$HERE/imap_scenarios.py" mastersdown "$CORVID_PROXY_IMAP" alice "$ALICE_PASS" 2>&1 || true)
   checks corvid 7 "$out"
+  lmtp_send corvid "$CORVID_PROXY_LMTP" lmtp-outage 4 alice@example.org bob@example.org
+  assert_eq "7 corvid: with every master stopped, LMTP delivers to users on both backends" "2 2" "$LMTP_CLASSES"
+  assert_eq "7 corvid: ... the message is in bob's INBOX on be2" 1 "$(count_on "$BE2_IP" bob "$BOB_PASS" lmtp-outage)"
   out=$(timeout 120 python3 "$HERE/imap_scenarios.py" backendloss "$CORVID_PROXY_IMAP" alice "$ALICE_PASS" \
     INBOX INBOX.Archive -- kill -KILL -- "-$BE2_PGID" 2>&1 || true)
   checks corvid 7 "$out"
+  lmtp_send corvid "$CORVID_PROXY_LMTP" lmtp-be2-down 4 alice@example.org bob@example.org
+  assert_eq "7 corvid: with be2 stopped, alice (be1) gets 2xx and bob (be2) 4xx" "2 4" "$LMTP_CLASSES"
 fi
 
 phase "done"

@@ -1,0 +1,260 @@
+//! One LMTP transaction with one backend: the proxy logs in with its own
+//! authentication id and an **empty** authorization id (as Cyrus frontends
+//! do; backends list the proxy in `lmtp_admins`), sends MAIL, the RCPTs
+//! and the spooled message, and maps each recipient's answer.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::backend::BackendSettings;
+use crate::lmtp::codec::{reply_class, reply_continues};
+use crate::lmtp::spool::SpoolReader;
+use crate::routing::BackendAddr;
+
+/// Longest reply line read from a backend.
+const MAX_REPLY_LINE: usize = 4096;
+
+/// The envelope of a transaction.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Reverse path (empty: `<>`).
+    pub from: String,
+    /// `AUTH=` parameter as the MTA gave it.
+    pub auth: Option<String>,
+    /// `BODY=` parameter.
+    pub body: Option<String>,
+    /// Size of the message as spooled.
+    pub size: u64,
+}
+
+/// One recipient sent to this backend.
+#[derive(Debug, Clone)]
+pub struct BackendRecipient {
+    /// The address as the MTA gave it.
+    pub address: String,
+    /// Cyrus's `IGNOREQUOTA`.
+    pub ignore_quota: bool,
+}
+
+/// Delivers to every recipient of `rcpts` on backend `server`; returns one
+/// reply line per recipient, in order (never acknowledging what the
+/// backend did not accept).
+pub async fn deliver(
+    server: &str,
+    addr: &BackendAddr,
+    settings: &BackendSettings,
+    envelope: &Envelope,
+    rcpts: &[BackendRecipient],
+    message: &SpoolReader,
+    timeout: Duration,
+) -> Vec<String> {
+    let started = Instant::now();
+    let result = tokio::time::timeout(timeout, async {
+        let tcp = TcpStream::connect(addr.host_port()).await?;
+        let _ = tcp.set_nodelay(true);
+        transaction(
+            BufReader::new(tcp),
+            addr,
+            settings,
+            envelope,
+            rcpts,
+            message,
+        )
+        .await
+    })
+    .await;
+    metrics::histogram!("corvid_proxy_lmtp_backend_seconds", "server" => server.to_string())
+        .record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(Ok(replies)) => replies,
+        Ok(Err(e)) => {
+            tracing::warn!(server, error = %e, "LMTP delivery to backend failed");
+            metrics::counter!("corvid_proxy_backend_errors_total", "server" => server.to_string(), "kind" => "lmtp")
+                .increment(1);
+            unavailable(server, rcpts.len())
+        }
+        Err(_) => {
+            tracing::warn!(server, "LMTP delivery to backend timed out");
+            metrics::counter!("corvid_proxy_backend_errors_total", "server" => server.to_string(), "kind" => "lmtp")
+                .increment(1);
+            unavailable(server, rcpts.len())
+        }
+    }
+}
+
+fn unavailable(server: &str, n: usize) -> Vec<String> {
+    vec![format!("451 4.4.1 Mailbox server {server} is unavailable; try again later"); n]
+}
+
+/// Why a transaction could not go on.
+#[derive(Debug, thiserror::Error)]
+enum LmtpError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("backend answered {0:?}")]
+    Refused(String),
+    #[error("backend closed the connection")]
+    Closed,
+}
+
+async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: BufReader<S>,
+    addr: &BackendAddr,
+    settings: &BackendSettings,
+    envelope: &Envelope,
+    rcpts: &[BackendRecipient],
+    message: &SpoolReader,
+) -> Result<Vec<String>, LmtpError> {
+    expect_class(&read_reply(&mut conn).await?, 2)?;
+    send(&mut conn, b"LHLO corvid-proxy\r\n").await?;
+    let caps = read_reply(&mut conn).await?;
+    expect_class(&caps, 2)?;
+    if addr.tls {
+        // STARTTLS towards an LMTP backend is left to a later version;
+        // refusing is better than sending mail in the clear unasked.
+        return Err(LmtpError::Refused(
+            "/tls is not supported for LMTP backends".into(),
+        ));
+    }
+    let caps_text = caps.join("\n").to_ascii_uppercase();
+    if caps_text.contains("AUTH") && caps_text.contains("PLAIN") {
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(format!("\0{}\0{}", settings.authname, settings.password));
+        send(&mut conn, format!("AUTH PLAIN {token}\r\n").as_bytes()).await?;
+        expect_class(&read_reply(&mut conn).await?, 2)?;
+    }
+    // MAIL and every RCPT in one write (both sides speak PIPELINING).
+    let mut out = format!("MAIL FROM:<{}>", envelope.from);
+    if let Some(a) = &envelope.auth {
+        out.push_str(&format!(" AUTH={a}"));
+    }
+    if let Some(b) = &envelope.body {
+        out.push_str(&format!(" BODY={b}"));
+    }
+    out.push_str("\r\n");
+    for r in rcpts {
+        out.push_str(&format!("RCPT TO:<{}>", r.address));
+        if r.ignore_quota {
+            out.push_str(" IGNOREQUOTA");
+        }
+        out.push_str("\r\n");
+    }
+    send(&mut conn, out.as_bytes()).await?;
+    let mail = read_reply(&mut conn).await?;
+    let mail_ok = reply_class(mail.last().map_or(&b""[..], |l| l.as_bytes())) == Some(2);
+    let mut replies: Vec<Option<String>> = Vec::with_capacity(rcpts.len());
+    for _ in rcpts {
+        let r = read_reply(&mut conn).await?;
+        let line = r.last().cloned().unwrap_or_default();
+        if !mail_ok {
+            replies.push(Some(map_failure(mail.last().cloned().unwrap_or_default())));
+        } else if reply_class(line.as_bytes()) == Some(2) {
+            replies.push(None);
+        } else {
+            replies.push(Some(map_failure(line)));
+        }
+    }
+    let accepted = replies.iter().filter(|r| r.is_none()).count();
+    if accepted == 0 {
+        let _ = send(&mut conn, b"QUIT\r\n").await;
+        return Ok(replies.into_iter().map(Option::unwrap_or_default).collect());
+    }
+    send(&mut conn, b"DATA\r\n").await?;
+    expect_class(&read_reply(&mut conn).await?, 3)?;
+    message.copy_to(conn.get_mut()).await?;
+    conn.get_mut().flush().await?;
+    metrics::counter!("corvid_proxy_bytes_relayed_total", "direction" => "to_backend")
+        .increment(envelope.size);
+    // One reply per accepted recipient, in order (RFC 2033).
+    for slot in replies.iter_mut().filter(|r| r.is_none()) {
+        let r = read_reply(&mut conn).await?;
+        let line = r.last().cloned().unwrap_or_default();
+        *slot = Some(if reply_class(line.as_bytes()) == Some(2) {
+            line
+        } else {
+            map_failure(line)
+        });
+    }
+    let _ = send(&mut conn, b"QUIT\r\n").await;
+    Ok(replies.into_iter().map(Option::unwrap_or_default).collect())
+}
+
+/// A backend's refusal as the MTA should see it. "Mailbox does not exist"
+/// becomes temporary: the proxy's list may be stale (the mailbox may have
+/// just moved), so the MTA tries again.
+fn map_failure(line: String) -> String {
+    let lower = line.to_ascii_lowercase();
+    if line.starts_with("550")
+        && (lower.contains("5.1.1")
+            || lower.contains("does not exist")
+            || lower.contains("unknown"))
+    {
+        return "451 4.2.0 Mailbox is not on the server the registry names (it may be moving); try again later".into();
+    }
+    if reply_class(line.as_bytes()).is_none() {
+        return "451 4.3.0 Unexpected answer from the mailbox server".into();
+    }
+    line
+}
+
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut BufReader<S>,
+    bytes: &[u8],
+) -> Result<(), LmtpError> {
+    conn.get_mut().write_all(bytes).await?;
+    conn.get_mut().flush().await?;
+    Ok(())
+}
+
+/// One (possibly multi-line) reply, lines without CRLF.
+async fn read_reply<S: AsyncRead + Unpin>(
+    conn: &mut BufReader<S>,
+) -> Result<Vec<String>, LmtpError> {
+    let mut lines = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        let n = AsyncReadExt::take(&mut *conn, MAX_REPLY_LINE as u64)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Err(LmtpError::Closed);
+        }
+        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        let more = reply_continues(text.as_bytes());
+        lines.push(text);
+        if !more || lines.len() > 100 {
+            return Ok(lines);
+        }
+    }
+}
+
+fn expect_class(reply: &[String], class: u8) -> Result<(), LmtpError> {
+    let last = reply.last().map(String::as_str).unwrap_or("");
+    if reply_class(last.as_bytes()) == Some(class) {
+        Ok(())
+    } else {
+        Err(LmtpError::Refused(last.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_mailboxes_become_temporary() {
+        assert!(map_failure("550 5.1.1 User unknown".into()).starts_with("451 4.2.0"));
+        assert!(map_failure(
+            "550-Mailbox unknown.  Either there is no mailbox associated with this".into()
+        )
+        .starts_with("451"));
+        assert_eq!(
+            map_failure("552 5.2.2 Over quota".into()),
+            "552 5.2.2 Over quota"
+        );
+        assert!(map_failure("garbage".into()).starts_with("451 4.3.0"));
+    }
+}
