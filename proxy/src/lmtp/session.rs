@@ -57,6 +57,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut rbuf = BytesMut::with_capacity(8 * 1024);
     let mut out = Vec::with_capacity(1024);
     let mut lhlo = false;
+    let mut discarding = false;
     let mut txn = Transaction::default();
     let mut spool = Spool::new(shared.spool_memory_bytes, shared.spool_dir.clone());
     out.extend_from_slice(
@@ -67,12 +68,28 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         // Answers to pipelined commands go out together, once the input
         // that is already here is used up.
-        let line = match take_line(&mut rbuf) {
+        let next = if discarding {
+            // The rest of an over-long line: dropped up to its end.
+            match rbuf.iter().position(|b| *b == b'\n') {
+                Some(i) => {
+                    rbuf.advance(i + 1);
+                    discarding = false;
+                    continue;
+                }
+                None => {
+                    rbuf.clear();
+                    None
+                }
+            }
+        } else {
+            take_line(&mut rbuf)
+        };
+        let line = match next {
             Some(Ok(line)) => line,
             Some(Err(())) => {
-                out.extend_from_slice(b"500 5.5.2 Line too long\r\n");
-                stream.write_all(&out).await?;
-                return Ok(());
+                reply(&mut out, "500 5.5.2 Line too long");
+                discarding = true;
+                continue;
             }
             None => {
                 if !out.is_empty() {
