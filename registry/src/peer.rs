@@ -72,6 +72,23 @@ pub enum PeerRequest {
     },
 }
 
+impl PeerRequest {
+    /// Whether sending the request twice does what sending it once does:
+    /// writes carry their client tag (the state machine answers a repeat
+    /// from its session table), read indexes and status are reads. Raft
+    /// RPCs and membership changes are not pooled and never repeated.
+    pub fn safe_to_repeat(&self) -> bool {
+        matches!(
+            self,
+            PeerRequest::Write(_)
+                | PeerRequest::ClientWrite { .. }
+                | PeerRequest::ReadIndex
+                | PeerRequest::SyncIndex
+                | PeerRequest::Admin(AdminRequest::Status)
+        )
+    }
+}
+
 /// The answer to a [`PeerRequest`].
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerResponse {
@@ -297,19 +314,44 @@ impl PeerPool {
 
     /// Sends `request` to `addr` on an idle connection (or a new one) and
     /// keeps the connection for reuse when the call succeeds.
+    ///
+    /// An idle connection may have died with its peer (a node restarted at
+    /// the same address): the call then fails at once with an I/O error.
+    /// Such a call is retried once on a fresh connection, within the same
+    /// `timeout`, when the request is safe to repeat (it may have reached
+    /// the peer before the connection broke; see
+    /// [`PeerRequest::safe_to_repeat`]), and the other idle connections to
+    /// `addr`, as old, are dropped.
     pub async fn call(
         &self,
         addr: &str,
         request: &PeerRequest,
         timeout: Duration,
     ) -> Result<PeerResponse, PeerError> {
-        let client = self
+        let deadline = tokio::time::Instant::now() + timeout;
+        let pooled = self
             .idle
             .lock()
             .ok()
             .and_then(|mut m| m.get_mut(addr)?.pop());
-        let mut client = client.unwrap_or_else(|| PeerClient::with_tls(addr, self.tls.clone()));
-        let res = client.call(request, timeout).await;
+        let reused = pooled.is_some();
+        let mut client = pooled.unwrap_or_else(|| PeerClient::with_tls(addr, self.tls.clone()));
+        let mut res = client.call(request, timeout).await;
+        if reused && matches!(res, Err(PeerError::Io { .. })) && request.safe_to_repeat() {
+            metrics::counter!("corvid_peer_pool_stale_retries_total").increment(1);
+            if let Ok(mut m) = self.idle.lock() {
+                m.remove(addr);
+            }
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !remaining.is_zero() {
+                tracing::debug!(
+                    addr,
+                    "pooled peer connection failed; retrying on a fresh one"
+                );
+                client = PeerClient::with_tls(addr, self.tls.clone());
+                res = client.call(request, remaining).await;
+            }
+        }
         if res.is_ok() {
             if let Ok(mut m) = self.idle.lock() {
                 let v = m.entry(addr.to_owned()).or_default();

@@ -485,7 +485,8 @@ impl Registry {
                     return Err(RegistryError::Timeout(self.write_timeout))
                 }
                 // Not sent, or sent and the answer lost (a leader that died
-                // or restarted, a stale pooled connection): try again, on a
+                // or restarted; a pooled connection that died idle was
+                // already retried once by the pool): try again, on a
                 // new leader if one is elected, until the leader is no
                 // longer fresh ("no leader") or the deadline. Safe with the
                 // session table: a write that did land is not applied twice.
