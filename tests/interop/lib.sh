@@ -14,6 +14,8 @@
 #                    conf/log/<user>/; set 0 for benchmarks
 #   CYRUS_CLIENT_MECH  SASL mechanism Cyrus backends use towards the master
 #                    (default PLAIN; empty lets Cyrus pick)
+#   CYRUS_MUPDATE_RETRY_DELAY  seconds a Cyrus MUPDATE client waits before
+#                    reconnecting (mupdate_retry_delay; default Cyrus's)
 
 INTEROP_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CYRUS_BIN=${CYRUS_BIN:-/usr/lib/cyrus/bin}
@@ -340,6 +342,9 @@ mupdate_password: $pass
 EOF
   if [[ -n $CYRUS_CLIENT_MECH ]]; then
     echo "force_sasl_client_mech: $CYRUS_CLIENT_MECH" >>"$dir/imapd.conf"
+  fi
+  if [[ -n ${CYRUS_MUPDATE_RETRY_DELAY:-} ]]; then
+    echo "mupdate_retry_delay: $CYRUS_MUPDATE_RETRY_DELAY" >>"$dir/imapd.conf"
   fi
 }
 
