@@ -14,8 +14,6 @@
 #                    conf/log/<user>/; set 0 for benchmarks
 #   CYRUS_CLIENT_MECH  SASL mechanism Cyrus backends use towards the master
 #                    (default PLAIN; empty lets Cyrus pick)
-#   CYRUS_MUPDATE_RETRY_DELAY  seconds a Cyrus MUPDATE client waits before
-#                    reconnecting (mupdate_retry_delay; default Cyrus's)
 
 INTEROP_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CYRUS_BIN=${CYRUS_BIN:-/usr/lib/cyrus/bin}
@@ -332,7 +330,9 @@ EOF
 }
 
 # _cyrus_mupdate_client DIR MASTER_HOSTPORT USER PASS: how an instance
-# reaches and logs in to its MUPDATE master.
+# reaches and logs in to its MUPDATE master. With CYRUS_MUPDATE_RETRY_DELAY
+# set, it reconnects that many seconds after losing it (mupdate_retry_delay;
+# Cyrus's default otherwise).
 _cyrus_mupdate_client() {
   local dir=$1 master=$2 user=$3 pass=$4
   cat >>"$dir/imapd.conf" <<EOF
