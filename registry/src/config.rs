@@ -249,6 +249,11 @@ pub struct Args {
     /// [raft.unsafe_test_ack_before_fsync].
     #[arg(long)]
     pub unsafe_test_ack_before_fsync: bool,
+    /// TEST ONLY: pause this many milliseconds before each snapshot chunk
+    /// sent down a log stream, so tests can stop a master mid-transfer
+    /// [raft.unsafe_test_stream_frame_delay_ms].
+    #[arg(long)]
+    pub unsafe_test_stream_frame_delay_ms: Option<u64>,
     /// Let a master listen for peers on a non-loopback address without peer
     /// mutual TLS [raft.allow_insecure_peer].
     #[arg(long)]
@@ -328,6 +333,9 @@ impl Config {
         }
         if args.unsafe_test_ack_before_fsync {
             config.raft.unsafe_test_ack_before_fsync = true;
+        }
+        if let Some(v) = args.unsafe_test_stream_frame_delay_ms {
+            config.raft.unsafe_test_stream_frame_delay_ms = v;
         }
         if args.allow_insecure_peer {
             config.raft.allow_insecure_peer = true;

@@ -41,6 +41,10 @@ fn describe() {
         "Client sessions expired by the registry clock"
     );
     describe_counter!(
+        "corvid_peer_pool_stale_retries_total",
+        "Peer requests retried on a fresh connection after a pooled one failed"
+    );
+    describe_counter!(
         "corvid_raft_forward_retries_total",
         "Forwarded writes retried after an I/O error"
     );

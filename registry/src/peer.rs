@@ -72,6 +72,23 @@ pub enum PeerRequest {
     },
 }
 
+impl PeerRequest {
+    /// Whether sending the request twice does what sending it once does:
+    /// writes carry their client tag (the state machine answers a repeat
+    /// from its session table), read indexes and status are reads. Raft
+    /// RPCs and membership changes are not pooled and never repeated.
+    pub fn safe_to_repeat(&self) -> bool {
+        matches!(
+            self,
+            PeerRequest::Write(_)
+                | PeerRequest::ClientWrite { .. }
+                | PeerRequest::ReadIndex
+                | PeerRequest::SyncIndex
+                | PeerRequest::Admin(AdminRequest::Status)
+        )
+    }
+}
+
 /// The answer to a [`PeerRequest`].
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerResponse {
@@ -227,11 +244,16 @@ pub fn decode_frame<T: DeserializeOwned>(
     let body = buf.split_to(len);
     // bincode allocates a string's or byte buffer's announced length before
     // reading it; unlimited, a 12-byte frame announcing an exabyte aborts the
-    // process. No honest frame claims more than its own length, so the limit
-    // is the smallest of a few sizes that holds the body.
+    // process. Its limit counts what decoding claims in memory, not wire
+    // bytes: a string claims its length, but every one-byte varint claims
+    // its integer's size (8 for a u64, 16 at most) and every enum tag 4, so
+    // honest frames claim several times their length. The limit is the
+    // smallest of a few sizes at least 16 times the body (past 64 MiB, the
+    // largest frame accepted: snapshots, whose bytes claim one each).
     match body.len() {
-        0..=4096 => decode_body::<T, 4096>(&body),
-        4097..=1_048_576 => decode_body::<T, 1_048_576>(&body),
+        0..=4096 => decode_body::<T, { 64 << 10 }>(&body),
+        4097..=65_536 => decode_body::<T, { 1 << 20 }>(&body),
+        65_537..=1_048_576 => decode_body::<T, { 16 << 20 }>(&body),
         _ => decode_body::<T, MAX_FRAME_BYTES>(&body),
     }
     .map(Some)
@@ -292,19 +314,44 @@ impl PeerPool {
 
     /// Sends `request` to `addr` on an idle connection (or a new one) and
     /// keeps the connection for reuse when the call succeeds.
+    ///
+    /// An idle connection may have died with its peer (a node restarted at
+    /// the same address): the call then fails at once with an I/O error.
+    /// Such a call is retried once on a fresh connection, within the same
+    /// `timeout`, when the request is safe to repeat (it may have reached
+    /// the peer before the connection broke; see
+    /// [`PeerRequest::safe_to_repeat`]), and the other idle connections to
+    /// `addr`, as old, are dropped.
     pub async fn call(
         &self,
         addr: &str,
         request: &PeerRequest,
         timeout: Duration,
     ) -> Result<PeerResponse, PeerError> {
-        let client = self
+        let deadline = tokio::time::Instant::now() + timeout;
+        let pooled = self
             .idle
             .lock()
             .ok()
             .and_then(|mut m| m.get_mut(addr)?.pop());
-        let mut client = client.unwrap_or_else(|| PeerClient::with_tls(addr, self.tls.clone()));
-        let res = client.call(request, timeout).await;
+        let reused = pooled.is_some();
+        let mut client = pooled.unwrap_or_else(|| PeerClient::with_tls(addr, self.tls.clone()));
+        let mut res = client.call(request, timeout).await;
+        if reused && matches!(res, Err(PeerError::Io { .. })) && request.safe_to_repeat() {
+            metrics::counter!("corvid_peer_pool_stale_retries_total").increment(1);
+            if let Ok(mut m) = self.idle.lock() {
+                m.remove(addr);
+            }
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !remaining.is_zero() {
+                tracing::debug!(
+                    addr,
+                    "pooled peer connection failed; retrying on a fresh one"
+                );
+                client = PeerClient::with_tls(addr, self.tls.clone());
+                res = client.call(request, remaining).await;
+            }
+        }
         if res.is_ok() {
             if let Ok(mut m) = self.idle.lock() {
                 let v = m.entry(addr.to_owned()).or_default();
@@ -566,6 +613,85 @@ mod tests {
         assert!(decode_frame::<PeerRequest>(&mut buf, 1024).is_err());
         let mut buf = BytesMut::from(&[0, 0, 0, 3, 0xFF, 0xFF, 0xFF][..]);
         assert!(decode_frame::<PeerRequest>(&mut buf, 1024).is_err());
+    }
+
+    /// bincode's limit counts what decoding claims in memory (eight bytes
+    /// for every varint, four for every enum tag), not wire bytes: honest
+    /// frames claim several times their length. A replica that missed 50
+    /// ordinary writes, or followed a log of 1,000-mailbox batches, was
+    /// refused its stream frames ("LimitExceeded") on every reconnect.
+    #[test]
+    fn honest_stream_frames_decode_whatever_their_size() {
+        use crate::store::{LogRecord, StateItem};
+        use crate::stream::StreamFrame;
+        use openraft::alias::{LeaderIdOf, LogIdOf};
+        use openraft::vote::RaftLeaderIdExt;
+        let log_id = |index| {
+            let leader = <LeaderIdOf<TypeConfig> as RaftLeaderIdExt>::new_committed(3, 1);
+            LogIdOf::<TypeConfig>::new(leader, index)
+        };
+        let activate = |i: usize| RegistryCommand::Activate {
+            name: format!("user.b{i:05}"),
+            location: "be1!default".into(),
+            acl: "anyone\tlrs\t".into(),
+        };
+        let record = |index: u64, command| LogRecord {
+            log_id: log_id(index),
+            proposal: Some(Proposal {
+                client: Some(ClientTag::once()),
+                stamp_ms: 1_764_480_000_000,
+                command,
+            }),
+        };
+        let frames = [
+            // A few to a thousand ordinary writes (the smallest limit's range
+            // and the next).
+            (1..=50)
+                .map(|i| record(i, activate(i as usize)))
+                .collect::<Vec<_>>(),
+            (1..=1024)
+                .map(|i| record(i, activate(i as usize)))
+                .collect(),
+            // Batches of a thousand mailboxes.
+            (1..=21)
+                .map(|i| record(i, RegistryCommand::Batch((0..1000).map(activate).collect())))
+                .collect(),
+        ];
+        for records in frames {
+            let n = records.len();
+            let mut out = Vec::new();
+            write_frame(
+                &mut out,
+                &StreamFrame::Records {
+                    records,
+                    master_applied: 1 << 40,
+                },
+            )
+            .unwrap();
+            let mut buf = BytesMut::from(&out[..]);
+            match decode_frame::<StreamFrame>(&mut buf, MAX_FRAME_BYTES) {
+                Ok(Some(StreamFrame::Records { records, .. })) => assert_eq!(records.len(), n),
+                other => panic!("{n} records in {} bytes: {other:?}", out.len()),
+            }
+        }
+        let chunk = (0..2048)
+            .map(|i| {
+                StateItem::Mailbox(crate::model::MailboxEntry {
+                    name: format!("user.b{i:05}"),
+                    location: "be1!default".into(),
+                    acl: "anyone\tlrs\t".into(),
+                    state: crate::model::MailboxState::Active,
+                    last_change: 1 << 30,
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        write_frame(&mut out, &StreamFrame::SnapshotChunk(chunk)).unwrap();
+        let mut buf = BytesMut::from(&out[..]);
+        assert!(matches!(
+            decode_frame::<StreamFrame>(&mut buf, MAX_FRAME_BYTES),
+            Ok(Some(StreamFrame::SnapshotChunk(c))) if c.len() == 2048
+        ));
     }
 
     /// Found by `fuzz/fuzz_targets/frames.rs`: a 12-byte `PeerResponse::Error`

@@ -100,6 +100,11 @@ pub struct RaftSettings {
     /// majority loses acknowledged writes. Only the Jepsen harness's
     /// power-loss fault can catch it.
     pub unsafe_test_ack_before_fsync: bool,
+    /// TEST ONLY: the log stream pauses this many milliseconds before each
+    /// snapshot chunk it sends to a replica (0, the default: no pause), so
+    /// that tests can stop a master deterministically in the middle of a
+    /// snapshot transfer. Slows every replica's snapshot on this node.
+    pub unsafe_test_stream_frame_delay_ms: u64,
     /// Most concurrent connections to the peer port; more are closed at
     /// once.
     pub max_peer_connections: usize,
@@ -151,6 +156,7 @@ impl Default for RaftSettings {
             unsafe_test_stale_reads: false,
             unsafe_test_leader_local_reads: false,
             unsafe_test_ack_before_fsync: false,
+            unsafe_test_stream_frame_delay_ms: 0,
             max_peer_connections: 128,
             allow_insecure_peer: false,
         }
@@ -219,6 +225,9 @@ pub struct Registry {
     removed: Arc<AtomicBool>,
     /// When the membership was last probed (see `probe_membership`).
     membership_probe: Arc<Mutex<Option<Instant>>>,
+    /// TEST ONLY: pause of the log stream before each snapshot chunk (see
+    /// [`RaftSettings::unsafe_test_stream_frame_delay_ms`]).
+    stream_frame_delay: Duration,
 }
 
 /// Readers waiting for a read index. One request is in flight at a time;
@@ -304,6 +313,7 @@ impl Registry {
             started_at: Instant::now(),
             removed: Arc::default(),
             membership_probe: Arc::default(),
+            stream_frame_delay: Duration::from_millis(settings.unsafe_test_stream_frame_delay_ms),
         };
         if settings.unsafe_test_stale_reads {
             tracing::error!(
@@ -318,6 +328,12 @@ impl Registry {
         if settings.unsafe_test_ack_before_fsync {
             tracing::error!(
                 "unsafe_test_ack_before_fsync is on: acknowledged writes are lost on power loss; never use this outside tests"
+            );
+        }
+        if settings.unsafe_test_stream_frame_delay_ms > 0 {
+            tracing::error!(
+                delay_ms = settings.unsafe_test_stream_frame_delay_ms,
+                "unsafe_test_stream_frame_delay_ms is on: snapshots sent to replicas are slowed on purpose; never use this outside tests"
             );
         }
         registry.spawn_recovery();
@@ -359,6 +375,12 @@ impl Registry {
     /// The local store (for scans and UPDATE subscriptions).
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// TEST ONLY: how long the log stream pauses before each snapshot chunk
+    /// (zero unless `unsafe_test_stream_frame_delay_ms` is set).
+    pub fn stream_frame_delay(&self) -> Duration {
+        self.stream_frame_delay
     }
 
     /// The Raft node.
@@ -463,7 +485,8 @@ impl Registry {
                     return Err(RegistryError::Timeout(self.write_timeout))
                 }
                 // Not sent, or sent and the answer lost (a leader that died
-                // or restarted, a stale pooled connection): try again, on a
+                // or restarted; a pooled connection that died idle was
+                // already retried once by the pool): try again, on a
                 // new leader if one is elected, until the leader is no
                 // longer fresh ("no leader") or the deadline. Safe with the
                 // session table: a write that did land is not applied twice.

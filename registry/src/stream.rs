@@ -114,7 +114,9 @@ async fn follow_loop<S: AsyncWrite + Unpin>(
                     )
                     .await?;
                 }
-                None => next = send_snapshot(socket, &store).await? + 1,
+                None => {
+                    next = send_snapshot(socket, &store, registry.stream_frame_delay()).await? + 1
+                }
             }
             continue;
         }
@@ -132,9 +134,12 @@ async fn follow_loop<S: AsyncWrite + Unpin>(
 }
 
 /// Sends the current state in chunks; returns the index it reflects.
+/// `chunk_delay` (TEST ONLY, normally zero) is a pause before each chunk, so
+/// that tests can fail a master in the middle of a transfer.
 async fn send_snapshot<S: AsyncWrite + Unpin>(
     socket: &mut S,
     store: &Store,
+    chunk_delay: Duration,
 ) -> std::io::Result<u64> {
     let started = std::time::Instant::now();
     // The scan runs on a blocking thread over one RocksDB point-in-time
@@ -156,7 +161,12 @@ async fn send_snapshot<S: AsyncWrite + Unpin>(
     while let Some(frame) = rx.recv().await {
         match &frame {
             StreamFrame::SnapshotBegin { log_id } => index = log_id.map_or(0, |l| l.index),
-            StreamFrame::SnapshotChunk(c) => sent += c.len() as u64,
+            StreamFrame::SnapshotChunk(c) => {
+                sent += c.len() as u64;
+                if !chunk_delay.is_zero() {
+                    tokio::time::sleep(chunk_delay).await;
+                }
+            }
             _ => {}
         }
         send(socket, &frame).await?;

@@ -339,7 +339,9 @@ EOF
 }
 
 # _cyrus_mupdate_client DIR MASTER_HOSTPORT USER PASS: how an instance
-# reaches and logs in to its MUPDATE master.
+# reaches and logs in to its MUPDATE master. With CYRUS_MUPDATE_RETRY_DELAY
+# set, it reconnects that many seconds after losing it (mupdate_retry_delay;
+# Cyrus's default otherwise).
 _cyrus_mupdate_client() {
   local dir=$1 master=$2 user=$3 pass=$4
   cat >>"$dir/imapd.conf" <<EOF
@@ -349,6 +351,9 @@ mupdate_password: $pass
 EOF
   if [[ -n $CYRUS_CLIENT_MECH ]]; then
     echo "force_sasl_client_mech: $CYRUS_CLIENT_MECH" >>"$dir/imapd.conf"
+  fi
+  if [[ -n ${CYRUS_MUPDATE_RETRY_DELAY:-} ]]; then
+    echo "mupdate_retry_delay: $CYRUS_MUPDATE_RETRY_DELAY" >>"$dir/imapd.conf"
   fi
 }
 

@@ -14,6 +14,10 @@ status=0
 out=$(mktemp /tmp/corvid-interop-run.XXXXXX)
 trap 'rm -f "$out"' EXIT
 
+# Corvid's replica under a master killed mid-snapshot (skips itself with
+# SERVER=cyrus).
+scripts+=(replica_snapshot.sh)
+
 for script in "${scripts[@]}"; do
   echo "======== $script (SERVER=${SERVER:-corvid})"
   rc=0

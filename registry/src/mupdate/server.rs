@@ -836,3 +836,186 @@ fn registry_command(command: Command) -> Option<RegistryCommand> {
         _ => return None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! Sessions driven by hand against a one-node registry in a temporary
+    //! directory, so that an UPDATE subscriber can be made to fall behind
+    //! (it reads no event while more changes than the broadcast holds are
+    //! committed) without depending on socket buffer sizes.
+
+    use super::*;
+    use crate::model::ClientTag;
+    use crate::mupdate::codec::{ResponseDecoder, ServerLine};
+    use crate::raft::{RaftSettings, Registry};
+    use std::path::Path;
+
+    /// More than the store's event broadcast holds.
+    const LAG: usize = 4200;
+
+    async fn registry(dir: &Path, tweak: impl FnOnce(&mut RaftSettings)) -> Registry {
+        let mut settings = RaftSettings {
+            // Thousands of writes in a unit test: durability is not tested.
+            unsafe_test_ack_before_fsync: true,
+            ..RaftSettings::default()
+        };
+        tweak(&mut settings);
+        let r = Registry::start(dir, &settings, "127.0.0.1:1")
+            .await
+            .unwrap();
+        r.raft()
+            .wait(Some(Duration::from_secs(10)))
+            .state(openraft::ServerState::Leader, "one-node leader")
+            .await
+            .unwrap();
+        r
+    }
+
+    async fn activate(r: &Registry, name: &str, location: &str) {
+        let out = r
+            .write_as(
+                ClientTag::once(),
+                RegistryCommand::Activate {
+                    name: name.into(),
+                    location: location.into(),
+                    acl: "anyone\tlrs\t".into(),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(matches!(out, Outcome::Done), "{out:?}");
+    }
+
+    /// A session on a real loopback socket; the other end is returned.
+    async fn session(r: &Registry, dir: &Path) -> (Session, tokio::net::TcpStream) {
+        let ctx = Arc::new(ServerContext::new(
+            Directory::Master(r.clone()),
+            SaslServer::new(Arc::new(crate::auth::CredentialStore::new(
+                dir.join("users.toml"),
+            ))),
+            None,
+            ServerSettings::default(),
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
+        let slot = LoginSlot::new(Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap());
+        (
+            Session::new(ctx, MaybeTls::Plain(server), peer, slot),
+            client,
+        )
+    }
+
+    fn lines(bytes: &[u8]) -> Vec<ServerLine> {
+        let mut decoder = ResponseDecoder::new(Limits::default());
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while let Some(line) = decoder.decode(&mut buf).unwrap() {
+            out.push(line);
+        }
+        assert!(buf.is_empty(), "a partial line: {buf:?}");
+        out
+    }
+
+    /// Issue 9, section 6: catch-up tells a partial subscriber (`UPDATE
+    /// be1`) that a mailbox moved away from its servers while it was
+    /// behind, with a DELETE; a stream of changes would have said nothing
+    /// it could act on (the move's new location is not its business).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn catch_up_deletes_what_moved_away_from_a_partial_subscriber() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry(dir.path(), |_| {}).await;
+        activate(&r, "user.moved", "be1!default").await;
+        activate(&r, "user.stays", "be1!default").await;
+        let (mut s, _client) = session(&r, dir.path()).await;
+        s.start_update("U1", vec!["be1".into()]).await.unwrap();
+        let dump = lines(&std::mem::take(&mut s.output));
+        assert_eq!(dump.len(), 3, "two MAILBOX lines and the OK: {dump:?}");
+
+        // While the subscriber reads nothing: the move, a new mailbox on
+        // its server, and enough other changes to overflow the broadcast.
+        activate(&r, "user.moved", "be2!default").await;
+        activate(&r, "user.new", "be1!default").await;
+        for _ in 0..LAG {
+            activate(&r, "user.fill", "be1!default").await;
+        }
+        s.drain_stream().await.unwrap();
+        let pushed = lines(&s.output);
+        assert!(
+            pushed.contains(&ServerLine::Delete {
+                tag: "U1".into(),
+                name: "user.moved".into()
+            }),
+            "a DELETE for the mailbox that left be1: {pushed:?}"
+        );
+        assert!(
+            pushed.iter().any(|l| matches!(l,
+                ServerLine::Mailbox { name, location, .. }
+                    if name == "user.new" && location == "be1!default")),
+            "{pushed:?}"
+        );
+        assert!(
+            !pushed.iter().any(|l| matches!(l,
+                ServerLine::Mailbox { name, .. } | ServerLine::Reserve { name, .. }
+                    if name == "user.moved")),
+            "the new location is not sent to a be1 subscriber: {pushed:?}"
+        );
+        // Caught up in one pass: the current entries, not the 4,200 changes.
+        assert!(pushed.len() < 10, "{} lines", pushed.len());
+        r.shutdown().await;
+    }
+
+    /// Issue 9, section 6: a subscriber that fell behind past the kept log
+    /// cannot be caught up and is dropped; the BYE that tells it to
+    /// resynchronise reaches it before the connection closes (written by
+    /// `catch_up`, flushed by `Session::run` on the way out).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscriber_dropped_in_catch_up_reads_bye_before_eof() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry(dir.path(), |s| {
+            s.snapshot_after_entries = 50;
+            s.keep_log_entries = 5;
+        })
+        .await;
+        activate(&r, "user.a", "be1!default").await;
+        let (mut s, mut client) = session(&r, dir.path()).await;
+        s.start_update("U1", vec![]).await.unwrap();
+        s.output.clear();
+        let from = s.streaming.as_ref().unwrap().sent_up_to + 1;
+        for _ in 0..LAG {
+            activate(&r, "user.fill", "be1!default").await;
+        }
+        // The log behind the subscriber is compacted away by now (a snapshot
+        // every 50 entries, 5 kept): wait until it really is.
+        let applied = *r.store().watch_applied().borrow();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while r
+            .store()
+            .committed_records(from, applied, 1)
+            .unwrap()
+            .is_some()
+        {
+            assert!(Instant::now() < deadline, "the log was never compacted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(20), s.run())
+            .await
+            .expect("the session gives up the stream at once");
+        assert!(ended.is_err(), "the stream ended: {ended:?}");
+        drop(s);
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+            .await
+            .expect("EOF")
+            .unwrap();
+        let got = lines(&got);
+        assert!(
+            matches!(got.last(), Some(ServerLine::Bye(_))),
+            "the last thing before EOF is a BYE: {got:?}"
+        );
+        r.shutdown().await;
+    }
+}

@@ -282,24 +282,29 @@ impl TestCluster {
     }
 
     pub fn restart(&mut self, id: u64) {
+        self.restart_with(id, &[]);
+    }
+
+    /// Restarts node `id` on its data and ports with `extra` flags added
+    /// (e.g. a test-only switch for this run of the process only).
+    pub fn restart_with(&mut self, id: u64, extra: &[&str]) {
         let s = self.spec(id);
         let id_s = s.id.to_string();
-        let d = Daemon::start(
-            &s.data,
-            &[
-                "--config",
-                self.config.to_str().unwrap(),
-                "--users-file",
-                self.users.to_str().unwrap(),
-                "--node-id",
-                &id_s,
-                "--no-bootstrap",
-                "--listen",
-                &s.mupdate,
-                "--peer-listen",
-                &s.peer,
-            ],
-        );
+        let mut args = vec![
+            "--config",
+            self.config.to_str().unwrap(),
+            "--users-file",
+            self.users.to_str().unwrap(),
+            "--node-id",
+            &id_s,
+            "--no-bootstrap",
+            "--listen",
+            &s.mupdate,
+            "--peer-listen",
+            &s.peer,
+        ];
+        args.extend_from_slice(extra);
+        let d = Daemon::start(&s.data, &args);
         self.nodes[(id - 1) as usize] = Some(d);
     }
 
