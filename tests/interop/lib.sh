@@ -611,14 +611,14 @@ start_corvid_cluster() {
   mkdir -p "$dir"
   "$CORVID_BIN_DIR/corvidctl" user add --users-file "$dir/users.toml" --admin \
     --password-stdin "$admin" <<<"$pass" >"$dir/corvidctl.log" 2>&1 || die "corvidctl user add failed"
+  CORVID_CLUSTER_DIR=$dir
+  CORVID_CLUSTER_PGIDS=()
+  _CORVID_CLUSTER_PORTS=()
   for ((i = 1; i <= n; i++)); do
     mport=$(free_port)
     pport=$(free_port)
-    spawn "$dir/node$i.log" "$CORVID_BIN_DIR/corvid-registry" --data-dir "$dir/node$i" \
-      --node-id "$i" --no-bootstrap --listen "127.0.0.1:$mport" --peer-listen "127.0.0.1:$pport" \
-      --metrics-listen 127.0.0.1:0 --server-name "corvid-node$i" --users-file "$dir/users.toml"
-    wait_for "node $i ready line" _corvid_ready "$dir/node$i.log" "$SPAWNED_PID" || true
-    grep -q '^corvid-registry ready' "$dir/node$i.log" || die "cluster node $i did not start"
+    _CORVID_CLUSTER_PORTS+=("$mport $pport")
+    _corvid_cluster_node "$i" "$dir/node$i.log"
     members+=("$i=127.0.0.1:$pport")
     mupdates+=("127.0.0.1:$mport")
   done
@@ -629,6 +629,43 @@ start_corvid_cluster() {
   wait_for "cluster leader" _corvid_cluster_has_leader "$CORVID_CLUSTER_PEER" || die "no leader elected"
   CORVID_CLUSTER_MUPDATE="${mupdates[*]}"
   export CORVID_CLUSTER_MUPDATE CORVID_CLUSTER_PEER CORVID_CLUSTER_PEERS
+}
+
+# _corvid_cluster_node I LOG: start node I of the cluster (its ports and
+# data directory from start_corvid_cluster) and wait for its ready line.
+_corvid_cluster_node() {
+  local i=$1 log=$2 mport pport
+  read -r mport pport <<<"${_CORVID_CLUSTER_PORTS[i - 1]}"
+  spawn "$log" "$CORVID_BIN_DIR/corvid-registry" --data-dir "$CORVID_CLUSTER_DIR/node$i" \
+    --node-id "$i" --no-bootstrap --listen "127.0.0.1:$mport" --peer-listen "127.0.0.1:$pport" \
+    --metrics-listen 127.0.0.1:0 --server-name "corvid-node$i" --users-file "$CORVID_CLUSTER_DIR/users.toml"
+  CORVID_CLUSTER_PGIDS[i - 1]=$SPAWNED_PID
+  wait_for "node $i ready line" _corvid_ready "$log" "$SPAWNED_PID" || true
+  grep -q '^corvid-registry ready' "$log" || die "cluster node $i did not start"
+}
+
+## corvid_cluster_stop: SIGKILL every node of the cluster and wait until
+## they are gone.
+corvid_cluster_stop() {
+  local pg
+  for pg in "${CORVID_CLUSTER_PGIDS[@]}"; do
+    kill -KILL -- "-$pg" 2>/dev/null || kill -KILL "$pg" 2>/dev/null || true
+  done
+  for pg in "${CORVID_CLUSTER_PGIDS[@]}"; do
+    wait_for "cluster process $pg gone" sh -c "! kill -0 $pg 2>/dev/null" || true
+  done
+}
+
+## corvid_cluster_restart: start every node again on its ports and data
+## (logs in DIR/nodeI.restartN.log) and wait for a leader.
+corvid_cluster_restart() {
+  local i
+  _CORVID_CLUSTER_RESTARTS=$((${_CORVID_CLUSTER_RESTARTS:-0} + 1))
+  for ((i = 1; i <= ${#_CORVID_CLUSTER_PORTS[@]}; i++)); do
+    _corvid_cluster_node "$i" "$CORVID_CLUSTER_DIR/node$i.restart$_CORVID_CLUSTER_RESTARTS.log"
+  done
+  wait_for "cluster leader after restart" _corvid_cluster_has_leader "$CORVID_CLUSTER_PEER" ||
+    die "no leader after the restart"
 }
 
 # _corvid_cluster_has_leader PEER: done when status shows a leader.
@@ -741,7 +778,8 @@ start_saslauthd() {
 ## start_corvid_proxy DIR PROXY_PASS LOGIN_CHECK CREATE_SERVERS NAME=HOST:PORT...:
 ## start corvid-proxy (${CORVID_PROXY_BIN:-$CORVID_BIN_DIR/corvid-proxy}) with
 ## DIR/proxy.toml: its embedded replica follows the Corvid node at
-## 127.0.0.1:$CORVID_PEER_PORT (start_corvid), it logs in to backends as
+## 127.0.0.1:$CORVID_PEER_PORT (start_corvid), or the comma-separated peer
+## addresses in $CORVID_PROXY_MASTERS, it logs in to backends as
 ## $CYRUS_PROXY_USER/PROXY_PASS, checks client passwords by LOGIN_CHECK
 ## (backend or saslauthd; the latter uses $SASLAUTHD_SOCKET), creates new
 ## top-level mailboxes on CREATE_SERVERS (space-separated names), and knows
@@ -768,7 +806,10 @@ start_corvid_proxy() {
 data_dir = "$dir/proxy-data"
 admins = ["${CORVID_PROXY_ADMIN:-admin}"]
 [replica]
-masters = ["127.0.0.1:$CORVID_PEER_PORT"]
+masters = [$(
+      m=${CORVID_PROXY_MASTERS:-127.0.0.1:$CORVID_PEER_PORT}
+      printf '"%s", ' ${m//,/ } | sed 's/, $//'
+    )]
 [imap]
 listen = "127.0.0.1:0"
 tls_listen = ""

@@ -67,9 +67,12 @@ phase() {
 
 # ================================================================ murder
 phase "Corvid registry"
-start_corvid "$WORK/corvid" "$ADMIN" "$PASS"
-CORVID_PGID=$SPAWNED_PID
-MUPDATE=127.0.0.1:$CORVID_MUPDATE_PORT
+# Three masters: the outage phase stops them all. Backends and the Cyrus
+# frontend talk MUPDATE to node 1; corvid-proxy's replica follows all three.
+start_corvid_cluster 3 "$WORK/corvid" "$ADMIN" "$PASS"
+MUPDATE=${CORVID_CLUSTER_MUPDATE%% *}
+CORVID_PROXY_MASTERS=$CORVID_CLUSTER_PEERS
+export CORVID_PROXY_MASTERS
 
 IMAP_PORT=$(free_port)
 # Every backend's lmtpd listens on this port at its own address (LMTP
@@ -612,13 +615,26 @@ fi
 # mailbox selected ends.
 if [[ ${#TARGETS[@]} -gt 1 ]]; then
   phase "7. every master stopped, then a backend stopped (corvid)"
-  kill -KILL -- "-$CORVID_PGID" 2>/dev/null || kill -KILL "$CORVID_PGID"
-  wait_for "the registry is down" sh -c "! kill -0 $CORVID_PGID 2>/dev/null" || true
+  corvid_cluster_stop
   out=$(timeout 120 python3 "$HERE/imap_scenarios.py" mastersdown "$CORVID_PROXY_IMAP" alice "$ALICE_PASS" 2>&1 || true)
   checks corvid 7 "$out"
   lmtp_send corvid "$CORVID_PROXY_LMTP" lmtp-outage 4 alice@example.org bob@example.org
   assert_eq "7 corvid: with every master stopped, LMTP delivers to users on both backends" "2 2" "$LMTP_CLASSES"
   assert_eq "7 corvid: ... the message is in bob's INBOX on be2" 1 "$(count_on "$BE2_IP" bob "$BOB_PASS" lmtp-outage)"
+  # The masters come back: a change made there reaches the proxy's replica
+  # without restarting the proxy.
+  corvid_cluster_restart
+  setup_imap "be1: admin creates user.alice.after-outage (MUPDATE to the restarted masters)" \
+    "$BE1_IP:$IMAP_PORT" "$ADMIN" "$PASS" <<<"CREATE user.alice.after-outage"
+  proxy_lists() {
+    printf '%s\n' 'LIST "" "INBOX.after-outage"' | imap_script "$CORVID_PROXY_IMAP" alice "$ALICE_PASS" - 2>&1 |
+      grep -q 'INBOX.after-outage'
+  }
+  if wait_for "corvid-proxy lists INBOX.after-outage" proxy_lists; then
+    pass "7 corvid: after the masters return, a mailbox created then is listed through the proxy (no restart)"
+  else
+    fail "7 corvid: after the masters return, a mailbox created then is listed through the proxy (no restart)"
+  fi
   out=$(timeout 120 python3 "$HERE/imap_scenarios.py" backendloss "$CORVID_PROXY_IMAP" alice "$ALICE_PASS" \
     INBOX INBOX.Archive -- kill -KILL -- "-$BE2_PGID" 2>&1 || true)
   checks corvid 7 "$out"

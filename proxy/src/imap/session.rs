@@ -1793,6 +1793,19 @@ impl Session {
                 }
             }
         }
+        if !ok && self.shared.router.replica().status().master.is_none() {
+            // The backend could not reach the registry either; say so, so
+            // that the user (and the operator reading the log) know why.
+            let text = match parse_response(&answer) {
+                Ok(Response::Tagged { text, .. }) => text,
+                _ => String::new(),
+            };
+            let text = format!(
+                "[UNAVAILABLE] {text} (the mailbox registry is unreachable; try again later)"
+            );
+            self.client.answer(&cmd.tag, "NO", text.trim()).await?;
+            return Ok(());
+        }
         self.client.queue(cmd.tag.as_bytes());
         self.client.queue(&answer[our_tag.len()..]);
         self.client.flush().await?;
