@@ -75,6 +75,8 @@ pub async fn run(shared: Arc<Shared>, stream: MaybeTls, peer: SocketAddr) {
             deadline: tokio::time::Instant::now(),
         };
         let end = session.serve().await;
+        // A TLS client is owed a close_notify (else it sees a truncation).
+        let _ = tokio::time::timeout(Duration::from_secs(2), session.stream.shutdown()).await;
         match &end {
             End::Done => tracing::debug!("session ended"),
             End::Io(e) => tracing::debug!(error = %e, "client connection failed"),
