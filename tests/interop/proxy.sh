@@ -15,7 +15,8 @@
 # that every run starts from the same state).
 # Scenarios (see the README table): 1 differential scripted session,
 # 2 big APPEND and cross-backend COPY/MOVE, 3 mbsync, 4 cyradm and XFER,
-# 5 curl, 6 saslauthd.
+# 5 curl, 6 saslauthd, 8 POP3 (backends and the reference frontend run
+# pop3d too; poplib and curl through each frontend against the backend).
 # Whatever the reference cannot do (cross-backend MOVE in 3.6) is printed as
 # "REFERENCE:" evidence, not counted as a failure; corvid-proxy must do it.
 set -euo pipefail
@@ -56,6 +57,11 @@ CORVID_PGID=$SPAWNED_PID
 MUPDATE=127.0.0.1:$CORVID_MUPDATE_PORT
 
 IMAP_PORT=$(free_port)
+# Read by cyrus_murder_backend/cyrus_murder_frontend/start_corvid_proxy:
+# backends' pop3d port (shared by both IPs, like IMAP) and the reference
+# frontend's.
+CYRUS_POP3_PORT=$(free_port)
+CYRUS_FE_POP3_PORT=$(free_port)
 BE1=$WORK/be1
 BE2=$WORK/be2
 PEERS=("be1=$BE1_IP" "be2=$BE2_IP")
@@ -208,6 +214,54 @@ for t in "${TARGETS[@]:1}"; do
   session_run "${t%%=*}" "${t#*=}" s3
   assert_eq "1 ${t%%=*}: normalised transcript equals the reference frontend's" \
     "$REF" "$(cat "$WORK/session-${t%%=*}-s3.txt")"
+done
+
+# ================================================================ 8. POP3
+# Python's poplib logs in as alice (INBOX on be1) and bob (INBOX on be2)
+# through each frontend; what it sees (STAT, LIST, UIDL, RETR 1, TOP 1 0)
+# must equal what it sees directly on the backend's pop3d. Run before
+# scenario 4, which moves bob.
+POP3_TARGETS=("cyrus=127.0.0.1:$CYRUS_FE_POP3_PORT")
+if [[ ${#TARGETS[@]} -gt 1 ]]; then POP3_TARGETS+=("corvid=$CORVID_PROXY_POP3"); fi
+phase "8. POP3 (poplib, curl pop3://) through ${POP3_TARGETS[*]}"
+for hp in "$BE1_IP:$CYRUS_POP3_PORT" "$BE2_IP:$CYRUS_POP3_PORT" "127.0.0.1:$CYRUS_FE_POP3_PORT"; do
+  wait_for "pop3d greets on $hp" python3 "$HERE/pop3_scenarios.py" greeting "$hp" || true
+done
+pop3() { timeout 60 python3 "$HERE/pop3_scenarios.py" "$@" 2>&1 || true; }
+for who in "alice:$ALICE_PASS:be1:$BE1_IP" "bob:$BOB_PASS:be2:$BE2_IP"; do
+  IFS=: read -r u p be ip <<<"$who"
+  direct=$(pop3 summary "$ip:$CYRUS_POP3_PORT" "$u" "$p")
+  printf '%s\n' "$direct" | sed "s/^/    pop3(direct $be, $u): /"
+  assert_match "8 direct: $u's maildrop on $be's pop3d has messages (poplib)" '^STAT [1-9]' "$direct"
+  direct_pipe=$(pop3 pipelined "$ip:$CYRUS_POP3_PORT" "$u" "$p")
+  for t in "${POP3_TARGETS[@]}"; do
+    label=${t%%=*}
+    hp=${t#*=}
+    assert_eq "8 $label: poplib USER/PASS as $u: STAT, LIST, UIDL, RETR 1, TOP equal $be's pop3d directly" \
+      "$direct" "$(pop3 summary "$hp" "$u" "$p" user)"
+    assert_eq "8 $label: poplib AUTH PLAIN as $u: the same" "$direct" "$(pop3 summary "$hp" "$u" "$p" plain)"
+    assert_eq "8 $label: USER, PASS, STAT, LIST 1, QUIT pipelined in one write as $u: the same answers as $be directly" \
+      "$direct_pipe" "$(pop3 pipelined "$hp" "$u" "$p")"
+  done
+done
+want=$(timeout 30 curl -s --max-time 20 "pop3://alice:$ALICE_PASS@$BE1_IP:$CYRUS_POP3_PORT/1" | sha256sum)
+for t in "${POP3_TARGETS[@]}"; do
+  label=${t%%=*}
+  hp=${t#*=}
+  got=$(timeout 30 curl -s --max-time 20 "pop3://alice:$ALICE_PASS@$hp/1" | sha256sum)
+  assert_eq "8 $label: curl pop3://alice@.../1 returns what be1's pop3d returns, byte for byte" "$want" "$got"
+  out=$(pop3 refused "$hp" alice wrong-password)
+  assert_match "8 $label: a wrong password is refused (-ERR)" '^REFUSED -ERR' "$out"
+  if [[ $label == corvid ]]; then
+    assert_match "8 corvid: ... with the [AUTH] response code" '^REFUSED -ERR \[AUTH\]' "$out"
+    out=$(pop3 refused "$hp" nobody-here "$ALICE_PASS")
+    assert_match "8 corvid: an unknown user is refused with [AUTH] too" '^REFUSED -ERR \[AUTH\]' "$out"
+    out=$(timeout 20 curl -s --max-time 10 "http://$CORVID_PROXY_METRICS/metrics" || true)
+    assert_match "8 corvid: metrics count POP3 logins (corvid_proxy_logins_total{protocol=pop3,result=ok})" \
+      '^corvid_proxy_logins_total\{.*protocol="pop3".*\} [1-9]' "$(grep 'result="ok"' <<<"$out" || true)"
+    assert_match "8 corvid: metrics show POP3 sessions (corvid_proxy_sessions_open{protocol=pop3})" \
+      '^corvid_proxy_sessions_open\{protocol="pop3"\} ' "$out"
+  fi
 done
 
 # ================================================================ 2-5 per target
