@@ -516,6 +516,9 @@ if [[ ${#TARGETS[@]} -gt 1 ]]; then
   wait_for "the registry is down" sh -c "! kill -0 $CORVID_PGID 2>/dev/null" || true
   out=$(timeout 120 python3 "$HERE/imap_scenarios.py" mastersdown "$CORVID_PROXY_IMAP" alice "$ALICE_PASS" 2>&1 || true)
   checks corvid 7 "$out"
+  # POP3 needs only the replica's INBOX location: it goes on too.
+  assert_eq "7 corvid: with every master stopped, poplib as alice through corvid-proxy sees what be1's pop3d shows" \
+    "$(pop3 summary "$BE1_IP:$CYRUS_POP3_PORT" alice "$ALICE_PASS")" "$(pop3 summary "$CORVID_PROXY_POP3" alice "$ALICE_PASS")"
   out=$(timeout 120 python3 "$HERE/imap_scenarios.py" backendloss "$CORVID_PROXY_IMAP" alice "$ALICE_PASS" \
     INBOX INBOX.Archive -- kill -KILL -- "-$BE2_PGID" 2>&1 || true)
   checks corvid 7 "$out"
