@@ -12,6 +12,9 @@
     pop3_scenarios.py pipelined HOST:PORT USER PASS
         send "USER, PASS, STAT, LIST 1, QUIT" in one write (RFC 2449
         PIPELINING) and print the answers' status words and STAT's numbers
+    pop3_scenarios.py inuse HOST:PORT USER PASS
+        log in twice at once; print "FIRST <status>" and "SECOND <status
+        word> [response code]" (Cyrus pop3d locks the maildrop per session)
     pop3_scenarios.py greeting HOST:PORT
         succeed once HOST:PORT greets with "+OK" (for waiting)
 
@@ -99,6 +102,21 @@ def pipelined(hostport, user, password):
                 print(name, words[0] if words else "<EOF>")
 
 
+def inuse(hostport, user, password):
+    first = connect(hostport)
+    print("FIRST", login(first, user, password, "user").split()[0].decode())
+    second = connect(hostport)
+    try:
+        answer = login(second, user, password, "user")
+        print("SECOND", answer.split()[0].decode())
+        second.quit()
+    except poplib.error_proto as e:
+        words = e.args[0].decode(errors="replace").split()
+        code = words[1] if len(words) > 1 and words[1].startswith("[") else ""
+        print("SECOND", words[0], code)
+    first.quit()
+
+
 def greeting(hostport):
     pop = connect(hostport)
     ok = pop.getwelcome().startswith(b"+OK")
@@ -109,7 +127,13 @@ def greeting(hostport):
 def main():
     mode, args = sys.argv[1], sys.argv[2:]
     try:
-        {"summary": summary, "refused": refused, "pipelined": pipelined, "greeting": greeting}[
+        {
+            "summary": summary,
+            "refused": refused,
+            "pipelined": pipelined,
+            "inuse": inuse,
+            "greeting": greeting,
+        }[
             mode
         ](*args)
     except (OSError, poplib.error_proto) as e:

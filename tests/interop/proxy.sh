@@ -244,6 +244,14 @@ for who in "alice:$ALICE_PASS:be1:$BE1_IP" "bob:$BOB_PASS:be2:$BE2_IP"; do
       "$direct_pipe" "$(pop3 pipelined "$hp" "$u" "$p")"
   done
 done
+# Two sessions at once: Cyrus pop3d locks the maildrop; a frontend must
+# relay the backend's refusal ([IN-USE]) rather than hide it.
+direct=$(pop3 inuse "$BE1_IP:$CYRUS_POP3_PORT" alice "$ALICE_PASS")
+printf '%s\n' "$direct" | sed "s/^/    pop3(direct be1, alice, two sessions): /"
+for t in "${POP3_TARGETS[@]}"; do
+  assert_eq "8 ${t%%=*}: two POP3 sessions at once as alice: both answers equal be1's directly" \
+    "$direct" "$(pop3 inuse "${t#*=}" alice "$ALICE_PASS")"
+done
 want=$(timeout 30 curl -s --max-time 20 "pop3://alice:$ALICE_PASS@$BE1_IP:$CYRUS_POP3_PORT/1" | sha256sum)
 for t in "${POP3_TARGETS[@]}"; do
   label=${t%%=*}
@@ -493,6 +501,7 @@ done
 if [[ ${#TARGETS[@]} -gt 1 ]]; then
   phase "6. corvid-proxy with [login] check = \"saslauthd\""
   main_proxy=$CORVID_PROXY_IMAP
+  main_proxy_pop3=$CORVID_PROXY_POP3
   if start_corvid_proxy "$WORK/proxy-sasl" "$PROXY_PASS" saslauthd "be1 be2" \
     "be1=$BE1_IP:$IMAP_PORT" "be2=$BE2_IP:$IMAP_PORT"; then
     out=$(printf '%s\n' "SELECT INBOX" | imap_script "$CORVID_PROXY_IMAP" alice "$ALICE_PASS" - 2>&1 || true)
@@ -503,7 +512,9 @@ if [[ ${#TARGETS[@]} -gt 1 ]]; then
   else
     fail "6 corvid-proxy starts with [login] check = \"saslauthd\""
   fi
+  SASL_PROXY_POP3=$CORVID_PROXY_POP3
   CORVID_PROXY_IMAP=$main_proxy
+  CORVID_PROXY_POP3=$main_proxy_pop3
 fi
 
 # ================================================================ 7. outages (corvid-proxy only)
@@ -522,6 +533,15 @@ if [[ ${#TARGETS[@]} -gt 1 ]]; then
   out=$(timeout 120 python3 "$HERE/imap_scenarios.py" backendloss "$CORVID_PROXY_IMAP" alice "$ALICE_PASS" \
     INBOX INBOX.Archive -- kill -KILL -- "-$BE2_PGID" 2>&1 || true)
   checks corvid 7 "$out"
+  # be2 is down now. The saslauthd-checked proxy (passwords checked on be1)
+  # accepts bob's password; if his INBOX is on be2 (where scenario 4 left
+  # it), his POP3 login must end in [SYS/TEMP], not [AUTH].
+  if [[ $(mailbox_location user.bob) == be2!* && -n ${SASL_PROXY_POP3:-} ]]; then
+    out=$(pop3 refused "$SASL_PROXY_POP3" bob "$BOB_PASS")
+    assert_match "7 corvid: bob's INBOX backend (be2) is down: POP3 login answers -ERR [SYS/TEMP]" '^REFUSED -ERR \[SYS/TEMP\]' "$out"
+  else
+    echo "    (7: user.bob is not on be2 now; the POP3 backend-down check is skipped)"
+  fi
 fi
 
 phase "done"
