@@ -677,8 +677,10 @@ _corvid_cluster_has_leader() {
 
 # _cyrus_name_files DIR IMAP_PORT NAME=IP...: DIR/hosts (the system's plus
 # "IP NAME" per pair) and DIR/services (the system's without imap, plus
-# "imap IMAP_PORT/tcp"), for bind-mounting in a private mount namespace so
-# that getaddrinfo(NAME, "imap") finds a loopback backend (see cyrus_frontend).
+# "imap IMAP_PORT/tcp"; likewise pop3 on $CYRUS_POP3_PORT when set), for
+# bind-mounting in a private mount namespace so that getaddrinfo(NAME,
+# "imap") finds a loopback backend (see cyrus_frontend); a frontend's pop3d
+# finds a backend's by getaddrinfo(NAME, "pop3").
 _cyrus_name_files() {
   local dir=$1 port=$2 b
   shift 2
@@ -689,11 +691,12 @@ _cyrus_name_files() {
     done
   } >"$dir/hosts"
   {
-    awk '{ for (i = 1; i <= NF && $i !~ /^#/; i++) if (i != 2 && ($i == "imap" || $i == "lmtp")) next; print }' /etc/services
+    awk '{ for (i = 1; i <= NF && $i !~ /^#/; i++) if (i != 2 && ($i == "imap" || $i == "lmtp" || $i == "pop3")) next; print }' /etc/services
     echo "imap $port/tcp"
     if [[ -n ${CYRUS_LMTP_PORT:-} ]]; then
       echo "lmtp $CYRUS_LMTP_PORT/tcp"
     fi
+    if [[ -n ${CYRUS_POP3_PORT:-} ]]; then echo "pop3 $CYRUS_POP3_PORT/tcp"; fi
   } >"$dir/services"
 }
 
@@ -729,6 +732,9 @@ _cyrus_lmtp_service() {
 ## master runs
 ## in a private mount namespace whose /etc/hosts maps each PEER name to its IP
 ## and /etc/services maps imap to IMAP_PORT (all backends share the port).
+## With CYRUS_POP3_PORT set, it also runs pop3d on IP:CYRUS_POP3_PORT (the
+## proxy logs in there with AUTH PLAIN as itself for the user; plaintext is
+## allowed, see _cyrus_instance).
 ## Add $CYRUS_PROXY_USER with cyrus_add_user yourself.
 cyrus_murder_backend() {
   local dir=$1 name=$2 ip=$3 imap_port=$4 mupdate=$5 user=$6 pass=$7 proxy_pass=$8
@@ -748,7 +754,8 @@ EOC
   _cyrus_user "$dir" "$name" "$user" "$pass"
   _cyrus_name_files "$dir" "$imap_port" "$@"
   _cyrus_start "$dir" \
-    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"$ip:$imap_port\" prefork=0 maxchild=20$(_cyrus_lmtp_service "$ip" "$dir" "${CYRUS_LMTP_PORT:-}")" \
+    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"$ip:$imap_port\" prefork=0 maxchild=20$(_cyrus_lmtp_service "$ip" "$dir" "${CYRUS_LMTP_PORT:-}")${CYRUS_POP3_PORT:+
+  pop3 cmd=\"$CYRUS_BIN/pop3d -C $dir/imapd.conf\" listen=\"$ip:$CYRUS_POP3_PORT\" prefork=0 maxchild=20}" \
     "$ip:$imap_port" \
     unshare --mount --propagation private -- \
     sh -c 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/services && shift 2 && exec "$@"' \
@@ -784,7 +791,9 @@ start_saslauthd() {
 ## (backend or saslauthd; the latter uses $SASLAUTHD_SOCKET), creates new
 ## top-level mailboxes on CREATE_SERVERS (space-separated names), and knows
 ## each backend NAME at HOST:PORT. Waits for its ready line; exports
-## CORVID_PROXY_IMAP and CORVID_PROXY_METRICS (host:port). Returns 1 (after
+## CORVID_PROXY_IMAP and CORVID_PROXY_METRICS (host:port); with
+## CYRUS_POP3_PORT set (the backends' pop3d port) POP3 listens too and
+## CORVID_PROXY_POP3 is exported. Returns 1 (after
 ## saying why) when the binary is missing or does not become ready: callers
 ## decide whether that is a failure. Its administrator (who sees every
 ## mailbox and may move mailboxes) is $CORVID_PROXY_ADMIN (default admin).
@@ -841,6 +850,9 @@ altnamespace = false
 [metrics]
 listen = "127.0.0.1:0"
 EOC
+    if [[ -n ${CYRUS_POP3_PORT:-} ]]; then
+      printf '[pop3]\nlisten = "127.0.0.1:0"\nbackend_port = %s\n' "$CYRUS_POP3_PORT"
+    fi
   } >"$dir/proxy.toml"
   spawn "$dir/proxy.log" "$bin" --config "$dir/proxy.toml"
   pid=$SPAWNED_PID
@@ -856,6 +868,10 @@ EOC
   CORVID_PROXY_LMTP=$(_ready_field "$line" lmtp)
   CORVID_PROXY_LMTP_SOCKET=$dir/lmtp.sock
   export CORVID_PROXY_IMAP CORVID_PROXY_METRICS CORVID_PROXY_LMTP CORVID_PROXY_LMTP_SOCKET
+  if [[ -n ${CYRUS_POP3_PORT:-} ]]; then
+    CORVID_PROXY_POP3=$(_ready_field "$line" pop3)
+    export CORVID_PROXY_POP3
+  fi
 }
 
 # _ready_field LINE KEY: the value of KEY=VALUE in a ready line.
@@ -874,7 +890,9 @@ _corvid_proxy_ready() {
 ## PASS PROXY_PASS BACKEND_IMAP_PORT EXTRA_CONF BACKEND=IP...: cyrus_frontend
 ## with EXTRA_CONF (imapd.conf lines, e.g. serverlist) written before master
 ## starts: Cyrus service processes serve many connections, so lines appended
-## later reach only processes forked after them.
+## later reach only processes forked after them. With CYRUS_FE_POP3_PORT
+## (and CYRUS_POP3_PORT, the backends' pop3d port) set, it also runs a
+## proxying pop3d on 127.0.0.1:CYRUS_FE_POP3_PORT.
 cyrus_murder_frontend() {
   local dir=$1 name=$2 imap_port=$3 slave_port=$4 mupdate=$5 user=$6 pass=$7
   local proxy_pass=$8 backend_port=$9 extra=${10}
@@ -892,7 +910,8 @@ EOC
     "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"127.0.0.1:$imap_port\" prefork=0 maxchild=20
   mupdate cmd=\"$CYRUS_BIN/mupdate -C $dir/imapd.conf\" listen=\"127.0.0.1:$slave_port\" prefork=1 maxchild=1$(
       [[ -z ${CYRUS_FRONTEND_LMTP_SOCKET:-} ]] || _cyrus_lmtp_service "$CYRUS_FRONTEND_LMTP_SOCKET" "$dir" ""
-    )" \
+    )${CYRUS_FE_POP3_PORT:+
+  pop3 cmd=\"$CYRUS_BIN/pop3d -C $dir/imapd.conf\" listen=\"127.0.0.1:$CYRUS_FE_POP3_PORT\" prefork=0 maxchild=20}" \
     "$imap_port" \
     unshare --mount --propagation private -- \
     sh -c 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/services && shift 2 && exec "$@"' \

@@ -15,7 +15,8 @@
 # that every run starts from the same state).
 # Scenarios (see the README table): 1 differential scripted session,
 # 2 big APPEND and cross-backend COPY/MOVE, 3 mbsync, 4 cyradm and XFER,
-# 5 curl, 6 saslauthd.
+# 5 curl, 6 saslauthd, 8 POP3 (backends and the reference frontend run
+# pop3d too; poplib and curl through each frontend against the backend).
 # Whatever the reference cannot do (cross-backend MOVE in 3.6) is printed as
 # "REFERENCE:" evidence, not counted as a failure; corvid-proxy must do it.
 # UNIXSEP=1: the same murder with unixhierarchysep: yes on every Cyrus
@@ -79,6 +80,11 @@ IMAP_PORT=$(free_port)
 # phases), as imapd does on IMAP_PORT.
 CYRUS_LMTP_PORT=$(free_port)
 export CYRUS_LMTP_PORT
+# Read by cyrus_murder_backend/cyrus_murder_frontend/start_corvid_proxy:
+# backends' pop3d port (shared by both IPs, like IMAP) and the reference
+# frontend's.
+CYRUS_POP3_PORT=$(free_port)
+CYRUS_FE_POP3_PORT=$(free_port)
 BE1=$WORK/be1
 BE2=$WORK/be2
 PEERS=("be1=$BE1_IP" "be2=$BE2_IP")
@@ -319,6 +325,62 @@ if [[ $UNIXSEP == 1 ]]; then
   exit 0
 fi
 
+# ================================================================ 8. POP3
+# Python's poplib logs in as alice (INBOX on be1) and bob (INBOX on be2)
+# through each frontend; what it sees (STAT, LIST, UIDL, RETR 1, TOP 1 0)
+# must equal what it sees directly on the backend's pop3d. Run before
+# scenario 4, which moves bob.
+POP3_TARGETS=("cyrus=127.0.0.1:$CYRUS_FE_POP3_PORT")
+if [[ ${#TARGETS[@]} -gt 1 ]]; then POP3_TARGETS+=("corvid=$CORVID_PROXY_POP3"); fi
+phase "8. POP3 (poplib, curl pop3://) through ${POP3_TARGETS[*]}"
+for hp in "$BE1_IP:$CYRUS_POP3_PORT" "$BE2_IP:$CYRUS_POP3_PORT" "127.0.0.1:$CYRUS_FE_POP3_PORT"; do
+  wait_for "pop3d greets on $hp" python3 "$HERE/pop3_scenarios.py" greeting "$hp" || true
+done
+pop3() { timeout 60 python3 "$HERE/pop3_scenarios.py" "$@" 2>&1 || true; }
+for who in "alice:$ALICE_PASS:be1:$BE1_IP" "bob:$BOB_PASS:be2:$BE2_IP"; do
+  IFS=: read -r u p be ip <<<"$who"
+  direct=$(pop3 summary "$ip:$CYRUS_POP3_PORT" "$u" "$p")
+  printf '%s\n' "$direct" | sed "s/^/    pop3(direct $be, $u): /"
+  assert_match "8 direct: $u's maildrop on $be's pop3d has messages (poplib)" '^STAT [1-9]' "$direct"
+  direct_pipe=$(pop3 pipelined "$ip:$CYRUS_POP3_PORT" "$u" "$p")
+  for t in "${POP3_TARGETS[@]}"; do
+    label=${t%%=*}
+    hp=${t#*=}
+    assert_eq "8 $label: poplib USER/PASS as $u: STAT, LIST, UIDL, RETR 1, TOP equal $be's pop3d directly" \
+      "$direct" "$(pop3 summary "$hp" "$u" "$p" user)"
+    assert_eq "8 $label: poplib AUTH PLAIN as $u: the same" "$direct" "$(pop3 summary "$hp" "$u" "$p" plain)"
+    assert_eq "8 $label: USER, PASS, STAT, LIST 1, QUIT pipelined in one write as $u: the same answers as $be directly" \
+      "$direct_pipe" "$(pop3 pipelined "$hp" "$u" "$p")"
+  done
+done
+# Two sessions at once: Cyrus pop3d locks the maildrop; a frontend must
+# relay the backend's refusal ([IN-USE]) rather than hide it.
+direct=$(pop3 inuse "$BE1_IP:$CYRUS_POP3_PORT" alice "$ALICE_PASS")
+printf '%s\n' "$direct" | sed "s/^/    pop3(direct be1, alice, two sessions): /"
+for t in "${POP3_TARGETS[@]}"; do
+  assert_eq "8 ${t%%=*}: two POP3 sessions at once as alice: both answers equal be1's directly" \
+    "$direct" "$(pop3 inuse "${t#*=}" alice "$ALICE_PASS")"
+done
+want=$(timeout 30 curl -s --max-time 20 "pop3://alice:$ALICE_PASS@$BE1_IP:$CYRUS_POP3_PORT/1" | sha256sum)
+for t in "${POP3_TARGETS[@]}"; do
+  label=${t%%=*}
+  hp=${t#*=}
+  got=$(timeout 30 curl -s --max-time 20 "pop3://alice:$ALICE_PASS@$hp/1" | sha256sum)
+  assert_eq "8 $label: curl pop3://alice@.../1 returns what be1's pop3d returns, byte for byte" "$want" "$got"
+  out=$(pop3 refused "$hp" alice wrong-password)
+  assert_match "8 $label: a wrong password is refused (-ERR)" '^REFUSED -ERR' "$out"
+  if [[ $label == corvid ]]; then
+    assert_match "8 corvid: ... with the [AUTH] response code" '^REFUSED -ERR \[AUTH\]' "$out"
+    out=$(pop3 refused "$hp" nobody-here "$ALICE_PASS")
+    assert_match "8 corvid: an unknown user is refused with [AUTH] too" '^REFUSED -ERR \[AUTH\]' "$out"
+    out=$(timeout 20 curl -s --max-time 10 "http://$CORVID_PROXY_METRICS/metrics" || true)
+    assert_match "8 corvid: metrics count POP3 logins (corvid_proxy_logins_total{protocol=pop3,result=ok})" \
+      '^corvid_proxy_logins_total\{.*protocol="pop3".*\} [1-9]' "$(grep 'result="ok"' <<<"$out" || true)"
+    assert_match "8 corvid: metrics show POP3 sessions (corvid_proxy_sessions_open{protocol=pop3})" \
+      '^corvid_proxy_sessions_open\{protocol="pop3"\} ' "$out"
+  fi
+done
+
 # ================================================================ 2-5 per target
 # Checks that a real Cyrus 3.6 frontend is known to fail (evidence for the
 # docs; corvid-proxy must pass them): a cross-backend MOVE degrades to COPY
@@ -548,6 +610,7 @@ done
 if [[ ${#TARGETS[@]} -gt 1 ]]; then
   phase "6. corvid-proxy with [login] check = \"saslauthd\""
   main_proxy=$CORVID_PROXY_IMAP
+  main_proxy_pop3=$CORVID_PROXY_POP3
   if start_corvid_proxy "$WORK/proxy-sasl" "$PROXY_PASS" saslauthd "be1 be2" \
     "be1=$BE1_IP:$IMAP_PORT" "be2=$BE2_IP:$IMAP_PORT"; then
     out=$(printf '%s\n' "SELECT INBOX" | imap_script "$CORVID_PROXY_IMAP" alice "$ALICE_PASS" - 2>&1 || true)
@@ -558,10 +621,12 @@ if [[ ${#TARGETS[@]} -gt 1 ]]; then
   else
     fail "6 corvid-proxy starts with [login] check = \"saslauthd\""
   fi
+  SASL_PROXY_POP3=$CORVID_PROXY_POP3
   CORVID_PROXY_IMAP=$main_proxy
+  CORVID_PROXY_POP3=$main_proxy_pop3
 fi
 
-# ================================================================ 8. LMTP
+# ================================================================ 9. LMTP
 # lmtp_send LABEL TARGET SUBJECT SIZE_KB RCPT...: one LMTP transaction; its
 # RESULT/CLASSES lines, indented, and the CLASSES in $LMTP_CLASSES.
 lmtp_send() {
@@ -583,14 +648,14 @@ if [[ $UNIXSEP != 1 ]]; then
   D_X=nosuch@example.org
   for t in "cyrus=unix:$CYRUS_FRONTEND_LMTP_SOCKET" ${CORVID_PROXY_LMTP:+"corvid=$CORVID_PROXY_LMTP"}; do
     label=${t%%=*}
-    phase "8. LMTP ($label)"
+    phase "9. LMTP ($label)"
     # Two backends and an unknown user in one transaction: per-recipient
     # answers, the same classes from both frontends.
     lmtp_send "$label" "${t#*=}" "lmtp-mixed-$label" 4 "$D_A" "$D_B" "$D_X"
-    assert_eq "8 $label: alice (be1), bob (be2), nosuch: per-recipient classes" "2 2 5" "$LMTP_CLASSES"
-    assert_eq "8 $label: the message is in alice's INBOX on be1 (checked on be1)" 1 \
+    assert_eq "9 $label: alice (be1), bob (be2), nosuch: per-recipient classes" "2 2 5" "$LMTP_CLASSES"
+    assert_eq "9 $label: the message is in alice's INBOX on be1 (checked on be1)" 1 \
       "$(count_on "$BE1_IP" alice "$ALICE_PASS" "lmtp-mixed-$label")"
-    assert_eq "8 $label: the message is in bob's INBOX on be2 (checked on be2)" 1 \
+    assert_eq "9 $label: the message is in bob's INBOX on be2 (checked on be2)" 1 \
       "$(count_on "$BE2_IP" bob "$BOB_PASS" "lmtp-mixed-$label")"
   done
   if [[ -n ${CORVID_PROXY_LMTP:-} ]]; then
@@ -599,13 +664,13 @@ if [[ $UNIXSEP != 1 ]]; then
       --port "${CORVID_PROXY_LMTP##*:}" --from interop@example.org --to "$D_A,$D_B" \
       --header "Subject: lmtp-swaks" 2>&1)
     rc=$?
-    assert_eq "8 corvid: swaks delivers to alice and bob over LMTP (exit status)" 0 "$rc"
-    assert_eq "8 corvid: swaks's message reached alice on be1" 1 "$(count_on "$BE1_IP" alice "$ALICE_PASS" lmtp-swaks)"
-    assert_eq "8 corvid: swaks's message reached bob on be2" 1 "$(count_on "$BE2_IP" bob "$BOB_PASS" lmtp-swaks)"
+    assert_eq "9 corvid: swaks delivers to alice and bob over LMTP (exit status)" 0 "$rc"
+    assert_eq "9 corvid: swaks's message reached alice on be1" 1 "$(count_on "$BE1_IP" alice "$ALICE_PASS" lmtp-swaks)"
+    assert_eq "9 corvid: swaks's message reached bob on be2" 1 "$(count_on "$BE2_IP" bob "$BOB_PASS" lmtp-swaks)"
     # 20 MB through the UNIX socket (Postfix's lmtp:unix:), spooled to a file.
     lmtp_send corvid "unix:$CORVID_PROXY_LMTP_SOCKET" lmtp-big 20480 "$D_A"
-    assert_eq "8 corvid: a 20 MB message over the UNIX socket is accepted" 2 "$LMTP_CLASSES"
-    assert_eq "8 corvid: ... and is in alice's INBOX on be1" 1 "$(count_on "$BE1_IP" alice "$ALICE_PASS" lmtp-big)"
+    assert_eq "9 corvid: a 20 MB message over the UNIX socket is accepted" 2 "$LMTP_CLASSES"
+    assert_eq "9 corvid: ... and is in alice's INBOX on be1" 1 "$(count_on "$BE1_IP" alice "$ALICE_PASS" lmtp-big)"
   fi
 fi
 
@@ -621,6 +686,9 @@ if [[ ${#TARGETS[@]} -gt 1 ]]; then
   lmtp_send corvid "$CORVID_PROXY_LMTP" lmtp-outage 4 alice@example.org bob@example.org
   assert_eq "7 corvid: with every master stopped, LMTP delivers to users on both backends" "2 2" "$LMTP_CLASSES"
   assert_eq "7 corvid: ... the message is in bob's INBOX on be2" 1 "$(count_on "$BE2_IP" bob "$BOB_PASS" lmtp-outage)"
+  # POP3 needs only the replica's INBOX location: it goes on too.
+  assert_eq "7 corvid: with every master stopped, poplib as alice through corvid-proxy sees what be1's pop3d shows" \
+    "$(pop3 summary "$BE1_IP:$CYRUS_POP3_PORT" alice "$ALICE_PASS")" "$(pop3 summary "$CORVID_PROXY_POP3" alice "$ALICE_PASS")"
   # The masters come back: a change made there reaches the proxy's replica
   # without restarting the proxy.
   corvid_cluster_restart
@@ -640,6 +708,15 @@ if [[ ${#TARGETS[@]} -gt 1 ]]; then
   checks corvid 7 "$out"
   lmtp_send corvid "$CORVID_PROXY_LMTP" lmtp-be2-down 4 alice@example.org bob@example.org
   assert_eq "7 corvid: with be2 stopped, alice (be1) gets 2xx and bob (be2) 4xx" "2 4" "$LMTP_CLASSES"
+  # be2 is down now. The saslauthd-checked proxy (passwords checked on be1)
+  # accepts bob's password; if his INBOX is on be2 (where scenario 4 left
+  # it), his POP3 login must end in [SYS/TEMP], not [AUTH].
+  if [[ $(mailbox_location user.bob) == be2!* && -n ${SASL_PROXY_POP3:-} ]]; then
+    out=$(pop3 refused "$SASL_PROXY_POP3" bob "$BOB_PASS")
+    assert_match "7 corvid: bob's INBOX backend (be2) is down: POP3 login answers -ERR [SYS/TEMP]" '^REFUSED -ERR \[SYS/TEMP\]' "$out"
+  else
+    echo "    (7: user.bob is not on be2 now; the POP3 backend-down check is skipped)"
+  fi
 fi
 
 phase "done"

@@ -2,11 +2,15 @@
 //! client logs in here, the proxy looks up the INBOX in the replica, logs in
 //! to that backend's pop3d with proxy authentication, relays its `+OK`, then
 //! copies bytes both ways.
+//!
+//! [`codec`] is the pure part (lines, commands, responses); [`session`]
+//! owns the client socket; [`backend`] is the proxy's login on a pop3d.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use corvid_registry::net::Acceptor;
+use corvid_registry::tls::MaybeTls;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -15,6 +19,10 @@ use crate::backend::BackendSettings;
 use crate::login::PasswordCheck;
 use crate::namespace::Namespace;
 use crate::routing::Router;
+
+pub mod backend;
+pub mod codec;
+pub mod session;
 
 /// Everything POP3 sessions share.
 pub struct Shared {
@@ -39,24 +47,47 @@ pub struct Shared {
 }
 
 /// Accepts POP3 connections on `listener` forever; with `implicit_tls`
-/// each starts with a TLS handshake (port 995 style).
+/// each starts with a TLS handshake (port 995 style). Above
+/// `pop3.max_sessions` a connection gets `-ERR [SYS/TEMP]` at once.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
     implicit_tls: bool,
 ) {
-    let _ = (&shared, implicit_tls);
     let mut acceptor = Acceptor::new(listener, if implicit_tls { "pop3s" } else { "pop3" });
     loop {
-        let (mut tcp, _peer) = acceptor.accept().await;
+        let (mut tcp, peer) = acceptor.accept().await;
+        let _ = tcp.set_nodelay(true);
         let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("corvid_proxy_sessions_refused_total", "protocol" => "pop3")
+                .increment(1);
+            tokio::spawn(async move {
+                // Plaintext even on the implicit-TLS port: a handshake per
+                // refused connection is what an overload cannot afford.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tcp.write_all(b"-ERR [SYS/TEMP] Too many sessions; try again later\r\n"),
+                )
+                .await;
+            });
             continue;
         };
+        let shared = shared.clone();
         tokio::spawn(async move {
-            let _ = tcp
-                .write_all(b"-ERR [SYS/TEMP] not implemented yet\r\n")
-                .await;
+            let stream = if implicit_tls {
+                let Some(tls) = shared.tls.clone() else {
+                    return;
+                };
+                let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
+                match tokio::time::timeout(Duration::from_secs(30), handshake).await {
+                    Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
+                    _ => return,
+                }
+            } else {
+                MaybeTls::Plain(tcp)
+            };
+            session::run(shared, stream, peer).await;
             drop(permit);
         });
     }
