@@ -170,7 +170,9 @@ impl BackendConn {
             let authz = user;
             conn.authenticate_plain(authz, &settings.authname, &settings.password)
                 .await?;
-            conn.refresh_capabilities().await?;
+            if conn.capabilities.is_empty() {
+                conn.refresh_capabilities().await?;
+            }
             Ok::<_, BackendError>(conn)
         })
         .await
@@ -283,13 +285,24 @@ impl BackendConn {
                 Response::Tagged {
                     tag: t,
                     status,
+                    code,
                     text,
-                    ..
                 } if t == tag => {
+                    // Cyrus sends its post-login capabilities in the OK:
+                    // no CAPABILITY round trip needed then.
+                    if let Some(caps) = code.as_deref().and_then(|c| c.strip_prefix("CAPABILITY "))
+                    {
+                        self.set_capabilities(caps);
+                    }
                     return match status {
                         Status::Ok => Ok(()),
                         _ => Err(BackendError::LoginRefused(text)),
                     };
+                }
+                Response::Untagged { line } => {
+                    if let Some(rest) = line.strip_prefix(b"* CAPABILITY ") {
+                        self.set_capabilities(&String::from_utf8_lossy(rest));
+                    }
                 }
                 _ => {}
             }
@@ -300,13 +313,17 @@ impl BackendConn {
         let answer = self.simple(b"CAPABILITY").await?;
         for line in &answer.untagged {
             if let Some(rest) = line.strip_prefix(b"* CAPABILITY ") {
-                self.capabilities = String::from_utf8_lossy(rest)
-                    .split_whitespace()
-                    .map(|s| s.to_ascii_uppercase())
-                    .collect();
+                self.set_capabilities(&String::from_utf8_lossy(rest));
             }
         }
         Ok(())
+    }
+
+    fn set_capabilities(&mut self, caps: &str) {
+        self.capabilities = caps
+            .split_whitespace()
+            .map(|s| s.to_ascii_uppercase())
+            .collect();
     }
 
     /// Whether the backend announced `cap` (upper case).

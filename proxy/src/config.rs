@@ -253,6 +253,10 @@ pub struct LoginSection {
     pub saslauthd_socket: PathBuf,
     /// Service name given to `saslauthd`.
     pub saslauthd_service: String,
+    /// Seconds a successful check is remembered (a salted hash in memory),
+    /// so that frequent reconnects do not each cost a check; 0: off. A
+    /// changed password takes effect for a user after at most this long.
+    pub cache_secs: u64,
 }
 
 impl Default for LoginSection {
@@ -261,6 +265,7 @@ impl Default for LoginSection {
             check: LoginCheck::Backend,
             saslauthd_socket: PathBuf::from("/run/saslauthd/mux"),
             saslauthd_service: "imap".into(),
+            cache_secs: 60,
         }
     }
 }

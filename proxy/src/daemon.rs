@@ -15,7 +15,7 @@ use crate::backend::BackendSettings;
 use crate::config::{Config, LoginCheck};
 use crate::imap::codec::Limits;
 use crate::imap::session::Shared;
-use crate::login::PasswordCheck;
+use crate::login::{CheckMethod, PasswordCheck};
 use crate::routing::Router;
 
 /// A started proxy.
@@ -67,8 +67,8 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             max_literal: u64::MAX / 2,
         },
     };
-    let password_check = match config.login.check {
-        LoginCheck::Backend => PasswordCheck::Backend {
+    let method = match config.login.check {
+        LoginCheck::Backend => CheckMethod::Backend {
             router: router.clone(),
             namespace: config.namespace(),
             settings: backend.clone(),
@@ -78,11 +78,12 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                 config.create.servers.clone()
             },
         },
-        LoginCheck::Saslauthd => PasswordCheck::Saslauthd {
+        LoginCheck::Saslauthd => CheckMethod::Saslauthd {
             socket: config.login.saslauthd_socket.clone(),
             service: config.login.saslauthd_service.clone(),
         },
     };
+    let password_check = PasswordCheck::new(method, Duration::from_secs(config.login.cache_secs));
     let shared = Arc::new(Shared {
         router,
         namespace: config.namespace(),

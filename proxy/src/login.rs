@@ -4,8 +4,12 @@
 //! Passwords are never logged: they appear only in the bytes sent to the
 //! backend or to `saslauthd`.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
 
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,9 +31,94 @@ pub enum CheckError {
     Unavailable(String),
 }
 
-/// How passwords are checked.
+/// How passwords are checked, with a short-lived cache of successful
+/// checks (so that a client that reconnects often does not cost the
+/// backend two logins per session).
 #[derive(Clone)]
-pub enum PasswordCheck {
+pub struct PasswordCheck {
+    method: CheckMethod,
+    cache: Arc<SuccessCache>,
+}
+
+/// Successful checks: user → salted SHA-256 of the password and when it
+/// expires. Only successes are kept, only in memory, never the password.
+struct SuccessCache {
+    ttl: Duration,
+    salt: [u8; 16],
+    entries: Mutex<HashMap<String, ([u8; 32], Instant)>>,
+}
+
+/// Most users kept in the cache; it is emptied when it would grow past.
+const CACHE_MAX_USERS: usize = 100_000;
+
+impl SuccessCache {
+    fn digest(&self, password: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.salt);
+        h.update(password.as_bytes());
+        h.finalize().into()
+    }
+
+    fn hit(&self, user: &str, password: &str) -> bool {
+        if self.ttl.is_zero() {
+            return false;
+        }
+        let digest = self.digest(password);
+        let entries = self.entries.lock().expect("cache lock");
+        matches!(entries.get(user), Some((d, until)) if *d == digest && Instant::now() < *until)
+    }
+
+    fn remember(&self, user: &str, password: &str) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let digest = self.digest(password);
+        let mut entries = self.entries.lock().expect("cache lock");
+        if entries.len() >= CACHE_MAX_USERS {
+            entries.clear();
+        }
+        entries.insert(user.to_string(), (digest, Instant::now() + self.ttl));
+    }
+
+    fn forget(&self, user: &str) {
+        self.entries.lock().expect("cache lock").remove(user);
+    }
+}
+
+impl PasswordCheck {
+    /// A check by `method`, remembering successes for `cache_ttl` (zero:
+    /// no cache).
+    pub fn new(method: CheckMethod, cache_ttl: Duration) -> PasswordCheck {
+        PasswordCheck {
+            method,
+            cache: Arc::new(SuccessCache {
+                ttl: cache_ttl,
+                salt: rand::random(),
+                entries: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Whether `password` is `user`'s.
+    pub async fn check(&self, user: &str, password: &str) -> Result<bool, CheckError> {
+        if self.cache.hit(user, password) {
+            metrics::counter!("corvid_proxy_password_cache_hits_total").increment(1);
+            return Ok(true);
+        }
+        let ok = self.method.check(user, password).await?;
+        if ok {
+            self.cache.remember(user, password);
+        } else {
+            // A changed password must not go on working from the cache.
+            self.cache.forget(user);
+        }
+        Ok(ok)
+    }
+}
+
+/// Where passwords are checked.
+#[derive(Clone)]
+pub enum CheckMethod {
     /// On the backend of the user's INBOX.
     Backend {
         /// Routing, to find the INBOX.
@@ -51,11 +140,11 @@ pub enum PasswordCheck {
     },
 }
 
-impl PasswordCheck {
-    /// Whether `password` is `user`'s.
+impl CheckMethod {
+    /// Asks the backend or saslauthd whether `password` is `user`'s.
     pub async fn check(&self, user: &str, password: &str) -> Result<bool, CheckError> {
         match self {
-            PasswordCheck::Saslauthd { socket, service } => {
+            CheckMethod::Saslauthd { socket, service } => {
                 let (login, realm) = user.split_once('@').unwrap_or((user, ""));
                 tokio::time::timeout(
                     Duration::from_secs(10),
@@ -64,7 +153,7 @@ impl PasswordCheck {
                 .await
                 .map_err(|_| CheckError::Unavailable("saslauthd did not answer".into()))?
             }
-            PasswordCheck::Backend {
+            CheckMethod::Backend {
                 router,
                 namespace,
                 settings,
@@ -171,12 +260,19 @@ mod tests {
             }
             seen
         });
-        let check = PasswordCheck::Saslauthd {
-            socket: path,
-            service: "imap".into(),
-        };
+        let check = PasswordCheck::new(
+            CheckMethod::Saslauthd {
+                socket: path,
+                service: "imap".into(),
+            },
+            Duration::from_secs(60),
+        );
         assert!(check.check("alice@example.com", "right").await.unwrap());
         assert!(!check.check("alice", "wrong").await.unwrap());
+        // A success is remembered: saslauthd is not asked again (it would
+        // not answer a third connection).
+        assert!(check.check("alice@example.com", "right").await.unwrap());
+        assert!(!check.cache.hit("alice@example.com", "wrong"));
         let seen = server.await.unwrap();
         assert_eq!(seen[0], ["alice", "right", "imap", "example.com"]);
         assert_eq!(seen[1], ["alice", "wrong", "imap", ""]);
