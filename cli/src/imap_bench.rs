@@ -782,9 +782,14 @@ async fn idle(shared: Arc<Shared>, watch: &Watch) -> anyhow::Result<()> {
         }));
     }
     drop(opened_tx);
+    // Each session reports once, then waits (holding its sender) for the
+    // release: count the reports rather than wait for the channel to close.
     let mut open = 0u64;
-    while let Some(ok) = opened_rx.recv().await {
-        open += u64::from(ok);
+    for _ in 0..want {
+        match opened_rx.recv().await {
+            Some(ok) => open += u64::from(ok),
+            None => break,
+        }
     }
     let open_seconds = started.elapsed().as_secs_f64();
     println!(

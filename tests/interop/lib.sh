@@ -12,6 +12,9 @@
 #   INTEROP_KEEP=1   keep the temporary directory (printed on exit)
 #   CYRUS_TELEMETRY  1 (default): Cyrus writes protocol transcripts under
 #                    conf/log/<user>/; set 0 for benchmarks
+#   CYRUS_IMAP_MAXCHILD  imapd processes a murder backend or frontend
+#                    (cyrus_murder_backend, cyrus_murder_frontend) may fork,
+#                    one per open connection (default 20)
 #   CYRUS_CLIENT_MECH  SASL mechanism Cyrus backends use towards the master
 #                    (default PLAIN; empty lets Cyrus pick)
 
@@ -22,6 +25,7 @@ CORVID_BIN_DIR=${CORVID_BIN_DIR:-${CARGO_TARGET_DIR:-$HOME/.cache/corvid-target}
 INTEROP_TIMEOUT=${INTEROP_TIMEOUT:-30}
 CYRUS_TELEMETRY=${CYRUS_TELEMETRY:-1}
 CYRUS_CLIENT_MECH=${CYRUS_CLIENT_MECH-PLAIN}
+CYRUS_IMAP_MAXCHILD=${CYRUS_IMAP_MAXCHILD:-20}
 
 INTEROP_PASSED=0
 INTEROP_FAILED=0
@@ -672,11 +676,38 @@ EOC
   _cyrus_user "$dir" "$name" "$user" "$pass"
   _cyrus_name_files "$dir" "$imap_port" "$@"
   _cyrus_start "$dir" \
-    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"$ip:$imap_port\" prefork=0 maxchild=20" \
+    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"$ip:$imap_port\" prefork=0 maxchild=$CYRUS_IMAP_MAXCHILD" \
     "$ip:$imap_port" \
     unshare --mount --propagation private -- \
     sh -c 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/services && shift 2 && exec "$@"' \
     backend-namespace "$dir/hosts" "$dir/services"
+}
+
+## start_murder_backends DIR ADMIN PASS PROXY_PASS: the murder of proxy.sh
+## and bench/proxy.sh: one Corvid node (start_corvid, in DIR/corvid) and two
+## real Cyrus backends be1 (127.0.0.2) and be2 (127.0.0.3) on the same IMAP
+## port, reporting to it as ADMIN/PASS, each with $CYRUS_PROXY_USER/PROXY_PASS
+## added. Sets CORVID_PGID, MUPDATE (host:port of the node), IMAP_PORT,
+## BE1_IP, BE2_IP, BE1, BE2 (their directories), BE1_PGID, BE2_PGID and
+## PEERS (be1=IP be2=IP, as cyrus_murder_frontend takes them).
+start_murder_backends() {
+  local dir=$1 admin=$2 pass=$3 proxy_pass=$4 be
+  start_corvid "$dir/corvid" "$admin" "$pass"
+  CORVID_PGID=$SPAWNED_PID
+  MUPDATE=127.0.0.1:$CORVID_MUPDATE_PORT
+  IMAP_PORT=$(free_port)
+  BE1_IP=127.0.0.2
+  BE2_IP=127.0.0.3
+  BE1=$dir/be1
+  BE2=$dir/be2
+  PEERS=("be1=$BE1_IP" "be2=$BE2_IP")
+  cyrus_murder_backend "$BE1" be1 "$BE1_IP" "$IMAP_PORT" "$MUPDATE" "$admin" "$pass" "$proxy_pass" "${PEERS[@]}"
+  BE1_PGID=$SPAWNED_PID
+  cyrus_murder_backend "$BE2" be2 "$BE2_IP" "$IMAP_PORT" "$MUPDATE" "$admin" "$pass" "$proxy_pass" "${PEERS[@]}"
+  BE2_PGID=$SPAWNED_PID
+  for be in "$BE1" "$BE2"; do
+    cyrus_add_user "$be" "$CYRUS_PROXY_USER" "$proxy_pass"
+  done
 }
 
 ## imap_script [--check] [HOST:]PORT USER PASS SCRIPT|-: run imap_session.py
@@ -801,7 +832,7 @@ EOC
   _cyrus_user "$dir" "$name" "$user" "$pass"
   _cyrus_name_files "$dir" "$backend_port" "$@"
   _cyrus_start "$dir" \
-    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"127.0.0.1:$imap_port\" prefork=0 maxchild=20
+    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"127.0.0.1:$imap_port\" prefork=0 maxchild=$CYRUS_IMAP_MAXCHILD
   mupdate cmd=\"$CYRUS_BIN/mupdate -C $dir/imapd.conf\" listen=\"127.0.0.1:$slave_port\" prefork=1 maxchild=1" \
     "$imap_port" \
     unshare --mount --propagation private -- \

@@ -33,8 +33,6 @@ BOB_PASS=bob-secret
 S_PASS=session-secret
 PROXY_PASS=proxy-secret
 SESSION_USERS=(s1 s2 s3)
-BE1_IP=127.0.0.2
-BE2_IP=127.0.0.3
 HERE=$INTEROP_DIR
 
 # reference LABEL TEXT: evidence about what a target does, not an assertion.
@@ -50,21 +48,10 @@ phase() {
 }
 
 # ================================================================ murder
-phase "Corvid registry"
-start_corvid "$WORK/corvid" "$ADMIN" "$PASS"
-CORVID_PGID=$SPAWNED_PID
-MUPDATE=127.0.0.1:$CORVID_MUPDATE_PORT
-
-IMAP_PORT=$(free_port)
-BE1=$WORK/be1
-BE2=$WORK/be2
-PEERS=("be1=$BE1_IP" "be2=$BE2_IP")
+phase "Corvid registry and backends be1, be2"
+start_murder_backends "$WORK" "$ADMIN" "$PASS" "$PROXY_PASS"
 phase "backends be1=$BE1_IP:$IMAP_PORT be2=$BE2_IP:$IMAP_PORT"
-cyrus_murder_backend "$BE1" be1 "$BE1_IP" "$IMAP_PORT" "$MUPDATE" "$ADMIN" "$PASS" "$PROXY_PASS" "${PEERS[@]}"
-cyrus_murder_backend "$BE2" be2 "$BE2_IP" "$IMAP_PORT" "$MUPDATE" "$ADMIN" "$PASS" "$PROXY_PASS" "${PEERS[@]}"
-BE2_PGID=$SPAWNED_PID
 for be in "$BE1" "$BE2"; do
-  cyrus_add_user "$be" "$CYRUS_PROXY_USER" "$PROXY_PASS"
   cyrus_add_user "$be" alice "$ALICE_PASS"
   cyrus_add_user "$be" bob "$BOB_PASS"
   for u in "${SESSION_USERS[@]}"; do cyrus_add_user "$be" "$u" "$S_PASS"; done
