@@ -118,6 +118,28 @@ load() {
     --watch-pid "$pid" "${backend[@]}" --quiet "$@" | grep -v '^{'
 }
 
+# Idle sessions first, while the servers are fresh: memory growth is read
+# from before to after opening, and Cyrus keeps the imapd processes it
+# forked for later connections (an earlier run's processes would hide the
+# cost). Through the Cyrus frontend (one imapd process per client
+# connection, and one on be1 per selected session) $IDLE_SELECTED sessions
+# in IDLE on INBOX; through corvid-proxy the same, then $IDLE logged in but
+# unselected (a LOGIN is checked on be1 and that connection closed: no
+# backend connection stays).
+idle() {
+  local label=$1 addr=$2 pid=$3 n=$4 mode=$5 backend=()
+  shift 5
+  [[ $pid == "$BE1_PGID" ]] || backend=(--watch-backend-pid "$BE1_PGID")
+  phase "$label: $n idle sessions ($mode), held ${HOLD}s"
+  "$CTL" imap-bench --server "$addr" --password "$UPASS" --label "$label" --json "$RESULTS" \
+    --watch-pid "$pid" "${backend[@]}" --quiet --workload idle -C "$n" --idle-mode "$mode" \
+    --hold "$HOLD" --duration 300 --user-prefix b --users "${#SESSION_USERS[@]}" "$@" | grep -v '^{'
+}
+idle cyrus-frontend "127.0.0.1:$FE_PORT" "$FE_PID" "$IDLE_SELECTED" idle
+idle corvid-proxy "$CORVID_PROXY_IMAP" "$PROXY_PID" "$IDLE_SELECTED" idle
+idle corvid-proxy "$CORVID_PROXY_IMAP" "$PROXY_PID" "$IDLE" login
+
+
 for t in "${TARGETS[@]}"; do
   IFS== read -r label addr pid <<<"$t"
   phase "$label: sessions, fetch-bodies, append"
@@ -131,26 +153,6 @@ for t in "${TARGETS[@]}"; do
   load "$label" "$addr" "$pid" --workload append -C 4 --duration "$SECS" --count "$APPENDS" \
     --size 1048576 --user-prefix ap --users "${#APPEND_USERS[@]}"
 done
-
-# Idle sessions. Through corvid-proxy: $IDLE logged in but unselected (a
-# LOGIN is checked on be1 and that connection closed: no backend connection
-# stays), and $IDLE_SELECTED in IDLE on INBOX (each one imapd on be1).
-# Through the Cyrus frontend (one imapd process per client connection) the
-# same $IDLE_SELECTED in IDLE, and as many logged in only.
-idle() {
-  local label=$1 addr=$2 pid=$3 n=$4 mode=$5 backend=()
-  shift 5
-  [[ $pid == "$BE1_PGID" ]] || backend=(--watch-backend-pid "$BE1_PGID")
-  phase "$label: $n idle sessions ($mode), held ${HOLD}s"
-  "$CTL" imap-bench --server "$addr" --password "$UPASS" --label "$label" --json "$RESULTS" \
-    --watch-pid "$pid" "${backend[@]}" --quiet --workload idle -C "$n" --idle-mode "$mode" \
-    --hold "$HOLD" --duration 300 --user-prefix b --users "${#SESSION_USERS[@]}" "$@" | grep -v '^{'
-}
-idle corvid-proxy "$CORVID_PROXY_IMAP" "$PROXY_PID" "$IDLE" login
-idle corvid-proxy "$CORVID_PROXY_IMAP" "$PROXY_PID" "$IDLE_SELECTED" idle
-idle cyrus-frontend "127.0.0.1:$FE_PORT" "$FE_PID" "$IDLE_SELECTED" login
-idle cyrus-frontend "127.0.0.1:$FE_PORT" "$FE_PID" "$IDLE_SELECTED" idle
-idle direct-be1 "$BE1_ADDR" "$BE1_PGID" "$IDLE_SELECTED" idle
 
 cp "$RESULTS" "$ROOT/bench/last-proxy-results.jsonl"
 python3 "$ROOT/bench/proxy_report.py" "$ROOT/bench/last-proxy-results.jsonl" \
