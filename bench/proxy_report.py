@@ -113,16 +113,18 @@ def section(path, seconds=None, hold=None):
         out.append("")
         out.append(
             "| target | mode | sessions | open | alive after hold | open s | RSS KiB/session | "
-            "PSS KiB/session | server processes | hold CPU % | be1 PSS KiB/session | be1 hold CPU % |"
+            "PSS KiB/session | server processes | PSS KiB/process | hold CPU % | be1 PSS KiB/session | be1 hold CPU % |"
         )
-        out.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        out.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in idles:
             i = r["idle"]
             out.append(
-                "| %s | %s | %d | %d | %d | %.1f | %s | %s | %s | %s | %s | %s |"
+                "| %s | %s | %d | %d | %d | %.1f | %s | %s | %s | %s | %s | %s | %s |"
                 % (r["label"], i["mode"], i["requested"], i["open"], i["alive_after_hold"],
                    i["open_seconds"], fmt(i["rss_per_session_kib"]), fmt(i["pss_per_session_kib"]),
-                   r.get("server_procs") or "", fmt(i["hold_cpu_percent"], 2),
+                   r.get("server_procs") or "",
+                   fmt(i["pss_after_kib"] / r["server_procs"]) if r.get("server_procs") and i.get("pss_after_kib") is not None else "",
+                   fmt(i["hold_cpu_percent"], 2),
                    fmt(i["backend_pss_per_session_kib"]), fmt(i["backend_hold_cpu_percent"], 2))
             )
     out.append("")
