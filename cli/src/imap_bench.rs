@@ -381,7 +381,7 @@ Date: Mon, 30 Nov 2026 00:00:00 +0000\r\n\r\n"
     }
     if m.len() + 2 < size {
         let rest = size - m.len() - 2;
-        m.extend(std::iter::repeat(b'y').take(rest));
+        m.extend(std::iter::repeat_n(b'y', rest));
         m.extend_from_slice(b"\r\n");
     }
     m
