@@ -17,6 +17,8 @@
 #                        imapd on be1) through corvid-proxy and through the
 #                        Cyrus frontend (default 500)
 #   BENCH_HOLD           seconds the idle sessions are held (default 20)
+#   BENCH_ORDER          the order of the load runs' targets (default
+#                        "corvid-proxy cyrus-frontend direct-be1")
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export SERVER=corvid CYRUS_TELEMETRY=0
@@ -140,7 +142,10 @@ idle corvid-proxy "$CORVID_PROXY_IMAP" "$PROXY_PID" "$IDLE_SELECTED" idle
 idle corvid-proxy "$CORVID_PROXY_IMAP" "$PROXY_PID" "$IDLE" login
 
 
-for t in "${TARGETS[@]}"; do
+for name in ${BENCH_ORDER:-corvid-proxy cyrus-frontend direct-be1}; do
+  t=
+  for x in "${TARGETS[@]}"; do [[ ${x%%=*} == "$name" ]] && t=$x; done
+  [[ -n $t ]] || die "BENCH_ORDER: no target $name"
   IFS== read -r label addr pid <<<"$t"
   phase "$label: sessions, fetch-bodies, append"
   for c in 1 8 32; do
