@@ -135,29 +135,42 @@ idle() {
   phase "$label: $n idle sessions ($mode), held ${HOLD}s"
   "$CTL" imap-bench --server "$addr" --password "$UPASS" --label "$label" --json "$RESULTS" \
     --watch-pid "$pid" "${backend[@]}" --quiet --workload idle -C "$n" --idle-mode "$mode" \
-    --hold "$HOLD" --duration 300 --user-prefix b --users "${#SESSION_USERS[@]}" "$@" | grep -v '^{'
+    --hold "$HOLD" --duration 180 --user-prefix b --users "${#SESSION_USERS[@]}" "$@" | grep -v '^{'
 }
 idle cyrus-frontend "127.0.0.1:$FE_PORT" "$FE_PID" "$IDLE_SELECTED" idle
 idle corvid-proxy "$CORVID_PROXY_IMAP" "$PROXY_PID" "$IDLE_SELECTED" idle
 idle corvid-proxy "$CORVID_PROXY_IMAP" "$PROXY_PID" "$IDLE" login
 
 
+# Row by row, the targets back to back (in BENCH_ORDER), so that a drift of
+# this shared machine over the run (other jobs, Cyrus's state) touches the
+# three figures of a row alike.
+ORDER=()
 for name in ${BENCH_ORDER:-corvid-proxy cyrus-frontend direct-be1}; do
   t=
   for x in "${TARGETS[@]}"; do [[ ${x%%=*} == "$name" ]] && t=$x; done
   [[ -n $t ]] || die "BENCH_ORDER: no target $name"
-  IFS== read -r label addr pid <<<"$t"
-  phase "$label: sessions, fetch-bodies, append"
-  for c in 1 8 32; do
-    load "$label" "$addr" "$pid" --workload sessions -C "$c" --duration "$SECS" \
-      --user-prefix b --users "${#SESSION_USERS[@]}"
-  done
-  for c in 1 4; do
-    load "$label" "$addr" "$pid" --workload fetch-bodies -C "$c" --duration "$SECS" --user big
-  done
-  load "$label" "$addr" "$pid" --workload append -C 4 --duration "$SECS" --count "$APPENDS" \
-    --size 1048576 --user-prefix ap --users "${#APPEND_USERS[@]}"
+  ORDER+=("$t")
 done
+# each_target ARGS...: load ARGS through every target.
+each_target() {
+  local t label addr pid
+  for t in "${ORDER[@]}"; do
+    IFS== read -r label addr pid <<<"$t"
+    load "$label" "$addr" "$pid" "$@"
+  done
+}
+for c in 1 8 32; do
+  phase "sessions, $c connections"
+  each_target --workload sessions -C "$c" --duration "$SECS" --user-prefix b --users "${#SESSION_USERS[@]}"
+done
+for c in 1 4; do
+  phase "fetch-bodies, $c connections"
+  each_target --workload fetch-bodies -C "$c" --duration "$SECS" --user big
+done
+phase "append, 4 connections"
+each_target --workload append -C 4 --duration "$SECS" --count "$APPENDS" \
+  --size 1048576 --user-prefix ap --users "${#APPEND_USERS[@]}"
 
 # The section goes into docs/src/benchmarks.md now and, as
 # bench/proxy-results.md, into every page make bench writes later.

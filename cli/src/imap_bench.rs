@@ -202,7 +202,9 @@ impl Imap {
             line: Vec::new(),
             timeout,
         };
-        let (first, _) = c.read_response().await?;
+        let (first, _) = tokio::time::timeout(timeout, c.read_response())
+            .await
+            .context("no greeting in time")??;
         if !first.starts_with(b"* OK") {
             bail!("greeting: {}", String::from_utf8_lossy(&first).trim_end());
         }
@@ -756,7 +758,12 @@ async fn idle(shared: Arc<Shared>, watch: &Watch) -> anyhow::Result<()> {
                     return false;
                 }
                 Err(_) => {
-                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                    if shared.errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                        eprintln!(
+                            "imap-bench: session {k} not open after {} s (--duration)",
+                            shared.args.duration
+                        );
+                    }
                     opened_tx.send(false).await.ok();
                     return false;
                 }
