@@ -7,7 +7,7 @@ CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/release
 ARGS ?=
 
-.PHONY: run build test lint unit interop jepsen-short jepsen bench bench-failover bench-join docs deps-build deps-test clean-data fuzz
+.PHONY: run build test lint unit interop jepsen-short jepsen bench bench-proxy bench-failover bench-join docs deps-build deps-test clean-data fuzz
 
 deps-build:
 	@bash scripts/install-deps.sh build
@@ -56,6 +56,12 @@ jepsen: build deps-test
 ## Benchmarks against a real Cyrus master; writes docs/src/benchmarks.md.
 bench: build deps-test
 	CORVID_BIN_DIR=$(BIN) bash bench/run.sh
+
+## IMAP through corvid-proxy, a real Cyrus 3.6 frontend and directly to a
+## backend (sessions/s, FETCH and APPEND MB/s, idle sessions' memory and CPU);
+## writes its section of docs/src/benchmarks.md. Knobs: bench/proxy.sh.
+bench-proxy: build deps-test
+	CORVID_BIN_DIR=$(BIN) bash bench/proxy.sh
 
 ## A node and a replica join a cluster of 1,000,000 mailboxes; UPDATE dump time.
 bench-join: build deps-test

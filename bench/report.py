@@ -89,10 +89,11 @@ if dumps:
     for r in dumps:
         out.append("| %s | %d | %d | %.2f | %.2f |" % (
             r["label"], r["entries"], r["ops"], r["p50_ms"] / 1000, r["max_ms"] / 1000))
-# Figures from `make bench-join` and the hand-written analysis live beside
+# Figures from `make bench-join` and `make bench-proxy` (its section, rendered
+# by proxy_report.py) and the hand-written analysis live beside
 # this script, so a new run of `make bench` keeps them.
 here = os.path.dirname(os.path.abspath(__file__))
-for extra in ("join-results.md", "notes.md"):
+for extra in ("join-results.md", "proxy-results.md", "notes.md"):
     path = os.path.join(here, extra)
     if os.path.exists(path):
         out.append("")

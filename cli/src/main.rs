@@ -1,9 +1,10 @@
-//! `corvidctl`: MUPDATE shell, mailbox lookups, credentials and a load
-//! generator for Corvid or any Cyrus MUPDATE server.
+//! `corvidctl`: MUPDATE shell, mailbox lookups, credentials and load
+//! generators for Corvid or any Cyrus MUPDATE server, and for IMAP proxies.
 
 mod bench;
 mod cluster;
 mod conn;
+mod imap_bench;
 mod propagation;
 
 use std::io::Read;
@@ -50,6 +51,9 @@ enum Cmd {
     User(UserCmd),
     /// Load generator: drives a MUPDATE server and prints throughput and latency.
     Bench(bench::BenchArgs),
+    /// IMAP load generator: sessions, FETCH of bodies, APPEND or idle
+    /// sessions against corvid-proxy, a Cyrus frontend or a backend.
+    ImapBench(imap_bench::ImapBenchArgs),
     /// Commit-to-visible time: ACTIVATE on a master, wait until another
     /// server (a replica, a Cyrus slave) shows the change.
     Propagation(propagation::PropagationArgs),
@@ -174,6 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::User(cmd) => user(cmd),
         Cmd::Bench(args) => bench::run(args).await,
+        Cmd::ImapBench(args) => imap_bench::run(args).await,
         Cmd::Propagation(args) => propagation::run(args).await,
         Cmd::Cluster { peer, tls, command } => cluster::run(&peer, &tls, command).await,
     }

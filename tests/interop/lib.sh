@@ -12,6 +12,9 @@
 #   INTEROP_KEEP=1   keep the temporary directory (printed on exit)
 #   CYRUS_TELEMETRY  1 (default): Cyrus writes protocol transcripts under
 #                    conf/log/<user>/; set 0 for benchmarks
+#   CYRUS_IMAP_MAXCHILD  imapd processes a murder backend or frontend
+#                    (cyrus_murder_backend, cyrus_murder_frontend) may fork,
+#                    one per open connection (default 20)
 #   CYRUS_CLIENT_MECH  SASL mechanism Cyrus backends use towards the master
 #                    (default PLAIN; empty lets Cyrus pick)
 #   CYRUS_UNIXHIERARCHYSEP  1: every Cyrus instance started from now on has
@@ -29,6 +32,7 @@ CYRUS_TELEMETRY=${CYRUS_TELEMETRY:-1}
 CYRUS_CLIENT_MECH=${CYRUS_CLIENT_MECH-PLAIN}
 CYRUS_UNIXHIERARCHYSEP=${CYRUS_UNIXHIERARCHYSEP:-0}
 PROXY_UNIXHIERARCHYSEP=${PROXY_UNIXHIERARCHYSEP:-0}
+CYRUS_IMAP_MAXCHILD=${CYRUS_IMAP_MAXCHILD:-20}
 
 INTEROP_PASSED=0
 INTEROP_FAILED=0
@@ -754,12 +758,51 @@ EOC
   _cyrus_user "$dir" "$name" "$user" "$pass"
   _cyrus_name_files "$dir" "$imap_port" "$@"
   _cyrus_start "$dir" \
-    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"$ip:$imap_port\" prefork=0 maxchild=20$(_cyrus_lmtp_service "$ip" "$dir" "${CYRUS_LMTP_PORT:-}")${CYRUS_POP3_PORT:+
+    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"$ip:$imap_port\" prefork=0 maxchild=$CYRUS_IMAP_MAXCHILD$(_cyrus_lmtp_service "$ip" "$dir" "${CYRUS_LMTP_PORT:-}")${CYRUS_POP3_PORT:+
   pop3 cmd=\"$CYRUS_BIN/pop3d -C $dir/imapd.conf\" listen=\"$ip:$CYRUS_POP3_PORT\" prefork=0 maxchild=20}" \
     "$ip:$imap_port" \
     unshare --mount --propagation private -- \
     sh -c 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/services && shift 2 && exec "$@"' \
     backend-namespace "$dir/hosts" "$dir/services"
+}
+
+## start_murder_backends DIR ADMIN PASS PROXY_PASS: the murder of proxy.sh
+## and bench/proxy.sh: a three-master Corvid cluster (start_corvid_cluster,
+## in DIR/corvid) and two real Cyrus backends be1 (127.0.0.2) and be2
+## (127.0.0.3) on the same IMAP, LMTP and POP3 ports, reporting to node 1 as
+## ADMIN/PASS, each with $CYRUS_PROXY_USER/PROXY_PASS added. Sets MUPDATE
+## (node 1's host:port), CORVID_PROXY_MASTERS, IMAP_PORT, CYRUS_LMTP_PORT,
+## CYRUS_POP3_PORT, CYRUS_FE_POP3_PORT,
+## BE1_IP, BE2_IP, BE1, BE2 (their directories), BE1_PGID, BE2_PGID and
+## PEERS (be1=IP be2=IP, as cyrus_murder_frontend takes them).
+start_murder_backends() {
+  local dir=$1 admin=$2 pass=$3 proxy_pass=$4 be
+  # Three masters (proxy.sh's outage phase stops them all). Backends and
+  # the Cyrus frontend talk MUPDATE to node 1; corvid-proxy's replica
+  # follows all three.
+  start_corvid_cluster 3 "$dir/corvid" "$admin" "$pass"
+  MUPDATE=${CORVID_CLUSTER_MUPDATE%% *}
+  CORVID_PROXY_MASTERS=$CORVID_CLUSTER_PEERS
+  IMAP_PORT=$(free_port)
+  # Every backend's lmtpd and pop3d listen on these ports at its own
+  # address, as imapd does on IMAP_PORT; the reference frontend's pop3d on
+  # CYRUS_FE_POP3_PORT (read by cyrus_murder_* and start_corvid_proxy).
+  CYRUS_LMTP_PORT=$(free_port)
+  CYRUS_POP3_PORT=$(free_port)
+  CYRUS_FE_POP3_PORT=$(free_port)
+  export CORVID_PROXY_MASTERS CYRUS_LMTP_PORT CYRUS_POP3_PORT CYRUS_FE_POP3_PORT
+  BE1_IP=127.0.0.2
+  BE2_IP=127.0.0.3
+  BE1=$dir/be1
+  BE2=$dir/be2
+  PEERS=("be1=$BE1_IP" "be2=$BE2_IP")
+  cyrus_murder_backend "$BE1" be1 "$BE1_IP" "$IMAP_PORT" "$MUPDATE" "$admin" "$pass" "$proxy_pass" "${PEERS[@]}"
+  BE1_PGID=$SPAWNED_PID
+  cyrus_murder_backend "$BE2" be2 "$BE2_IP" "$IMAP_PORT" "$MUPDATE" "$admin" "$pass" "$proxy_pass" "${PEERS[@]}"
+  BE2_PGID=$SPAWNED_PID
+  for be in "$BE1" "$BE2"; do
+    cyrus_add_user "$be" "$CYRUS_PROXY_USER" "$proxy_pass"
+  done
 }
 
 ## imap_script [--check] [HOST:]PORT USER PASS SCRIPT|-: run imap_session.py
@@ -907,7 +950,7 @@ EOC
   _cyrus_user "$dir" "$name" "$user" "$pass"
   _cyrus_name_files "$dir" "$backend_port" "$@"
   _cyrus_start "$dir" \
-    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"127.0.0.1:$imap_port\" prefork=0 maxchild=20
+    "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"127.0.0.1:$imap_port\" prefork=0 maxchild=$CYRUS_IMAP_MAXCHILD
   mupdate cmd=\"$CYRUS_BIN/mupdate -C $dir/imapd.conf\" listen=\"127.0.0.1:$slave_port\" prefork=1 maxchild=1$(
       [[ -z ${CYRUS_FRONTEND_LMTP_SOCKET:-} ]] || _cyrus_lmtp_service "$CYRUS_FRONTEND_LMTP_SOCKET" "$dir" ""
     )${CYRUS_FE_POP3_PORT:+

@@ -50,8 +50,6 @@ BOB_PASS=bob-secret
 S_PASS=session-secret
 PROXY_PASS=proxy-secret
 SESSION_USERS=(s1 s2 s3)
-BE1_IP=127.0.0.2
-BE2_IP=127.0.0.3
 HERE=$INTEROP_DIR
 
 # reference LABEL TEXT: evidence about what a target does, not an assertion.
@@ -67,33 +65,10 @@ phase() {
 }
 
 # ================================================================ murder
-phase "Corvid registry"
-# Three masters: the outage phase stops them all. Backends and the Cyrus
-# frontend talk MUPDATE to node 1; corvid-proxy's replica follows all three.
-start_corvid_cluster 3 "$WORK/corvid" "$ADMIN" "$PASS"
-MUPDATE=${CORVID_CLUSTER_MUPDATE%% *}
-CORVID_PROXY_MASTERS=$CORVID_CLUSTER_PEERS
-export CORVID_PROXY_MASTERS
-
-IMAP_PORT=$(free_port)
-# Every backend's lmtpd listens on this port at its own address (LMTP
-# phases), as imapd does on IMAP_PORT.
-CYRUS_LMTP_PORT=$(free_port)
-export CYRUS_LMTP_PORT
-# Read by cyrus_murder_backend/cyrus_murder_frontend/start_corvid_proxy:
-# backends' pop3d port (shared by both IPs, like IMAP) and the reference
-# frontend's.
-CYRUS_POP3_PORT=$(free_port)
-CYRUS_FE_POP3_PORT=$(free_port)
-BE1=$WORK/be1
-BE2=$WORK/be2
-PEERS=("be1=$BE1_IP" "be2=$BE2_IP")
+phase "Corvid registry and backends be1, be2"
+start_murder_backends "$WORK" "$ADMIN" "$PASS" "$PROXY_PASS"
 phase "backends be1=$BE1_IP:$IMAP_PORT be2=$BE2_IP:$IMAP_PORT"
-cyrus_murder_backend "$BE1" be1 "$BE1_IP" "$IMAP_PORT" "$MUPDATE" "$ADMIN" "$PASS" "$PROXY_PASS" "${PEERS[@]}"
-cyrus_murder_backend "$BE2" be2 "$BE2_IP" "$IMAP_PORT" "$MUPDATE" "$ADMIN" "$PASS" "$PROXY_PASS" "${PEERS[@]}"
-BE2_PGID=$SPAWNED_PID
 for be in "$BE1" "$BE2"; do
-  cyrus_add_user "$be" "$CYRUS_PROXY_USER" "$PROXY_PASS"
   cyrus_add_user "$be" alice "$ALICE_PASS"
   cyrus_add_user "$be" bob "$BOB_PASS"
   for u in "${SESSION_USERS[@]}"; do cyrus_add_user "$be" "$u" "$S_PASS"; done
