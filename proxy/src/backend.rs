@@ -76,6 +76,27 @@ pub enum BackendStream {
     Detached,
 }
 
+impl BackendStream {
+    /// Replaces a plain stream by TLS to `host`, once the protocol's
+    /// STARTTLS (or STLS) was accepted.
+    pub async fn upgrade(
+        &mut self,
+        host: &str,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<(), BackendError> {
+        let BackendStream::Plain(tcp) = std::mem::replace(self, BackendStream::Detached) else {
+            return Err(BackendError::Unusable("TLS started twice".into()));
+        };
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| BackendError::Unusable(format!("TLS server name: {e}")))?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await?;
+        *self = BackendStream::Tls(Box::new(stream));
+        Ok(())
+    }
+}
+
 fn detached() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "backend connection detached")
 }
@@ -248,17 +269,7 @@ impl BackendConn {
             }
             // Nothing the backend sent before the handshake may be used.
             conn.rbuf.clear();
-            let BackendStream::Plain(tcp) =
-                std::mem::replace(&mut conn.stream, BackendStream::Detached)
-            else {
-                return Err(BackendError::Unusable("STARTTLS twice".into()));
-            };
-            let name = rustls::pki_types::ServerName::try_from(addr.host.clone())
-                .map_err(|e| BackendError::Unusable(format!("TLS server name: {e}")))?;
-            let stream = tokio_rustls::TlsConnector::from(tls)
-                .connect(name, tcp)
-                .await?;
-            conn.stream = BackendStream::Tls(Box::new(stream));
+            conn.stream.upgrade(&addr.host, tls).await?;
         }
         Ok(conn)
     }

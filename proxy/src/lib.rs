@@ -14,6 +14,7 @@ pub mod backend;
 pub mod config;
 pub mod daemon;
 pub mod imap;
+pub mod listen;
 pub mod lmtp;
 pub mod login;
 pub mod namespace;

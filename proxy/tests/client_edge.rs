@@ -3,10 +3,6 @@
 //! needed for any of it (the replica follows a master that is not there).
 //! What needs real Cyrus backends is in `tests/interop/proxy.sh`.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{
@@ -15,92 +11,19 @@ use tokio::io::{
 };
 use tokio::net::TcpStream;
 
-fn proxy_bin() -> PathBuf {
-    if let Ok(dir) = std::env::var("CORVID_BIN_DIR") {
-        return Path::new(&dir).join("corvid-proxy");
-    }
-    PathBuf::from(env!("CARGO_BIN_EXE_corvid-proxy"))
-}
+mod common;
 
-struct Proxy {
-    child: Child,
-    imap: String,
-    imaps: String,
-    cert: Vec<u8>,
-    _dir: tempfile::TempDir,
-}
+use common::{tls_connector, Proxy};
 
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts corvid-proxy with a self-signed certificate and `extra` TOML.
+/// corvid-proxy with both IMAP listeners (or the `[imap]` of `extra`).
 fn start(extra: &str) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let cert_pem = cert.cert.pem();
-    std::fs::write(dir.path().join("cert.pem"), &cert_pem).unwrap();
-    std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
-    let config = format!(
-        "[proxy]\ndata_dir = \"{d}/replica\"\n\
-         [replica]\nmasters = [\"127.0.0.1:9\"]\n\
-         [tls]\ncert = \"{d}/cert.pem\"\nkey = \"{d}/key.pem\"\n\
-         [backend]\npassword = \"unused\"\n\
-         [metrics]\nlisten = \"\"\n\
-         {extra}\n",
-        d = dir.path().display()
-    );
-    let config = if config.contains("[imap]") {
-        config
+    if extra.contains("[imap]") {
+        common::start(extra)
     } else {
-        config + "[imap]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n"
-    };
-    std::fs::write(dir.path().join("proxy.toml"), config).unwrap();
-    let mut child = Command::new(proxy_bin())
-        .arg("--config")
-        .arg(dir.path().join("proxy.toml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("corvid-proxy starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        line.starts_with("corvid-proxy ready"),
-        "ready line: {line:?}"
-    );
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .unwrap()
-            .to_string()
-    };
-    Proxy {
-        imap: field("imap="),
-        imaps: field("imaps="),
-        cert: cert_pem.into_bytes(),
-        child,
-        _dir: dir,
+        common::start(&format!(
+            "[imap]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n{extra}"
+        ))
     }
-}
-
-fn tls_connector(cert_pem: &[u8]) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut &cert_pem[..]) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
 /// Reads lines until one starts with `prefix` (5 s bound); returns them all.
@@ -134,7 +57,7 @@ async fn send<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) {
 #[tokio::test]
 async fn starttls_discards_what_was_sent_before_the_handshake() {
     let proxy = start("");
-    let mut conn = TokioBufReader::new(TcpStream::connect(&proxy.imap).await.unwrap());
+    let mut conn = TokioBufReader::new(TcpStream::connect(&proxy.addr("imap")).await.unwrap());
     let greeting = read_until(&mut conn, "* OK").await;
     assert!(greeting[0].contains("STARTTLS"), "{greeting:?}");
     // The injection: a command pipelined behind STARTTLS in the same
@@ -161,7 +84,7 @@ async fn starttls_discards_what_was_sent_before_the_handshake() {
 #[tokio::test]
 async fn implicit_tls_greets_inside_tls() {
     let proxy = start("");
-    let tcp = TcpStream::connect(&proxy.imaps).await.unwrap();
+    let tcp = TcpStream::connect(&proxy.addr("imaps")).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = tls_connector(&proxy.cert).connect(name, tcp).await.unwrap();
     let mut tls = TokioBufReader::new(tls);
@@ -175,7 +98,7 @@ async fn implicit_tls_greets_inside_tls() {
 #[tokio::test]
 async fn bad_input_gets_bad_and_the_session_goes_on() {
     let proxy = start("[imap]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\nmax_line_bytes = 1024\nmax_literal_bytes = 4096\n");
-    let mut conn = TokioBufReader::new(TcpStream::connect(&proxy.imap).await.unwrap());
+    let mut conn = TokioBufReader::new(TcpStream::connect(&proxy.addr("imap")).await.unwrap());
     read_until(&mut conn, "* OK").await;
     let cases: &[(&[u8], &str)] = &[
         (b"\x00\xff\xfe garbage\r\n", "BAD"),
@@ -219,11 +142,11 @@ async fn idle_unauthenticated_sessions_are_closed_and_sessions_are_capped() {
     let proxy = start(
         "[imap]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\nlogin_timeout_secs = 1\nmax_sessions = 2\n",
     );
-    let mut a = TokioBufReader::new(TcpStream::connect(&proxy.imap).await.unwrap());
+    let mut a = TokioBufReader::new(TcpStream::connect(&proxy.addr("imap")).await.unwrap());
     read_until(&mut a, "* OK").await;
-    let mut b = TokioBufReader::new(TcpStream::connect(&proxy.imap).await.unwrap());
+    let mut b = TokioBufReader::new(TcpStream::connect(&proxy.addr("imap")).await.unwrap());
     read_until(&mut b, "* OK").await;
-    let mut c = TokioBufReader::new(TcpStream::connect(&proxy.imap).await.unwrap());
+    let mut c = TokioBufReader::new(TcpStream::connect(&proxy.addr("imap")).await.unwrap());
     let refused = read_until(&mut c, "* ").await;
     assert!(refused[0].starts_with("* BYE"), "{refused:?}");
     // The login timeout ends the first two.

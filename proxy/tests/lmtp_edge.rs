@@ -4,76 +4,22 @@
 //! oversized input. Deliveries to real Cyrus backends are in
 //! `tests/interop/proxy.sh`.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::{TcpStream, UnixStream};
 
-fn proxy_bin() -> PathBuf {
-    if let Ok(dir) = std::env::var("CORVID_BIN_DIR") {
-        return Path::new(&dir).join("corvid-proxy");
-    }
-    PathBuf::from(env!("CARGO_BIN_EXE_corvid-proxy"))
-}
+mod common;
 
-struct Proxy {
-    child: Child,
-    lmtp: String,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::Proxy;
 
 fn start() -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("lmtp.sock");
-    let config = format!(
-        "[proxy]\ndata_dir = \"{d}/replica\"\n\
-         [replica]\nmasters = [\"127.0.0.1:9\"]\nlookup_sync_ms = 200\n\
-         [imap]\nlisten = \"\"\n\
-         [lmtp]\nlisten = \"127.0.0.1:0\"\nunix_socket = \"{s}\"\nmax_message_bytes = 10000\nmax_recipients = 3\n\
-         [backend]\npassword = \"unused\"\n\
-         [backends]\nbe1 = \"127.0.0.1:9\"\n\
-         [metrics]\nlisten = \"\"\n",
-        d = dir.path().display(),
-        s = socket.display()
-    );
-    std::fs::write(dir.path().join("proxy.toml"), config).unwrap();
-    let mut child = Command::new(proxy_bin())
-        .arg("--config")
-        .arg(dir.path().join("proxy.toml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("corvid-proxy starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        line.starts_with("corvid-proxy ready"),
-        "ready line: {line:?}"
-    );
-    let lmtp = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("lmtp="))
-        .unwrap()
-        .to_string();
-    Proxy {
-        child,
-        lmtp,
-        socket,
-        _dir: dir,
-    }
+    common::start(
+        "[replica]\nmasters = [\"127.0.0.1:9\"]\nlookup_sync_ms = 200\n\
+         [lmtp]\nlisten = \"127.0.0.1:0\"\nunix_socket = \"{dir}/lmtp.sock\"\n\
+         max_message_bytes = 10000\nmax_recipients = 3\n\
+         [backends]\nbe1 = \"127.0.0.1:9\"\n",
+    )
 }
 
 /// Sends `input`, then reads `replies` reply lines (5 s bound each).
@@ -109,7 +55,7 @@ where
 #[tokio::test]
 async fn an_unknown_recipient_is_deferred_while_the_replica_has_never_synchronised() {
     let proxy = start();
-    let mut conn = TokioBufReader::new(TcpStream::connect(&proxy.lmtp).await.unwrap());
+    let mut conn = TokioBufReader::new(TcpStream::connect(&proxy.addr("lmtp")).await.unwrap());
     let greeting = exchange(&mut conn, b"", 1).await;
     assert!(greeting[0].starts_with("220 "), "{greeting:?}");
     let r = exchange(
@@ -129,7 +75,11 @@ async fn an_unknown_recipient_is_deferred_while_the_replica_has_never_synchronis
 #[tokio::test]
 async fn bad_commands_and_limits_get_clear_replies() {
     let proxy = start();
-    let mut conn = TokioBufReader::new(UnixStream::connect(&proxy.socket).await.unwrap());
+    let mut conn = TokioBufReader::new(
+        UnixStream::connect(proxy.dir.path().join("lmtp.sock"))
+            .await
+            .unwrap(),
+    );
     exchange(&mut conn, b"", 1).await;
     let cases: &[(&[u8], &str)] = &[
         (b"MAIL FROM:<a@b>\r\n", "503 5.5.1"),

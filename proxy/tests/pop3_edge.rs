@@ -5,10 +5,7 @@
 //! there; a stand-in `saslauthd` answers password checks). Logins through
 //! to real Cyrus pop3d backends are in `tests/interop/proxy.sh`.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -18,91 +15,18 @@ use tokio::io::{
 };
 use tokio::net::{TcpStream, UnixListener};
 
-fn proxy_bin() -> PathBuf {
-    if let Ok(dir) = std::env::var("CORVID_BIN_DIR") {
-        return Path::new(&dir).join("corvid-proxy");
-    }
-    PathBuf::from(env!("CARGO_BIN_EXE_corvid-proxy"))
-}
+mod common;
 
-struct Proxy {
-    child: Child,
-    pop3: String,
-    pop3s: String,
-    cert: Vec<u8>,
-    dir: tempfile::TempDir,
-}
+use common::{tls_connector, Proxy};
 
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts corvid-proxy with a self-signed certificate, both POP3
-/// listeners, and `extra` TOML (`{dir}` is replaced by its directory).
+/// corvid-proxy with both POP3 listeners; `pop3_extra` goes into `[pop3]`,
+/// `extra` after it (`{dir}` is the proxy's directory).
 fn start(pop3_extra: &str, extra: &str) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let cert_pem = cert.cert.pem();
-    std::fs::write(dir.path().join("cert.pem"), &cert_pem).unwrap();
-    std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
-    let config = format!(
-        "[proxy]\ndata_dir = \"{d}/replica\"\n\
-         [replica]\nmasters = [\"127.0.0.1:9\"]\nlookup_sync_ms = 200\n\
-         [tls]\ncert = \"{d}/cert.pem\"\nkey = \"{d}/key.pem\"\n\
-         [backend]\npassword = \"unused\"\n\
-         [metrics]\nlisten = \"\"\n\
+    common::start(&format!(
+        "[replica]\nmasters = [\"127.0.0.1:9\"]\nlookup_sync_ms = 200\n\
          [imap]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"\"\nfailed_login_delay_ms = 300\n\
-         [pop3]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n{pop3_extra}\n\
-         {extra}\n",
-        d = dir.path().display()
-    )
-    .replace("{dir}", &dir.path().display().to_string());
-    std::fs::write(dir.path().join("proxy.toml"), config).unwrap();
-    let mut child = Command::new(proxy_bin())
-        .arg("--config")
-        .arg(dir.path().join("proxy.toml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("corvid-proxy starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        line.starts_with("corvid-proxy ready"),
-        "ready line: {line:?}"
-    );
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .unwrap()
-            .to_string()
-    };
-    Proxy {
-        pop3: field("pop3="),
-        pop3s: field("pop3s="),
-        cert: cert_pem.into_bytes(),
-        child,
-        dir,
-    }
-}
-
-fn tls_connector(cert_pem: &[u8]) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut &cert_pem[..]) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+         [pop3]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n{pop3_extra}\n{extra}\n"
+    ))
 }
 
 /// One line (5 s bound), without CRLF; `<EOF>` when the proxy closed.
@@ -152,7 +76,7 @@ fn plain(authz: &str, authn: &str, pass: &str) -> String {
 #[tokio::test]
 async fn stls_discards_what_was_sent_before_the_handshake() {
     let proxy = start("", "");
-    let mut conn = connect(&proxy.pop3).await;
+    let mut conn = connect(&proxy.addr("pop3")).await;
     send(conn.get_mut(), b"CAPA\r\n").await;
     let capa = multiline(&mut conn).await;
     assert!(capa.contains(&"STLS".to_string()), "{capa:?}");
@@ -183,7 +107,7 @@ async fn stls_discards_what_was_sent_before_the_handshake() {
 #[tokio::test]
 async fn implicit_tls_greets_inside_tls() {
     let proxy = start("", "");
-    let tcp = TcpStream::connect(&proxy.pop3s).await.unwrap();
+    let tcp = TcpStream::connect(&proxy.addr("pop3s")).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = tls_connector(&proxy.cert).connect(name, tcp).await.unwrap();
     let mut tls = TokioBufReader::new(tls);
@@ -210,7 +134,7 @@ async fn implicit_tls_greets_inside_tls() {
 #[tokio::test]
 async fn bad_input_gets_err_and_the_session_goes_on() {
     let proxy = start("", "");
-    let mut conn = connect(&proxy.pop3).await;
+    let mut conn = connect(&proxy.addr("pop3")).await;
     let long = format!("USER {}\r\n", "x".repeat(100_000));
     let two_fields = format!(
         "AUTH PLAIN {}\r\n",
@@ -286,7 +210,7 @@ async fn bad_input_gets_err_and_the_session_goes_on() {
 #[tokio::test]
 async fn login_timeout_closes_the_session() {
     let proxy = start("login_timeout_secs = 1", "");
-    let mut conn = connect(&proxy.pop3).await;
+    let mut conn = connect(&proxy.addr("pop3")).await;
     let started = Instant::now();
     // Activity does not extend it: the timeout is for the whole login.
     send(conn.get_mut(), b"CAPA\r\n").await;
@@ -304,7 +228,7 @@ async fn login_timeout_closes_the_session() {
 async fn password_check_unavailable_is_sys_temp() {
     // check = "backend" with no backend configured: nobody can check.
     let proxy = start("", "");
-    let mut conn = connect(&proxy.pop3).await;
+    let mut conn = connect(&proxy.addr("pop3")).await;
     send(conn.get_mut(), b"USER alice\r\nPASS secret\r\n").await;
     assert_eq!(line(&mut conn).await, "+OK Name is a valid mailbox");
     assert_eq!(
@@ -349,7 +273,7 @@ async fn wrong_password_is_auth_after_the_delay_and_a_right_one_finds_no_inbox()
         "[login]\ncheck = \"saslauthd\"\nsaslauthd_socket = \"{dir}/mux\"\n",
     );
     fake_saslauthd(&proxy.dir.path().join("mux"));
-    let mut conn = connect(&proxy.pop3).await;
+    let mut conn = connect(&proxy.addr("pop3")).await;
     let started = Instant::now();
     send(conn.get_mut(), b"USER alice\r\nPASS wrong\r\n").await;
     assert_eq!(line(&mut conn).await, "+OK Name is a valid mailbox");

@@ -3,15 +3,12 @@
 //! `imap.max_sessions` a connection gets `* BYE` at once.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use corvid_registry::net::Acceptor;
-use corvid_registry::tls::MaybeTls;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::imap::session::{self, Shared};
+use crate::listen::{self, Listener};
 
 /// Accepts IMAP connections on `listener` forever. With `implicit_tls`,
 /// each connection starts with a TLS handshake (port 993 style).
@@ -21,39 +18,19 @@ pub async fn serve(
     slots: Arc<Semaphore>,
     implicit_tls: bool,
 ) {
-    let name = if implicit_tls { "imaps" } else { "imap" };
-    let mut acceptor = Acceptor::new(listener, name);
-    loop {
-        let (mut tcp, peer) = acceptor.accept().await;
-        let _ = tcp.set_nodelay(true);
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            metrics::counter!("corvid_proxy_sessions_refused_total", "protocol" => "imap")
-                .increment(1);
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    tcp.write_all(b"* BYE Too many sessions; try again later\r\n"),
-                )
-                .await;
-            });
-            continue;
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let stream = if implicit_tls {
-                let Some(tls) = shared.tls.clone() else {
-                    return;
-                };
-                let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
-                match tokio::time::timeout(Duration::from_secs(30), handshake).await {
-                    Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
-                    _ => return,
-                }
-            } else {
-                MaybeTls::Plain(tcp)
-            };
-            session::run(shared, stream, peer).await;
-            drop(permit);
-        });
-    }
+    let how = Listener {
+        name: if implicit_tls { "imaps" } else { "imap" },
+        protocol: "imap",
+        slots,
+        tls: if implicit_tls {
+            shared.tls.clone()
+        } else {
+            None
+        },
+        refusal: b"* BYE Too many sessions; try again later\r\n",
+    };
+    listen::serve(listener, how, move |stream, peer| {
+        session::run(shared.clone(), stream, peer)
+    })
+    .await
 }

@@ -19,12 +19,12 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use corvid_registry::net::Acceptor;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 
 use crate::backend::BackendSettings;
+use crate::listen::{self, Listener};
 use crate::namespace::Namespace;
 use crate::routing::Router;
 
@@ -57,29 +57,25 @@ pub struct Shared {
 /// Answers a connection over the session cap and closes it.
 async fn refuse<S: tokio::io::AsyncWrite + Unpin>(mut s: S) {
     metrics::counter!("corvid_proxy_sessions_refused_total", "protocol" => "lmtp").increment(1);
-    let _ = tokio::time::timeout(
-        Duration::from_secs(5),
-        s.write_all(b"421 4.3.2 Too many sessions; try again later\r\n"),
-    )
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.write_all(REFUSAL)).await;
 }
+
+/// What an MTA over the session cap is told.
+const REFUSAL: &[u8] = b"421 4.3.2 Too many sessions; try again later\r\n";
 
 /// Accepts LMTP over TCP forever.
 pub async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>, slots: Arc<Semaphore>) {
-    let mut acceptor = Acceptor::new(listener, "lmtp");
-    loop {
-        let (tcp, peer) = acceptor.accept().await;
-        let _ = tcp.set_nodelay(true);
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(tcp));
-            continue;
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            session::run(shared, tcp, peer.to_string()).await;
-            drop(permit);
-        });
-    }
+    let how = Listener {
+        name: "lmtp",
+        protocol: "lmtp",
+        slots,
+        tls: None,
+        refusal: REFUSAL,
+    };
+    listen::serve(listener, how, move |stream, peer| {
+        session::run(shared.clone(), stream, peer.to_string())
+    })
+    .await
 }
 
 /// Accepts LMTP on a UNIX socket forever (Postfix's `lmtp:unix:`).

@@ -127,17 +127,7 @@ async fn login_untimed(
         }
         // Nothing the backend sent before the handshake may be used.
         conn.rbuf.clear();
-        let BackendStream::Plain(tcp) =
-            std::mem::replace(&mut conn.stream, BackendStream::Detached)
-        else {
-            return Err(BackendError::Unusable("STLS twice".into()));
-        };
-        let name = rustls::pki_types::ServerName::try_from(addr.host.clone())
-            .map_err(|e| BackendError::Unusable(format!("TLS server name: {e}")))?;
-        let stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await?;
-        conn.stream = BackendStream::Tls(Box::new(stream));
+        conn.stream.upgrade(&addr.host, tls).await?;
     }
     let token = codec::encode_plain(user, &settings.authname, &settings.password);
     conn.send(&format!("AUTH PLAIN {token}")).await?;

@@ -9,13 +9,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use corvid_registry::net::Acceptor;
-use corvid_registry::tls::MaybeTls;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::backend::BackendSettings;
+use crate::listen::{self, Listener};
 use crate::login::PasswordCheck;
 use crate::namespace::Namespace;
 use crate::routing::Router;
@@ -55,40 +53,19 @@ pub async fn serve(
     slots: Arc<Semaphore>,
     implicit_tls: bool,
 ) {
-    let mut acceptor = Acceptor::new(listener, if implicit_tls { "pop3s" } else { "pop3" });
-    loop {
-        let (mut tcp, peer) = acceptor.accept().await;
-        let _ = tcp.set_nodelay(true);
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            metrics::counter!("corvid_proxy_sessions_refused_total", "protocol" => "pop3")
-                .increment(1);
-            tokio::spawn(async move {
-                // Plaintext even on the implicit-TLS port: a handshake per
-                // refused connection is what an overload cannot afford.
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    tcp.write_all(b"-ERR [SYS/TEMP] Too many sessions; try again later\r\n"),
-                )
-                .await;
-            });
-            continue;
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let stream = if implicit_tls {
-                let Some(tls) = shared.tls.clone() else {
-                    return;
-                };
-                let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
-                match tokio::time::timeout(Duration::from_secs(30), handshake).await {
-                    Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
-                    _ => return,
-                }
-            } else {
-                MaybeTls::Plain(tcp)
-            };
-            session::run(shared, stream, peer).await;
-            drop(permit);
-        });
-    }
+    let how = Listener {
+        name: if implicit_tls { "pop3s" } else { "pop3" },
+        protocol: "pop3",
+        slots,
+        tls: if implicit_tls {
+            shared.tls.clone()
+        } else {
+            None
+        },
+        refusal: b"-ERR [SYS/TEMP] Too many sessions; try again later\r\n",
+    };
+    listen::serve(listener, how, move |stream, peer| {
+        session::run(shared.clone(), stream, peer)
+    })
+    .await
 }
