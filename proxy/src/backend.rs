@@ -5,15 +5,14 @@
 //! (`C1`, `C2`, …), so they never clash with the client's.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
+use corvid_registry::tls::MaybeTls;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::imap::codec::{Frame, FrameError, Framer, Limits};
@@ -66,81 +65,26 @@ pub struct BackendSettings {
     pub limits: Limits,
 }
 
-/// A backend socket, plain or TLS.
-pub enum BackendStream {
-    /// Plain TCP.
-    Plain(TcpStream),
-    /// After STARTTLS.
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-    /// Taken out for the TLS handshake; every I/O fails.
-    Detached,
-}
+/// A backend socket, plain or TLS (after STARTTLS).
+pub type BackendStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
 
-impl BackendStream {
-    /// Replaces a plain stream by TLS to `host`, once the protocol's
-    /// STARTTLS (or STLS) was accepted.
-    pub async fn upgrade(
-        &mut self,
-        host: &str,
-        tls: Arc<rustls::ClientConfig>,
-    ) -> Result<(), BackendError> {
-        let BackendStream::Plain(tcp) = std::mem::replace(self, BackendStream::Detached) else {
-            return Err(BackendError::Unusable("TLS started twice".into()));
-        };
-        let name = rustls::pki_types::ServerName::try_from(host.to_string())
-            .map_err(|e| BackendError::Unusable(format!("TLS server name: {e}")))?;
-        let stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await?;
-        *self = BackendStream::Tls(Box::new(stream));
-        Ok(())
-    }
-}
-
-fn detached() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "backend connection detached")
-}
-
-impl AsyncRead for BackendStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            BackendStream::Detached => Poll::Ready(Err(detached())),
-        }
-    }
-}
-
-impl AsyncWrite for BackendStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            BackendStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            BackendStream::Detached => Poll::Ready(Err(detached())),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            BackendStream::Detached => Poll::Ready(Err(detached())),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            BackendStream::Detached => Poll::Ready(Ok(())),
-        }
-    }
+/// Replaces the plain socket of `stream` by TLS to `host`, once the
+/// protocol's STARTTLS (or STLS) was accepted.
+pub async fn upgrade_to_tls(
+    stream: &mut BackendStream,
+    host: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<(), BackendError> {
+    let Some(tcp) = stream.take_plain() else {
+        return Err(BackendError::Unusable("TLS started twice".into()));
+    };
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| BackendError::Unusable(format!("TLS server name: {e}")))?;
+    let tls_stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await?;
+    *stream = MaybeTls::Tls(Box::new(tls_stream));
+    Ok(())
 }
 
 /// The answer to one command the proxy sent for itself.
@@ -240,7 +184,7 @@ impl BackendConn {
         let _ = tcp.set_nodelay(true);
         let mut conn = BackendConn {
             server: server.to_string(),
-            stream: BackendStream::Plain(tcp),
+            stream: MaybeTls::Plain(tcp),
             rbuf: BytesMut::with_capacity(4096),
             framer: Framer::new(settings.limits),
             next_tag: 0,
@@ -269,7 +213,7 @@ impl BackendConn {
             }
             // Nothing the backend sent before the handshake may be used.
             conn.rbuf.clear();
-            conn.stream.upgrade(&addr.host, tls).await?;
+            upgrade_to_tls(&mut conn.stream, &addr.host, tls).await?;
         }
         Ok(conn)
     }

@@ -44,17 +44,18 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
     Ok(Arc::new(config))
 }
 
-/// A server-side connection, plain or TLS.
-pub enum MaybeTls {
+/// A connection, plain or TLS: server-side by default, client-side with
+/// `T = tokio_rustls::client::TlsStream<TcpStream>`.
+pub enum MaybeTls<T = tokio_rustls::server::TlsStream<TcpStream>> {
     /// Plain TCP.
     Plain(TcpStream),
     /// TLS over TCP (after STARTTLS).
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<T>),
     /// The socket was taken out (during the TLS handshake); every IO fails.
     Detached,
 }
 
-impl MaybeTls {
+impl<T> MaybeTls<T> {
     /// Takes the plain socket out for a TLS handshake, leaving `Detached`.
     pub fn take_plain(&mut self) -> Option<TcpStream> {
         match std::mem::replace(self, MaybeTls::Detached) {
@@ -74,14 +75,14 @@ fn detached() -> io::Error {
     )
 }
 
-impl MaybeTls {
+impl<T> MaybeTls<T> {
     /// Whether TLS is active.
     pub fn is_tls(&self) -> bool {
         matches!(self, MaybeTls::Tls(_))
     }
 }
 
-impl AsyncRead for MaybeTls {
+impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -95,7 +96,7 @@ impl AsyncRead for MaybeTls {
     }
 }
 
-impl AsyncWrite for MaybeTls {
+impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -106,7 +106,7 @@ async fn login_untimed(
     let tcp = TcpStream::connect(addr.host_port()).await?;
     let _ = tcp.set_nodelay(true);
     let mut conn = Conn {
-        stream: BackendStream::Plain(tcp),
+        stream: corvid_registry::tls::MaybeTls::Plain(tcp),
         rbuf: BytesMut::with_capacity(1024),
         lines: LineReader::new(MAX_BACKEND_LINE),
         timeout: settings.command_timeout,
@@ -127,7 +127,7 @@ async fn login_untimed(
         }
         // Nothing the backend sent before the handshake may be used.
         conn.rbuf.clear();
-        conn.stream.upgrade(&addr.host, tls).await?;
+        crate::backend::upgrade_to_tls(&mut conn.stream, &addr.host, tls).await?;
     }
     let token = codec::encode_plain(user, &settings.authname, &settings.password);
     conn.send(&format!("AUTH PLAIN {token}")).await?;
