@@ -465,7 +465,7 @@ async fn fetch_metrics(addr: &str) -> anyhow::Result<String> {
         let mut body = Vec::new();
         s.take(16 << 20).read_to_end(&mut body).await?;
         let text = String::from_utf8_lossy(&body).into_owned();
-        if !text.starts_with("HTTP/1.") || !text.split(' ').nth(1).is_some_and(|c| c == "200") {
+        if !text.starts_with("HTTP/1.") || text.split(' ').nth(1).is_none_or(|c| c != "200") {
             bail!(
                 "metrics at {addr}: {}",
                 text.lines().next().unwrap_or_default()
