@@ -179,9 +179,11 @@ impl Lmtp {
     }
 
     async fn command(&mut self, command: &str) -> anyhow::Result<Reply> {
-        let io = self.io.get_mut();
-        io.write_all(command.as_bytes()).await?;
-        io.write_all(b"\r\n").await?;
+        // One write per command line (the socket has TCP_NODELAY).
+        self.io
+            .get_mut()
+            .write_all(format!("{command}\r\n").as_bytes())
+            .await?;
         self.reply().await
     }
 
@@ -305,12 +307,13 @@ async fn delivery(
             .map(|(route, slot)| route_delivery(route, slot, user, auth, timeout, &message)),
     )
     .await;
+    // The message counts once per delivery, however many transactions.
     let mut refused = Vec::new();
     let mut bytes = 0;
     for r in results {
         let (rf, b) = r?;
         refused.extend(rf);
-        bytes += b;
+        bytes = bytes.max(b);
     }
     let n = refused.len() as u64;
     if n > 0 {
@@ -330,8 +333,9 @@ async fn pop_status(
     command: Option<&str>,
 ) -> anyhow::Result<String> {
     if let Some(c) = command {
-        io.get_mut().write_all(c.as_bytes()).await?;
-        io.get_mut().write_all(b"\r\n").await?;
+        io.get_mut()
+            .write_all(format!("{c}\r\n").as_bytes())
+            .await?;
     }
     let text = read_line(io, line).await?;
     if !text.starts_with("+OK") {
