@@ -27,7 +27,7 @@
 #                        POP3 rows follow it too, direct-be1 standing for
 #                        "direct to the backend(s)")
 #   BENCH_MAIL_SECONDS   length of each LMTP and POP3 run (default BENCH_SECONDS)
-#   BENCH_LMTP_COUNT     deliveries per LMTP run at most (default 1500; the
+#   BENCH_LMTP_COUNT     deliveries per LMTP run at most (default 1000; the
 #                        backends keep every message until the end)
 #   BENCH_PARTS          what to run (default "imap mail"; "mail" alone for
 #                        a quick look at LMTP and POP3)
@@ -40,7 +40,7 @@ IDLE=${BENCH_IDLE:-10000}
 IDLE_SELECTED=${BENCH_IDLE_SELECTED:-500}
 HOLD=${BENCH_HOLD:-20}
 MAIL_SECS=${BENCH_MAIL_SECONDS:-$SECS}
-LMTP_COUNT=${BENCH_LMTP_COUNT:-1500}
+LMTP_COUNT=${BENCH_LMTP_COUNT:-1000}
 PARTS=" ${BENCH_PARTS:-imap mail} "
 # 32 client connections to each lmtpd/pop3d, and a frontend's as many again
 # to the backends: Cyrus's default maxchild (20) would queue them.
