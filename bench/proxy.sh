@@ -320,6 +320,14 @@ if [[ $PARTS == *" mail "* ]]; then
   done
 fi
 
+# corvid-proxy's own view of its LMTP and POP3 backend work (time per
+# backend transaction and login), kept beside the results.
+if [[ $PARTS == *" mail "* ]]; then
+  curl -s --max-time 10 "http://$CORVID_PROXY_METRICS/metrics" |
+    grep -E '^corvid_proxy_(lmtp_backend_seconds|backend_connect_seconds|lmtp_recipients_total|lmtp_spool|logins_total|backend_errors_total)' |
+    grep -E '_(sum|count)\{|_total' >"$ROOT/bench/last-proxy-mail-metrics.txt" || true
+fi
+
 # The section goes into docs/src/benchmarks.md now and, as
 # bench/proxy-results.md, into every page make bench writes later.
 cp "$RESULTS" "$ROOT/bench/last-proxy-results.jsonl"
