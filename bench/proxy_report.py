@@ -16,6 +16,9 @@ from datetime import datetime, timezone
 
 HEADING = "## IMAP proxy (make bench-proxy)"
 PROXY, FRONTEND, DIRECT = "corvid-proxy", "cyrus-frontend", "direct-be1"
+IMAP_LOADS = ("sessions", "fetch-bodies", "append")
+# LMTP and POP3 rows: "direct" is be1, and be2 too for 5 recipients.
+MAIL_DIRECT = "direct"
 
 
 def fmt(v, digits=1):
@@ -28,17 +31,19 @@ def ratio(a, b):
 
 def section(path, seconds=None, hold=None):
     rows = [json.loads(l) for l in open(path) if l.strip()]
-    loads = [r for r in rows if r["workload"] != "idle"]
+    loads = [r for r in rows if r["workload"] in IMAP_LOADS]
+    lmtp = [r for r in rows if r["workload"] == "lmtp"]
+    pop3 = [r for r in rows if r["workload"] == "pop3"]
     idles = [r for r in rows if r["workload"] == "idle"]
     when = datetime.fromtimestamp(os.path.getmtime(path), timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [HEADING, ""]
     out.append(
         "Measured by `make bench-proxy` on %s (%d cores, %s), %s. The load client "
         "(`corvidctl imap-bench`), corvid-proxy, the Cyrus 3.6.1 frontend, both Cyrus "
-        "backends and the Corvid node all share these %d cores, so every figure is "
+        "backends and the three Corvid masters all share these %d cores, so every figure is "
         "bounded by the whole murder's CPU, not by the proxy alone. The murder is the "
-        "one of `tests/interop/proxy.sh` (one Corvid node; real Cyrus 3.6 backends be1 "
-        "and be2, Cyrus telemetry off); the same load goes, in one run, through "
+        "one of `tests/interop/proxy.sh` (three Corvid masters; real Cyrus 3.6 backends "
+        "be1 and be2, Cyrus telemetry off); the same load goes, in one run, through "
         "corvid-proxy (LOGIN checked on be1), through a real Cyrus 3.6 murder frontend "
         "(imapd proxying, its mupdate slave following Corvid) and directly to be1, "
         "where every bench mailbox lives. One command in flight per connection."
@@ -130,10 +135,13 @@ def section(path, seconds=None, hold=None):
                    fmt(i["hold_cpu_percent"], 2),
                    fmt(i["backend_pss_per_session_kib"]), fmt(i["backend_hold_cpu_percent"], 2))
             )
+    if lmtp or pop3:
+        out.extend(mail_sections(lmtp, pop3, seconds))
     out.append("")
     out.append(
         "Targets (issue): corvid-proxy at least as fast as the Cyrus frontend on every "
-        "row (goal 2x), and at most 64 KiB per idle session. Raw results of the last "
+        "row (goal 2x), and at most 64 KiB per idle session; no LMTP delivery through "
+        "corvid-proxy costs a lookup at a master. Raw results of the last "
         "run: `bench/last-proxy-results.jsonl`."
     )
     notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "proxy-notes.md")
@@ -141,6 +149,122 @@ def section(path, seconds=None, hold=None):
         out.append("")
         out.append(open(notes).read().rstrip())
     return "\n".join(out) + "\n"
+
+
+def mail_sections(lmtp, pop3, seconds):
+    out = []
+    if lmtp:
+        out.append("")
+        out.append("### LMTP deliveries")
+        out.append("")
+        out.append(
+            "`corvidctl imap-bench --workload lmtp`: each connection says LHLO once, then "
+            "repeats MAIL FROM, one RCPT TO per recipient, DATA, and reads one reply per "
+            "recipient (one command in flight, no pipelining); a delivery with any non-2xx "
+            "recipient reply counts as an error. Every message has a Message-ID of its own "
+            "(Cyrus suppresses duplicates). 1 recipient: a user on be1; 5 recipients: three "
+            "users on be1 and two on be2; connection i delivers to user number i mod 32. "
+            "corvid-proxy and the Cyrus frontend's lmtpd are reached on their UNIX sockets "
+            "(Postfix's `lmtp:unix:`); they deliver to the backends' lmtpd over TCP. "
+            "*Direct* is the backends' lmtpd over TCP, authenticated once per connection "
+            "with AUTH PLAIN as the proxy user (as both frontends log in there); with 5 "
+            "recipients it is one transaction to be1 and one to be2 per delivery, the two "
+            "in parallel (as corvid-proxy does; Cyrus's frontend goes one after the other). "
+            "%s"
+            "*Master lookups/delivery*: the sum of `corvid_mupdate_commands_total` on the "
+            "three Corvid masters after the run minus before, divided by the deliveries."
+            % ("Each run lasts %s s or until its count of deliveries is reached. " % seconds
+               if seconds else "")
+        )
+        out.append("")
+        out.append(
+            "| recipients | size | conns | corvid-proxy | Cyrus frontend | direct | "
+            "proxy / frontend | proxy / direct | master lookups/delivery: proxy | frontend |"
+        )
+        out.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        by = {}
+        for r in lmtp:
+            by.setdefault((r.get("recipients"), r.get("size"), r["connections"]), {})[r["label"]] = r
+        for (n, size, conns), cell in by.items():
+            val = lambda l: cell[l]["ops_per_sec"] if l in cell else None
+            p, f, d = val(PROXY), val(FRONTEND), val(MAIL_DIRECT)
+            ml = lambda l: fmt(cell[l].get("master_commands_per_op"), 2) if l in cell else ""
+            out.append(
+                "| %s | %s KiB | %d | %s | %s | %s | %s | %s | %s | %s |"
+                % (n, (size or 0) // 1024, conns, fmt(p), fmt(f), fmt(d), ratio(p, f), ratio(p, d),
+                   ml(PROXY), ml(FRONTEND))
+            )
+        out.append("")
+        out.append(
+            "Deliveries/s. Per run: latency of one delivery, errors (deliveries) and "
+            "recipient replies that were not 2xx, the masters' MUPDATE commands during the "
+            "run, and CPU per delivery of the server under test (corvid-proxy; the Cyrus "
+            "frontend's master and its lmtpd processes; for direct, be1 and, with 5 "
+            "recipients, be2) and of the backends behind a frontend (be1 and be2)."
+        )
+        out.append("")
+        out.append(
+            "| target | rcpts | size KiB | conns | deliveries | errors | rcpt non-2xx | "
+            "deliveries/s | MB/s | p50 ms | p99 ms | master cmds | server CPU ms/op | "
+            "backends CPU ms/op |"
+        )
+        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in lmtp:
+            out.append(
+                "| %s | %s | %d | %d | %d | %d | %s | %.1f | %.1f | %.2f | %.2f | %s | %s | %s |"
+                % (r["label"], r.get("recipients"), (r.get("size") or 0) // 1024, r["connections"],
+                   r["ops"], r["errors"], r.get("rcpt_errors", ""), r["ops_per_sec"], r["mb_per_sec"],
+                   r["p50_ms"], r["p99_ms"], r.get("master_commands", ""),
+                   fmt(r.get("server_cpu_ms_per_op"), 3),
+                   fmt(r.get("backend_cpu_ms_per_op") if r["label"] != MAIL_DIRECT else r.get("server_cpu_ms_per_op"), 3))
+            )
+    if pop3:
+        out.append("")
+        out.append("### POP3 sessions")
+        out.append("")
+        out.append(
+            "`corvidctl imap-bench --workload pop3`: one operation is a whole session: "
+            "connect, USER/PASS, STAT, RETR 1 (4 KiB; four messages in the maildrop), QUIT. "
+            "Connection i logs in as user p{i} on be1 (Cyrus's pop3d locks the maildrop, so "
+            "no two connections share one). Targets: corvid-proxy's POP3 port (password "
+            "checked on be1, then AUTH PLAIN on be1's pop3d as the proxy user for the "
+            "user), the Cyrus frontend's pop3d (proxying to be1's pop3d) and be1's pop3d "
+            "directly."
+        )
+        out.append("")
+        out.append(
+            "| conns | corvid-proxy | Cyrus frontend | direct to be1 | proxy / frontend | "
+            "proxy / direct | master lookups/session: proxy | frontend |"
+        )
+        out.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        by = {}
+        for r in pop3:
+            by.setdefault(r["connections"], {})[r["label"]] = r
+        for conns, cell in by.items():
+            val = lambda l: cell[l]["ops_per_sec"] if l in cell else None
+            p, f, d = val(PROXY), val(FRONTEND), val(MAIL_DIRECT)
+            ml = lambda l: fmt(cell[l].get("master_commands_per_op"), 2) if l in cell else ""
+            out.append(
+                "| %d | %s | %s | %s | %s | %s | %s | %s |"
+                % (conns, fmt(p), fmt(f), fmt(d), ratio(p, f), ratio(p, d), ml(PROXY), ml(FRONTEND))
+            )
+        out.append("")
+        out.append("Sessions/s. Per run:")
+        out.append("")
+        out.append(
+            "| target | conns | sessions | errors | sessions/s | p50 ms | p99 ms | master cmds | "
+            "server CPU ms/op | be1 CPU ms/op |"
+        )
+        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in pop3:
+            out.append(
+                "| %s | %d | %d | %d | %.1f | %.2f | %.2f | %s | %s | %s |"
+                % (r["label"], r["connections"], r["ops"], r["errors"], r["ops_per_sec"],
+                   r["p50_ms"], r["p99_ms"], r.get("master_commands", ""),
+                   fmt(r.get("server_cpu_ms_per_op"), 3),
+                   fmt(r.get("backend_cpu_ms_per_op") if r["label"] != MAIL_DIRECT else r.get("server_cpu_ms_per_op"), 3))
+            )
+    return out
 
 
 def splice(doc, text):

@@ -24,6 +24,8 @@ use tokio::net::TcpStream;
 
 use crate::bench::{Percentiles, ReportArgs};
 
+mod mail;
+
 /// What each connection does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -39,6 +41,13 @@ pub enum Workload {
     /// Open --connections sessions (see --idle-mode), hold them --hold
     /// seconds, then check each still answers.
     Idle,
+    /// LMTP deliveries of --size bytes to the --rcpt recipients: LHLO once
+    /// per connection, then MAIL, RCPTs, DATA again and again; one
+    /// operation is one delivery (one transaction per target).
+    Lmtp,
+    /// POP3 sessions: connect, USER/PASS, STAT, RETR 1, QUIT; connection i
+    /// logs in as user i (Cyrus locks the maildrop).
+    Pop3,
 }
 
 /// How far an idle session goes before it waits.
@@ -56,7 +65,7 @@ pub enum IdleMode {
 /// Options of `corvidctl imap-bench`.
 #[derive(Debug, Args)]
 pub struct ImapBenchArgs {
-    /// IMAP server host:port.
+    /// Server host:port (lmtp: also unix:PATH).
     #[arg(long, short = 's')]
     server: String,
     /// User (when neither --user-prefix nor --users-file is given).
@@ -106,12 +115,29 @@ pub struct ImapBenchArgs {
     /// Seconds any one command may take.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
-    /// Process (tree) of the server under test: CPU and memory from /proc.
+    /// lmtp: a recipient of every delivery, ADDR (sent to --server) or
+    /// TARGET=ADDR (TARGET is host:port or unix:PATH); "{}" in ADDR becomes
+    /// the connection's user number (connection i: i mod --users). One
+    /// transaction per target, the targets in parallel.
     #[arg(long)]
-    watch_pid: Option<i32>,
-    /// Process (tree) of the backend behind it, also sampled.
+    rcpt: Vec<String>,
+    /// lmtp: AUTH PLAIN as USER:PASSWORD (empty authorization id) after
+    /// LHLO, as a frontend does to a backend's TCP lmtpd.
     #[arg(long)]
-    watch_backend_pid: Option<i32>,
+    lmtp_auth: Option<String>,
+    /// Metrics address (host:port) of a Corvid master: the sum of its
+    /// corvid_mupdate_commands_total is read before and after the run
+    /// (repeat for every master).
+    #[arg(long)]
+    master_metrics: Vec<String>,
+    /// Process (tree) of the server under test: CPU and memory from /proc
+    /// (repeat to sum several trees).
+    #[arg(long)]
+    watch_pid: Vec<i32>,
+    /// Process (tree) of the backend behind it, also sampled (repeat to sum
+    /// several).
+    #[arg(long)]
+    watch_backend_pid: Vec<i32>,
     #[command(flatten)]
     report: ReportArgs,
 }
@@ -142,6 +168,22 @@ pub struct ImapBenchResult {
     /// Processes in the watched server tree at the end.
     pub server_procs: Option<usize>,
     pub idle: Option<IdleFigures>,
+    /// lmtp: recipients per delivery, targets (transactions) per delivery,
+    /// message size, and recipient replies that were not 2xx.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transactions_per_op: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rcpt_errors: Option<u64>,
+    /// MUPDATE commands the --master-metrics masters counted during the
+    /// run, in all and per operation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master_commands: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master_commands_per_op: Option<f64>,
 }
 
 /// What the idle workload measures.
@@ -465,13 +507,31 @@ fn sample_tree(root: i32) -> TreeSample {
 }
 
 struct Watch {
-    server: Option<i32>,
-    backend: Option<i32>,
+    server: Vec<i32>,
+    backend: Vec<i32>,
+}
+
+/// The sum of the trees of `roots` (None when there are none).
+fn sample_trees(roots: &[i32]) -> Option<TreeSample> {
+    if roots.is_empty() {
+        return None;
+    }
+    Some(
+        roots
+            .iter()
+            .map(|&r| sample_tree(r))
+            .fold(TreeSample::default(), |a, b| TreeSample {
+                ticks: a.ticks + b.ticks,
+                rss_kib: a.rss_kib + b.rss_kib,
+                pss_kib: a.pss_kib + b.pss_kib,
+                procs: a.procs + b.procs,
+            }),
+    )
 }
 
 impl Watch {
     fn sample(&self) -> (Option<TreeSample>, Option<TreeSample>) {
-        (self.server.map(sample_tree), self.backend.map(sample_tree))
+        (sample_trees(&self.server), sample_trees(&self.backend))
     }
 }
 
@@ -530,8 +590,13 @@ struct Shared {
     args: ImapBenchArgs,
     users: Users,
     message: Vec<u8>,
+    /// lmtp: the recipients by target.
+    routes: Vec<mail::Route>,
+    /// lmtp: part of every Message-ID, different in every run.
+    nonce: String,
     next: AtomicU64,
     errors: AtomicU64,
+    rcpt_errors: AtomicU64,
     bytes: AtomicU64,
     deadline: Instant,
     limit: u64,
@@ -573,35 +638,60 @@ impl Shared {
 /// Runs the benchmark and prints its report.
 pub async fn run(args: ImapBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.connections > 0, "--connections must be positive");
-    let users = Users::from_args(&args)?;
+    let mail = matches!(args.workload, Workload::Lmtp | Workload::Pop3);
+    let routes = mail::routes(&args.server, &args.rcpt);
+    let users = if args.workload == Workload::Lmtp {
+        anyhow::ensure!(!routes.is_empty(), "lmtp: give --rcpt");
+        Users {
+            list: vec![(String::new(), String::new())],
+        }
+    } else {
+        Users::from_args(&args)?
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let shared = Arc::new(Shared {
-        message: if args.workload == Workload::Append {
+        message: if matches!(args.workload, Workload::Append | Workload::Lmtp) {
             message(args.size)
         } else {
             Vec::new()
         },
         users,
+        routes,
+        nonce: format!("{}-{}", now.as_nanos(), std::process::id()),
         next: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        rcpt_errors: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
         deadline: Instant::now() + Duration::from_secs(args.duration),
         limit: args.count.unwrap_or(u64::MAX),
         args,
     });
     // Check the credentials (and the mailbox) before starting the clock.
-    let mut c = shared
-        .open(0, shared.args.workload != Workload::Append)
-        .await
-        .context("first session")?;
-    c.logout().await.ok();
-    drop(c);
+    if mail {
+        mail::probe(&shared).await.context("first operation")?;
+    } else {
+        let mut c = shared
+            .open(0, shared.args.workload != Workload::Append)
+            .await
+            .context("first session")?;
+        c.logout().await.ok();
+        drop(c);
+    }
     let watch = Watch {
-        server: shared.args.watch_pid,
-        backend: shared.args.watch_backend_pid,
+        server: shared.args.watch_pid.clone(),
+        backend: shared.args.watch_backend_pid.clone(),
     };
     if shared.args.workload == Workload::Idle {
         return idle(shared, &watch).await;
     }
+    let masters = &shared.args.master_metrics;
+    let m0 = if masters.is_empty() {
+        None
+    } else {
+        Some(mail::master_commands(masters).await?)
+    };
     let (s0, b0) = watch.sample();
     // The deadline counts from here, not from before the first session.
     let shared = {
@@ -613,7 +703,13 @@ pub async fn run(args: ImapBenchArgs) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for i in 0..shared.args.connections {
         let shared = shared.clone();
-        tasks.push(tokio::spawn(async move { worker(shared, i as u64).await }));
+        tasks.push(tokio::spawn(async move {
+            if mail {
+                mail::worker(shared, i as u64).await
+            } else {
+                worker(shared, i as u64).await
+            }
+        }));
     }
     let mut latencies: Vec<u32> = Vec::new();
     for t in tasks {
@@ -621,6 +717,14 @@ pub async fn run(args: ImapBenchArgs) -> anyhow::Result<()> {
     }
     let seconds = started.elapsed().as_secs_f64();
     let (s1, b1) = watch.sample();
+    let master_commands = match m0 {
+        Some(m0) => Some(
+            mail::master_commands(&shared.args.master_metrics)
+                .await?
+                .saturating_sub(m0),
+        ),
+        None => None,
+    };
     let p = Percentiles::of(latencies);
     let bytes = shared.bytes.load(Ordering::Relaxed);
     let per_op = |cpu: Option<f64>| cpu.map(|c| c * 1000.0 / p.count.max(1) as f64);
@@ -646,6 +750,15 @@ pub async fn run(args: ImapBenchArgs) -> anyhow::Result<()> {
         backend_cpu_ms_per_op: per_op(backend_cpu_s),
         server_procs: s1.map(|s| s.procs),
         idle: None,
+        recipients: (shared.args.workload == Workload::Lmtp)
+            .then(|| shared.routes.iter().map(|r| r.rcpts.len()).sum()),
+        transactions_per_op: (shared.args.workload == Workload::Lmtp)
+            .then_some(shared.routes.len()),
+        size: (shared.args.workload == Workload::Lmtp).then_some(shared.args.size),
+        rcpt_errors: (shared.args.workload == Workload::Lmtp)
+            .then(|| shared.rcpt_errors.load(Ordering::Relaxed)),
+        master_commands,
+        master_commands_per_op: master_commands.map(|m| m as f64 / p.count.max(1) as f64),
     };
     write_result(&result, shared.args.report.json.as_deref())
 }
@@ -689,7 +802,9 @@ async fn worker(shared: Arc<Shared>, i: u64) -> Vec<u32> {
                         Ok(shared.message.len() as u64)
                     }
                 }
-                Workload::Idle => unreachable!("idle runs apart"),
+                Workload::Idle | Workload::Lmtp | Workload::Pop3 => {
+                    unreachable!("idle, lmtp and pop3 run apart")
+                }
             }
         }
         .await;
@@ -858,6 +973,12 @@ async fn idle(shared: Arc<Shared>, watch: &Watch) -> anyhow::Result<()> {
         backend_cpu_ms_per_op: per_op(backend_cpu_s),
         server_procs: s1.map(|s| s.procs),
         idle: Some(figures),
+        recipients: None,
+        transactions_per_op: None,
+        size: None,
+        rcpt_errors: None,
+        master_commands: None,
+        master_commands_per_op: None,
     };
     write_result(&result, args.report.json.as_deref())
 }

@@ -15,6 +15,8 @@
 #   CYRUS_IMAP_MAXCHILD  imapd processes a murder backend or frontend
 #                    (cyrus_murder_backend, cyrus_murder_frontend) may fork,
 #                    one per open connection (default 20)
+#   CYRUS_LMTP_MAXCHILD, CYRUS_POP3_MAXCHILD  the same for lmtpd and pop3d
+#                    (default 20 each)
 #   CYRUS_CLIENT_MECH  SASL mechanism Cyrus backends use towards the master
 #                    (default PLAIN; empty lets Cyrus pick)
 #   CYRUS_UNIXHIERARCHYSEP  1: every Cyrus instance started from now on has
@@ -707,7 +709,8 @@ _cyrus_name_files() {
 # _cyrus_lmtp_service HOST DIR PORT: a cyrus.conf service line for lmtpd
 # on HOST:PORT, or on the UNIX socket HOST when it is a path (nothing when
 # both PORT and the path are empty). Over TCP Cyrus's lmtpd wants SASL
-# authentication; on a socket it does not.
+# authentication; on a socket it does not. At most $CYRUS_LMTP_MAXCHILD
+# (default 20) processes: bench/proxy.sh holds 32 client connections.
 _cyrus_lmtp_service() {
   local listen
   if [[ $1 == /* ]]; then
@@ -717,7 +720,7 @@ _cyrus_lmtp_service() {
   else
     return 0
   fi
-  printf '\n  lmtp cmd="%s" listen="%s" prefork=0 maxchild=20' "$CYRUS_BIN/lmtpd -C $2/imapd.conf" "$listen"
+  printf '\n  lmtp cmd="%s" listen="%s" prefork=0 maxchild=%s' "$CYRUS_BIN/lmtpd -C $2/imapd.conf" "$listen" "${CYRUS_LMTP_MAXCHILD:-20}"
 }
 
 ## cyrus_murder_backend DIR NAME IP IMAP_PORT MUPDATE_HOSTPORT USER PASS
@@ -738,7 +741,7 @@ _cyrus_lmtp_service() {
 ## and /etc/services maps imap to IMAP_PORT (all backends share the port).
 ## With CYRUS_POP3_PORT set, it also runs pop3d on IP:CYRUS_POP3_PORT (the
 ## proxy logs in there with AUTH PLAIN as itself for the user; plaintext is
-## allowed, see _cyrus_instance).
+## allowed, see _cyrus_instance), at most ${CYRUS_POP3_MAXCHILD:-20} at once.
 ## Add $CYRUS_PROXY_USER with cyrus_add_user yourself.
 cyrus_murder_backend() {
   local dir=$1 name=$2 ip=$3 imap_port=$4 mupdate=$5 user=$6 pass=$7 proxy_pass=$8
@@ -759,7 +762,7 @@ EOC
   _cyrus_name_files "$dir" "$imap_port" "$@"
   _cyrus_start "$dir" \
     "  imap cmd=\"$CYRUS_BIN/imapd -C $dir/imapd.conf\" listen=\"$ip:$imap_port\" prefork=0 maxchild=$CYRUS_IMAP_MAXCHILD$(_cyrus_lmtp_service "$ip" "$dir" "${CYRUS_LMTP_PORT:-}")${CYRUS_POP3_PORT:+
-  pop3 cmd=\"$CYRUS_BIN/pop3d -C $dir/imapd.conf\" listen=\"$ip:$CYRUS_POP3_PORT\" prefork=0 maxchild=20}" \
+  pop3 cmd=\"$CYRUS_BIN/pop3d -C $dir/imapd.conf\" listen=\"$ip:$CYRUS_POP3_PORT\" prefork=0 maxchild=${CYRUS_POP3_MAXCHILD:-20}}" \
     "$ip:$imap_port" \
     unshare --mount --propagation private -- \
     sh -c 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/services && shift 2 && exec "$@"' \
@@ -954,7 +957,7 @@ EOC
   mupdate cmd=\"$CYRUS_BIN/mupdate -C $dir/imapd.conf\" listen=\"127.0.0.1:$slave_port\" prefork=1 maxchild=1$(
       [[ -z ${CYRUS_FRONTEND_LMTP_SOCKET:-} ]] || _cyrus_lmtp_service "$CYRUS_FRONTEND_LMTP_SOCKET" "$dir" ""
     )${CYRUS_FE_POP3_PORT:+
-  pop3 cmd=\"$CYRUS_BIN/pop3d -C $dir/imapd.conf\" listen=\"127.0.0.1:$CYRUS_FE_POP3_PORT\" prefork=0 maxchild=20}" \
+  pop3 cmd=\"$CYRUS_BIN/pop3d -C $dir/imapd.conf\" listen=\"127.0.0.1:$CYRUS_FE_POP3_PORT\" prefork=0 maxchild=${CYRUS_POP3_MAXCHILD:-20}}" \
     "$imap_port" \
     unshare --mount --propagation private -- \
     sh -c 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/services && shift 2 && exec "$@"' \
