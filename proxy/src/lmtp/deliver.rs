@@ -3,6 +3,8 @@
 //! do; backends list the proxy in `lmtp_admins`), sends MAIL, the RCPTs
 //! and the spooled message, and maps each recipient's answer.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -39,13 +41,53 @@ pub struct BackendRecipient {
     pub ignore_quota: bool,
 }
 
+/// A logged-in backend LMTP connection.
+type Conn = BufReader<TcpStream>;
+
+/// Longest a pooled connection may idle before it is used again (lmtpd
+/// itself drops idle clients after a while; older ones are closed).
+const POOL_MAX_IDLE: Duration = Duration::from_secs(30);
+
+/// Most idle connections kept per backend.
+const POOL_MAX_PER_SERVER: usize = 16;
+
+/// Idle, logged-in connections to backends' lmtpd, so that a delivery
+/// does not pay a TCP connect, LHLO and a password check on the backend.
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<HashMap<String, Vec<(Conn, Instant)>>>,
+}
+
+impl Pool {
+    fn take(&self, server: &str) -> Option<Conn> {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let list = idle.get_mut(server)?;
+        while let Some((conn, since)) = list.pop() {
+            if since.elapsed() < POOL_MAX_IDLE {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn put(&self, server: &str, conn: Conn) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let list = idle.entry(server.to_string()).or_default();
+        if list.len() < POOL_MAX_PER_SERVER {
+            list.push((conn, Instant::now()));
+        }
+    }
+}
+
 /// Delivers to every recipient of `rcpts` on backend `server`; returns one
 /// reply line per recipient, in order (never acknowledging what the
 /// backend did not accept).
+#[allow(clippy::too_many_arguments)]
 pub async fn deliver(
     server: &str,
     addr: &BackendAddr,
     settings: &BackendSettings,
+    pool: &Pool,
     envelope: &Envelope,
     rcpts: &[BackendRecipient],
     message: &SpoolReader,
@@ -53,17 +95,30 @@ pub async fn deliver(
 ) -> Vec<String> {
     let started = Instant::now();
     let result = tokio::time::timeout(timeout, async {
-        let tcp = TcpStream::connect(addr.host_port()).await?;
-        let _ = tcp.set_nodelay(true);
-        transaction(
-            BufReader::new(tcp),
-            addr,
-            settings,
-            envelope,
-            rcpts,
-            message,
-        )
-        .await
+        // A pooled connection the backend has closed in the meantime fails
+        // before DATA is sent: then the transaction is safely tried again
+        // on a fresh one. After DATA it is not (it could deliver twice).
+        if let Some(conn) = pool.take(server) {
+            match transaction(conn, envelope, rcpts, message).await {
+                Ok((replies, conn)) => {
+                    pool.put(server, conn);
+                    return Ok(replies);
+                }
+                Err((e, false)) => {
+                    metrics::counter!("corvid_proxy_lmtp_pool_stale_total").increment(1);
+                    tracing::debug!(server, error = %e, "pooled LMTP connection failed before DATA; retrying on a new one");
+                }
+                Err((e, true)) => return Err(e),
+            }
+        }
+        let conn = open(addr, settings).await?;
+        match transaction(conn, envelope, rcpts, message).await {
+            Ok((replies, conn)) => {
+                pool.put(server, conn);
+                Ok(replies)
+            }
+            Err((e, _)) => Err(e),
+        }
     })
     .await;
     metrics::histogram!("corvid_proxy_lmtp_backend_seconds", "server" => server.to_string())
@@ -100,18 +155,9 @@ enum LmtpError {
     Closed,
 }
 
-async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(
-    mut conn: BufReader<S>,
-    addr: &BackendAddr,
-    settings: &BackendSettings,
-    envelope: &Envelope,
-    rcpts: &[BackendRecipient],
-    message: &SpoolReader,
-) -> Result<Vec<String>, LmtpError> {
-    expect_class(&read_reply(&mut conn).await?, 2)?;
-    send(&mut conn, b"LHLO corvid-proxy\r\n").await?;
-    let caps = read_reply(&mut conn).await?;
-    expect_class(&caps, 2)?;
+/// Connects, reads the greeting, LHLO, and logs in as the proxy with an
+/// empty authorization id when the backend offers AUTH PLAIN.
+async fn open(addr: &BackendAddr, settings: &BackendSettings) -> Result<Conn, LmtpError> {
     if addr.tls {
         // STARTTLS towards an LMTP backend is left to a later version;
         // refusing is better than sending mail in the clear unasked.
@@ -119,6 +165,13 @@ async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(
             "/tls is not supported for LMTP backends".into(),
         ));
     }
+    let tcp = TcpStream::connect(addr.host_port()).await?;
+    let _ = tcp.set_nodelay(true);
+    let mut conn = BufReader::new(tcp);
+    expect_class(&read_reply(&mut conn).await?, 2)?;
+    send(&mut conn, b"LHLO corvid-proxy\r\n").await?;
+    let caps = read_reply(&mut conn).await?;
+    expect_class(&caps, 2)?;
     let caps_text = caps.join("\n").to_ascii_uppercase();
     if caps_text.contains("AUTH") && caps_text.contains("PLAIN") {
         let token = base64::engine::general_purpose::STANDARD
@@ -126,6 +179,19 @@ async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(
         send(&mut conn, format!("AUTH PLAIN {token}\r\n").as_bytes()).await?;
         expect_class(&read_reply(&mut conn).await?, 2)?;
     }
+    Ok(conn)
+}
+
+/// One transaction on a logged-in connection; on success the connection
+/// is clean for the next one. A failure says whether DATA had been sent.
+async fn transaction(
+    mut conn: Conn,
+    envelope: &Envelope,
+    rcpts: &[BackendRecipient],
+    message: &SpoolReader,
+) -> Result<(Vec<String>, Conn), (LmtpError, bool)> {
+    let before = |e: LmtpError| (e, false);
+    let after = |e: LmtpError| (e, true);
     // MAIL and every RCPT in one write (both sides speak PIPELINING).
     let mut out = format!("MAIL FROM:<{}>", envelope.from);
     if let Some(a) = &envelope.auth {
@@ -142,12 +208,12 @@ async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(
         }
         out.push_str("\r\n");
     }
-    send(&mut conn, out.as_bytes()).await?;
-    let mail = read_reply(&mut conn).await?;
+    send(&mut conn, out.as_bytes()).await.map_err(before)?;
+    let mail = read_reply(&mut conn).await.map_err(before)?;
     let mail_ok = reply_class(mail.last().map_or(&b""[..], |l| l.as_bytes())) == Some(2);
     let mut replies: Vec<Option<String>> = Vec::with_capacity(rcpts.len());
     for _ in rcpts {
-        let r = read_reply(&mut conn).await?;
+        let r = read_reply(&mut conn).await.map_err(before)?;
         let line = r.last().cloned().unwrap_or_default();
         if !mail_ok {
             replies.push(Some(map_failure(mail.last().cloned().unwrap_or_default())));
@@ -159,18 +225,26 @@ async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let accepted = replies.iter().filter(|r| r.is_none()).count();
     if accepted == 0 {
-        let _ = send(&mut conn, b"QUIT\r\n").await;
-        return Ok(replies.into_iter().map(Option::unwrap_or_default).collect());
+        // Close the transaction so that the connection can be used again.
+        send(&mut conn, b"RSET\r\n").await.map_err(before)?;
+        let r = read_reply(&mut conn).await.map_err(before)?;
+        expect_class(&r, 2).map_err(before)?;
+        let replies = replies.into_iter().map(Option::unwrap_or_default).collect();
+        return Ok((replies, conn));
     }
-    send(&mut conn, b"DATA\r\n").await?;
-    expect_class(&read_reply(&mut conn).await?, 3)?;
-    message.copy_to(conn.get_mut()).await?;
-    conn.get_mut().flush().await?;
+    send(&mut conn, b"DATA\r\n").await.map_err(after)?;
+    let go = read_reply(&mut conn).await.map_err(after)?;
+    expect_class(&go, 3).map_err(after)?;
+    message
+        .copy_to(conn.get_mut())
+        .await
+        .map_err(|e| after(e.into()))?;
+    conn.get_mut().flush().await.map_err(|e| after(e.into()))?;
     metrics::counter!("corvid_proxy_bytes_relayed_total", "direction" => "to_backend")
         .increment(envelope.size);
     // One reply per accepted recipient, in order (RFC 2033).
     for slot in replies.iter_mut().filter(|r| r.is_none()) {
-        let r = read_reply(&mut conn).await?;
+        let r = read_reply(&mut conn).await.map_err(after)?;
         let line = r.last().cloned().unwrap_or_default();
         *slot = Some(if reply_class(line.as_bytes()) == Some(2) {
             line
@@ -178,8 +252,8 @@ async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(
             map_failure(line)
         });
     }
-    let _ = send(&mut conn, b"QUIT\r\n").await;
-    Ok(replies.into_iter().map(Option::unwrap_or_default).collect())
+    let replies = replies.into_iter().map(Option::unwrap_or_default).collect();
+    Ok((replies, conn))
 }
 
 /// A backend's refusal as the MTA should see it. "Mailbox does not exist"

@@ -52,6 +52,8 @@ pub struct Shared {
     pub postuser: String,
     /// Session ids, for logs.
     pub next_id: AtomicU64,
+    /// Idle logged-in connections to the backends' lmtpd.
+    pub pool: deliver::Pool,
 }
 
 /// Answers a connection over the session cap and closes it.

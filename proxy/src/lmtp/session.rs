@@ -368,6 +368,7 @@ async fn deliver_all(
                         server,
                         &addr,
                         &shared.backend,
+                        &shared.pool,
                         envelope,
                         &list,
                         &message,
