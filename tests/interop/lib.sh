@@ -620,6 +620,7 @@ start_corvid_cluster() {
   CORVID_CLUSTER_DIR=$dir
   CORVID_CLUSTER_PGIDS=()
   _CORVID_CLUSTER_PORTS=()
+  _CORVID_CLUSTER_LOGS=()
   for ((i = 1; i <= n; i++)); do
     mport=$(free_port)
     pport=$(free_port)
@@ -646,6 +647,7 @@ _corvid_cluster_node() {
     --node-id "$i" --no-bootstrap --listen "127.0.0.1:$mport" --peer-listen "127.0.0.1:$pport" \
     --metrics-listen 127.0.0.1:0 --server-name "corvid-node$i" --users-file "$CORVID_CLUSTER_DIR/users.toml"
   CORVID_CLUSTER_PGIDS[i - 1]=$SPAWNED_PID
+  _CORVID_CLUSTER_LOGS[i - 1]=$log
   wait_for "node $i ready line" _corvid_ready "$log" "$SPAWNED_PID" || true
   grep -q '^corvid-registry ready' "$log" || die "cluster node $i did not start"
 }
@@ -674,9 +676,21 @@ corvid_cluster_restart() {
     die "no leader after the restart"
 }
 
-# _corvid_cluster_has_leader PEER: done when status shows a leader.
+# _corvid_cluster_has_leader PEER: done when exactly one node of the cluster
+# is leader and every node has applied the first membership.
+# Read from the nodes' own metrics, not `corvidctl cluster status`: a status
+# call right after `cluster init` can block for many seconds (seen up to
+# 30 s; see the session notes), longer than the whole wait.
 _corvid_cluster_has_leader() {
-  "$CORVID_BIN_DIR/corvidctl" cluster --peer "$1" status 2>/dev/null | grep -q ' Leader '
+  local log m leaders=0 text
+  for log in "${_CORVID_CLUSTER_LOGS[@]}"; do
+    m=$(sed -n 's/^corvid-registry ready .*metrics=\([^ ]*\).*/\1/p' "$log" | tail -n 1)
+    [[ -n $m ]] || return 1
+    text=$(curl -s --max-time 2 "http://$m/metrics") || return 1
+    grep -Eq '^corvid_raft_applied_index [1-9]' <<<"$text" || return 1
+    if grep -q '^corvid_server_is_leader 1' <<<"$text"; then leaders=$((leaders + 1)); fi
+  done
+  [[ $leaders -eq 1 ]]
 }
 
 # ---------------------------------------------------------------- murder (proxy.sh)
