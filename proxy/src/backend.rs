@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::imap::codec::{Frame, FrameError, Framer, Limits};
-use crate::imap::command::{parse_response, write_astring, Response, Status};
+use crate::imap::command::{parse_response, Response, Status};
 use crate::routing::BackendAddr;
 
 /// Why talking to a backend failed.
@@ -436,9 +436,4 @@ impl BackendConn {
     pub async fn logout(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.simple(b"LOGOUT")).await;
     }
-}
-
-/// Appends `value` to `out` as an IMAP astring (for building commands).
-pub fn push_astring(out: &mut Vec<u8>, value: &[u8]) {
-    write_astring(out, value);
 }

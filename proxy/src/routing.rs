@@ -215,11 +215,6 @@ impl Router {
         self.service(name, Service::Imap)
     }
 
-    /// Every configured server name.
-    pub fn servers(&self) -> impl Iterator<Item = &String> {
-        self.backends.keys()
-    }
-
     /// Routes the mailbox with internal name `name`.
     pub async fn locate(&self, name: &str) -> Result<Route, RouteError> {
         let (found, result) = match self.replica.lookup(name)? {

@@ -1293,10 +1293,7 @@ impl Session {
         }
         let user = self.user();
         if let Ok(inbox) = self.shared.namespace.inbox(user) {
-            if entry.name == inbox
-                || (entry.name.starts_with(&inbox)
-                    && entry.name.as_bytes().get(inbox.len()) == Some(&b'.'))
-            {
+            if at_or_under(&entry.name, &inbox) {
                 return true;
             }
         }
@@ -1966,39 +1963,24 @@ impl Session {
         &self,
     ) -> Result<Vec<(String, MailboxEntry)>, corvid_registry::raft::RegistryError> {
         let user = self.user().to_string();
-        let mut out = Vec::new();
         let inbox = self.shared.namespace.inbox(&user).ok();
-        if let Some(inbox) = &inbox {
-            for e in self.shared.router.list(inbox)? {
-                if (e.name == *inbox || e.name.as_bytes().get(inbox.len()) == Some(&b'.'))
-                    && e.state == MailboxState::Active
-                {
-                    if let Some(ext) = self.shared.namespace.to_external(&user, &e.name) {
-                        out.push((ext, e));
-                    }
-                }
-            }
-        }
+        // One scan; the user's own mailboxes are listed first, as Cyrus does.
+        let (mut own, mut others) = (Vec::new(), Vec::new());
         for e in self.shared.router.list("")? {
-            if e.state != MailboxState::Active {
+            if e.state != MailboxState::Active || !self.may_see(&e) {
                 continue;
             }
-            if let Some(inbox) = &inbox {
-                if e.name == *inbox
-                    || (e.name.starts_with(inbox.as_str())
-                        && e.name.as_bytes().get(inbox.len()) == Some(&b'.'))
-                {
-                    continue;
-                }
-            }
-            if !self.may_see(&e) {
+            let Some(ext) = self.shared.namespace.to_external(&user, &e.name) else {
                 continue;
-            }
-            if let Some(ext) = self.shared.namespace.to_external(&user, &e.name) {
-                out.push((ext, e));
+            };
+            if inbox.as_deref().is_some_and(|i| at_or_under(&e.name, i)) {
+                own.push((ext, e));
+            } else {
+                others.push((ext, e));
             }
         }
-        Ok(out)
+        own.append(&mut others);
+        Ok(own)
     }
 
     /// Sends `cmd` to each of `servers` at once and relays every answer's
@@ -2404,6 +2386,12 @@ enum Wait {
     At(String, String),
 }
 
+/// Whether internal name `name` is `parent` or below it.
+fn at_or_under(name: &str, parent: &str) -> bool {
+    name.strip_prefix(parent)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
 /// Commands that only make sense with a mailbox selected.
 fn is_selected_state_command(name: &str) -> bool {
     matches!(
@@ -2537,6 +2525,14 @@ mod tests {
         assert!(!acl_allows(acl, "carol", 'w'));
         assert!(!acl_allows(acl, "bob", 'l'));
         assert!(!acl_allows("", "alice", 'l'));
+    }
+
+    #[test]
+    fn own_mailboxes_are_the_inbox_and_below() {
+        assert!(at_or_under("user.alice", "user.alice"));
+        assert!(at_or_under("user.alice.Sent", "user.alice"));
+        assert!(!at_or_under("user.alicex", "user.alice"));
+        assert!(!at_or_under("user.bob", "user.alice"));
     }
 
     #[test]

@@ -293,11 +293,6 @@ impl DataScanner {
     }
 }
 
-/// A reply line `code enhanced text` (without CRLF).
-pub fn reply(code: u16, enhanced: &str, text: &str) -> String {
-    format!("{code} {enhanced} {text}")
-}
-
 /// The first digit class of a backend's reply line (2, 4 or 5), if it is
 /// one.
 pub fn reply_class(line: &[u8]) -> Option<u8> {
