@@ -155,6 +155,11 @@ pub struct LmtpSection {
     pub spool_dir: Option<PathBuf>,
     /// Most recipients per transaction.
     pub max_recipients: usize,
+    /// Idle logged-in connections kept per backend lmtpd for the next
+    /// delivery; size it to the MTA's concurrent deliveries (Postfix's
+    /// `lmtp_destination_concurrency_limit`, 20 by default, or
+    /// `default_destination_concurrency_limit`).
+    pub backend_pool_size: usize,
     /// Most concurrent LMTP sessions.
     pub max_sessions: usize,
     /// Seconds of silence from the MTA, or a backend, before giving up.
@@ -177,6 +182,7 @@ impl Default for LmtpSection {
             spool_memory_bytes: 1024 * 1024,
             spool_dir: None,
             max_recipients: 1_000,
+            backend_pool_size: 64,
             max_sessions: 1_000,
             timeout_secs: 300,
             hostname: "corvid-proxy".into(),

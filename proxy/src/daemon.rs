@@ -154,7 +154,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         timeout: Duration::from_secs(config.lmtp.timeout_secs),
         postuser: config.lmtp.postuser.clone(),
         next_id: AtomicU64::new(1),
-        pool: Default::default(),
+        pool: crate::lmtp::deliver::Pool::new(config.lmtp.backend_pool_size),
     });
     let lmtp_slots = Arc::new(Semaphore::new(config.lmtp.max_sessions));
     if !config.lmtp.listen.is_empty() {
