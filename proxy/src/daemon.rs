@@ -179,6 +179,12 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         }
         let listener = tokio::net::UnixListener::bind(path)
             .with_context(|| format!("binding LMTP socket {}", path.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = config.lmtp.socket_mode()?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
+        }
         tokio::spawn(crate::lmtp::serve_unix(
             listener,
             lmtp.clone(),
