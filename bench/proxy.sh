@@ -29,6 +29,8 @@
 #   BENCH_MAIL_SECONDS   length of each LMTP and POP3 run (default BENCH_SECONDS)
 #   BENCH_LMTP_COUNT     deliveries per LMTP run at most (default 1000; the
 #                        backends keep every message until the end)
+#   BENCH_MAIL_ROUNDS    rounds of every LMTP and POP3 row (default 3; the
+#                        report gives each target's median)
 #   BENCH_PARTS          what to run (default "imap mail"; "mail" alone for
 #                        a quick look at LMTP and POP3)
 set -euo pipefail
@@ -41,6 +43,7 @@ IDLE_SELECTED=${BENCH_IDLE_SELECTED:-500}
 HOLD=${BENCH_HOLD:-20}
 MAIL_SECS=${BENCH_MAIL_SECONDS:-$SECS}
 LMTP_COUNT=${BENCH_LMTP_COUNT:-1000}
+MAIL_ROUNDS=${BENCH_MAIL_ROUNDS:-3}
 PARTS=" ${BENCH_PARTS:-imap mail} "
 # 32 client connections to each lmtpd/pop3d, and a frontend's as many again
 # to the backends: Cyrus's default maxchild (20) would queue them.
@@ -282,9 +285,20 @@ mail_run() {
   "$CTL" imap-bench --server "$server" --label "$label" --json "$RESULTS" --quiet \
     "${watch[@]}" "${backend[@]}" "${MASTER_METRICS[@]}" "${rcpts[@]}" "$@" | grep -v '^{'
 }
+# each_mail_target ARGS...: the row's run through every target, in
+# MAIL_ROUNDS rounds, the order reversed every other round, so that a drift
+# of the shared machine's load reaches every target alike (the report gives
+# each target's median).
 each_mail_target() {
-  local t
-  for t in "${ORDER[@]}"; do mail_run "${t%%=*}" "$@"; done
+  local t round order
+  for ((round = 1; round <= MAIL_ROUNDS; round++)); do
+    order=("${ORDER[@]}")
+    if ((round % 2 == 0)); then
+      order=()
+      for t in "${ORDER[@]}"; do order=("$t" "${order[@]}"); done
+    fi
+    for t in "${order[@]}"; do mail_run "${t%%=*}" "$@"; done
+  done
 }
 if [[ $PARTS == *" mail "* ]]; then
   for n in 1 5; do
