@@ -8,8 +8,8 @@
 //! the state machine is a prefix of the log that openraft re-applies from.
 //!
 //! The replicated state lives in one column family: mailboxes keyed by name
-//! (UTF-8, so below 0xFF), then the client sessions (`0xFF 's' id`) and the
-//! registry clock (`0xFF 'c'`). There are two such families; `state` says
+//! (UTF-8, so below 0xFF), then the client sessions (`0xFF 's' id`), the
+//! registry clock (`0xFF 'c'`) and the MUPDATE users (`0xFF 'u' name`). There are two such families; `state` says
 //! which one is live. A replica stages a master's snapshot in the other one
 //! and swaps it in with one write, so readers never see a half-written state.
 //!
@@ -38,7 +38,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::model::{
     apply_proposal, Change, MailboxEntry, MailboxLookup, Outcome, Proposal, RegistryState,
-    SessionRecord,
+    SessionRecord, StoredUser, UserLookup,
 };
 use crate::raft::TypeConfig;
 
@@ -66,6 +66,10 @@ const MAILBOX_KEY_END: &[u8] = &[0xFF];
 const SESSION_PREFIX: &[u8] = &[0xFF, b's'];
 /// Key of the registry clock.
 const KEY_CLOCK: &[u8] = &[0xFF, b'c'];
+/// Prefix of the user keys (followed by the name).
+const USER_PREFIX: &[u8] = &[0xFF, b'u'];
+/// Above every user key (names are ASCII).
+const USER_KEY_END: &[u8] = &[0xFF, b'u', 0xFF];
 /// Above every key of a state family.
 const STATE_KEY_END: &[u8] = &[0xFF, 0xFF];
 /// Expired sessions are swept when the registry clock enters a new period
@@ -111,6 +115,8 @@ pub enum StateItem {
     Session(u64, SessionRecord),
     /// The registry clock.
     Clock(u64),
+    /// A MUPDATE user, or the mark of a deleted one.
+    User(String, StoredUser),
 }
 
 impl StateItem {
@@ -119,6 +125,7 @@ impl StateItem {
             StateItem::Mailbox(e) => e.name.as_bytes().to_vec(),
             StateItem::Session(id, _) => session_key(*id).to_vec(),
             StateItem::Clock(_) => KEY_CLOCK.to_vec(),
+            StateItem::User(name, _) => user_key(name),
         }
     }
 
@@ -127,6 +134,7 @@ impl StateItem {
             StateItem::Mailbox(e) => encode(e),
             StateItem::Session(_, r) => encode(r),
             StateItem::Clock(c) => encode(c),
+            StateItem::User(_, u) => encode(u),
         }
     }
 
@@ -138,8 +146,16 @@ impl StateItem {
             let id = u64::from_be_bytes(id.try_into().map_err(codec_err)?);
             return Ok(StateItem::Session(id, decode(value)?));
         }
+        if let Some(name) = key.strip_prefix(USER_PREFIX) {
+            let name = String::from_utf8(name.to_vec()).map_err(codec_err)?;
+            return Ok(StateItem::User(name, decode(value)?));
+        }
         Ok(StateItem::Mailbox(decode(value)?))
     }
+}
+
+fn user_key(name: &str) -> Vec<u8> {
+    [USER_PREFIX, name.as_bytes()].concat()
 }
 
 fn session_key(id: u64) -> [u8; 10] {
@@ -296,6 +312,30 @@ impl Store {
             return Ok(None);
         }
         self.get_state(name.as_bytes())
+    }
+
+    /// What the registry holds under the user name `name`.
+    pub fn user(&self, name: &str) -> io::Result<Option<StoredUser>> {
+        self.get_state(&user_key(name))
+    }
+
+    /// Every user name the registry holds, deleted ones included, in name
+    /// order. Users are few (backends, frontends, administrators).
+    pub fn users(&self) -> io::Result<Vec<(String, StoredUser)>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.state_cf(),
+            IteratorMode::From(USER_PREFIX, Direction::Forward),
+        ) {
+            let (k, v) = item.map_err(db_err)?;
+            if k.as_ref() >= USER_KEY_END {
+                break;
+            }
+            if let StateItem::User(name, user) = StateItem::decode(&k, &v)? {
+                out.push((name, user));
+            }
+        }
+        Ok(out)
     }
 
     /// Whether this store holds a state at all: anything applied, or a
@@ -607,6 +647,12 @@ impl MailboxLookup for Store {
     }
 }
 
+impl UserLookup for Store {
+    fn user(&self, name: &str) -> io::Result<Option<StoredUser>> {
+        Store::user(self, name)
+    }
+}
+
 impl RegistryState for Store {
     fn session(&self, id: u64) -> io::Result<Option<SessionRecord>> {
         self.get_state(&session_key(id))
@@ -804,6 +850,7 @@ impl StateMachine {
 pub struct ApplyBatch<'a> {
     store: &'a Store,
     overlay: std::collections::HashMap<String, Option<MailboxEntry>>,
+    users: std::collections::HashMap<String, StoredUser>,
     sessions: std::collections::HashMap<u64, SessionRecord>,
     /// The registry clock when the batch started, and now.
     clock_at_start: u64,
@@ -820,6 +867,15 @@ impl MailboxLookup for ApplyBatch<'_> {
         match self.overlay.get(name) {
             Some(e) => Ok(e.clone()),
             None => self.store.mailbox(name),
+        }
+    }
+}
+
+impl UserLookup for ApplyBatch<'_> {
+    fn user(&self, name: &str) -> io::Result<Option<StoredUser>> {
+        match self.users.get(name) {
+            Some(u) => Ok(Some(u.clone())),
+            None => self.store.user(name),
         }
     }
 }
@@ -844,6 +900,7 @@ impl<'a> ApplyBatch<'a> {
         Ok(ApplyBatch {
             store,
             overlay: Default::default(),
+            users: Default::default(),
             sessions: Default::default(),
             clock_at_start: clock,
             clock,
@@ -888,6 +945,10 @@ impl<'a> ApplyBatch<'a> {
                     self.overlay.insert(name.clone(), None);
                 }
             }
+        }
+        for (name, user) in &applied.users {
+            self.batch.put_cf(cf, user_key(name), encode(user)?);
+            self.users.insert(name.clone(), user.clone());
         }
         if !applied.changes.is_empty() {
             self.committed.push(CommittedChanges {
