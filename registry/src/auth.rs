@@ -1413,6 +1413,46 @@ mod tests {
     }
 
     #[test]
+    fn the_registry_wins_over_the_file_deletions_included() {
+        let (dir, path, _) = store_with(&[
+            ("be1", "file-pw", false),
+            ("reader", "reader-pw", false),
+            ("admin", "adminpw", true),
+        ]);
+        let registry = Store::open(&dir.path().join("registry")).expect("open store");
+        registry.begin_reset().expect("reset");
+        registry
+            .put_entries(&[
+                crate::store::StateItem::User(
+                    "be1".into(),
+                    StoredUser::Active(derive_credential("registry-pw", true).unwrap()),
+                ),
+                crate::store::StateItem::User("reader".into(), StoredUser::Deleted),
+            ])
+            .expect("put");
+        registry.finish_reset(None).expect("swap");
+        let store = Arc::new(CredentialStore::with_registry(&path, registry));
+        assert_eq!(
+            store.verify_plain("be1", "registry-pw"),
+            Some(Identity {
+                user: "be1".into(),
+                admin: true
+            })
+        );
+        assert_eq!(store.verify_plain("be1", "file-pw"), None);
+        assert_eq!(store.verify_plain("reader", "reader-pw"), None);
+        // Names the registry never held come from the file.
+        assert!(store
+            .verify_plain("admin", "adminpw")
+            .is_some_and(|i| i.admin));
+        assert!(store.file_has_users());
+        let server = SaslServer::new(store);
+        assert!(run_exchange(&server, SCRAM_SHA_256, None, "be1", "registry-pw").is_ok());
+        assert!(run_exchange(&server, SCRAM_SHA_256, None, "be1", "file-pw").is_err());
+        assert!(run_exchange(&server, SCRAM_SHA_256, None, "reader", "reader-pw").is_err());
+    }
+
+    #[test]
     fn cache_hit_skips_pbkdf2() {
         let (_dir, _path, store) = store_with(&[("be1", "pw", false)]);
         assert!(store.verify_plain("be1", "pw").is_some());

@@ -1279,6 +1279,70 @@ mod tests {
         assert_eq!(b.scan(|_| true).unwrap().1.len(), 1);
     }
 
+    fn credential(key: u8) -> crate::model::UserCredential {
+        crate::model::UserCredential {
+            admin: key % 2 == 0,
+            salt: vec![key; 16],
+            iterations: 4096,
+            stored_key: [key; 32],
+            server_key: [key; 32],
+        }
+    }
+
+    #[tokio::test]
+    async fn users_are_stored_apart_from_mailboxes_and_carried_by_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(&dir.path().join("a")).unwrap();
+        let add = |name: &str, key| RegistryCommand::AddUser {
+            name: name.into(),
+            credential: credential(key),
+        };
+        assert_eq!(apply_one(&a, 1, &proposal(1, add("be1", 1))), Outcome::Done);
+        assert_eq!(apply_one(&a, 2, &proposal(2, add("zed", 2))), Outcome::Done);
+        let del = RegistryCommand::DeleteUser { name: "zed".into() };
+        assert_eq!(apply_one(&a, 3, &proposal(3, del)), Outcome::Done);
+        assert_eq!(
+            apply_one(&a, 4, &proposal(4, activate("user.x"))),
+            Outcome::Done
+        );
+        let expected = vec![
+            ("be1".to_string(), StoredUser::Active(credential(1))),
+            ("zed".to_string(), StoredUser::Deleted),
+        ];
+        assert_eq!(a.users().unwrap(), expected);
+        // Mailbox scans and UPDATE never see users.
+        assert_eq!(a.scan(|_| true).unwrap().1.len(), 1);
+
+        // The Raft snapshot carries them.
+        let snapshot = StateMachine::new(a.clone()).build_snapshot().await.unwrap();
+        let b = Store::open(&dir.path().join("b")).unwrap();
+        StateMachine::new(b.clone())
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(b.users().unwrap(), expected);
+
+        // So does the replica stream's chunked snapshot (the same walk).
+        let mut items = Vec::new();
+        a.scan_chunks(2, false, |part| {
+            if let Err(chunk) = part {
+                items.extend(chunk);
+            }
+            true
+        })
+        .unwrap();
+        let c = Store::open(&dir.path().join("c")).unwrap();
+        c.begin_reset().unwrap();
+        c.put_entries(&items).unwrap();
+        c.finish_reset(Some(log_id(4))).unwrap();
+        assert_eq!(c.users().unwrap(), expected);
+        assert_eq!(
+            c.user("be1").unwrap(),
+            Some(StoredUser::Active(credential(1)))
+        );
+        assert_eq!(c.user("nobody").unwrap(), None);
+    }
+
     #[test]
     fn a_staged_snapshot_is_invisible_until_it_is_swapped_in() {
         let dir = tempfile::tempdir().unwrap();
