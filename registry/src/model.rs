@@ -208,7 +208,9 @@ pub enum RegistryCommand {
         credential: UserCredential,
     },
     /// Remove a user. The name is remembered as deleted, so that a users
-    /// file that still lists it cannot bring it back (see [`StoredUser`]).
+    /// file that still lists it cannot bring it back (see [`StoredUser`]);
+    /// a name the registry never held is marked so too (it may be in a
+    /// node's users file). Refused only for a name already deleted.
     DeleteUser {
         /// User name.
         name: String,
@@ -284,7 +286,8 @@ pub enum Refusal {
     Superseded,
     /// ADD USER of a name that is taken.
     UserExists,
-    /// A password change or deletion of an unknown (or deleted) user.
+    /// A password change of an unknown or deleted user, or the deletion
+    /// of a deleted one.
     NoSuchUser,
     /// A user name outside the accepted character set or length.
     InvalidUserName,
@@ -744,11 +747,16 @@ fn apply_one<L: UserLookup>(
             }
         }
         RegistryCommand::DeleteUser { name } => match st.user(name)? {
-            Some(StoredUser::Active(_)) => {
+            // A name the registry never held may still be in some node's
+            // users file: the mark refuses it there too.
+            Some(StoredUser::Active(_)) | None => {
+                if check_user_name(name).is_err() {
+                    return Ok(Outcome::Refused(Refusal::InvalidUserName));
+                }
                 st.users.push((name.clone(), StoredUser::Deleted));
                 Outcome::Done
             }
-            None | Some(StoredUser::Deleted) => Outcome::Refused(Refusal::NoSuchUser),
+            Some(StoredUser::Deleted) => Outcome::Refused(Refusal::NoSuchUser),
         },
     };
     Ok(outcome)
@@ -1250,6 +1258,12 @@ mod tests {
         // A deleted name can be added again.
         assert_eq!(s.propose(7, 7, 1, add(true, 4)), Outcome::Done);
         assert_eq!(s.users["be1"], StoredUser::Active(credential(true, 4)));
+        // A name only some users file may hold is marked deleted too.
+        let file_only = RegistryCommand::DeleteUser {
+            name: "from-file".into(),
+        };
+        assert_eq!(s.propose(8, 8, 1, file_only), Outcome::Done);
+        assert_eq!(s.users["from-file"], StoredUser::Deleted);
         // User commands touch no mailbox.
         assert!(s.mailboxes.is_empty());
     }
