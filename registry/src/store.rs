@@ -1281,7 +1281,7 @@ mod tests {
 
     fn credential(key: u8) -> crate::model::UserCredential {
         crate::model::UserCredential {
-            admin: key % 2 == 0,
+            admin: key.is_multiple_of(2),
             salt: vec![key; 16],
             iterations: 4096,
             stored_key: [key; 32],
