@@ -1233,6 +1233,20 @@ mod tests {
         }
     }
 
+    /// A new store in `dir` with `from`'s Raft snapshot installed.
+    async fn snapshot_into(from: &Store, dir: &Path) -> Store {
+        let snapshot = StateMachine::new(from.clone())
+            .build_snapshot()
+            .await
+            .unwrap();
+        let to = Store::open(dir).unwrap();
+        StateMachine::new(to.clone())
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        to
+    }
+
     fn apply_one(store: &Store, index: u64, p: &Proposal) -> Outcome {
         let mut batch = ApplyBatch::new(store).unwrap();
         let outcome = batch.entry(log_id(index), Some(p)).unwrap();
@@ -1252,13 +1266,7 @@ mod tests {
             apply_one(&a, 2, &proposal(2, activate("user.x"))),
             Outcome::Done
         );
-        let snapshot = StateMachine::new(a.clone()).build_snapshot().await.unwrap();
-
-        let b = Store::open(&dir.path().join("b")).unwrap();
-        StateMachine::new(b.clone())
-            .install_snapshot(&snapshot.meta, snapshot.snapshot)
-            .await
-            .unwrap();
+        let b = snapshot_into(&a, &dir.path().join("b")).await;
         // The RESERVE retried after the snapshot: answered, not applied.
         assert_eq!(
             apply_one(&b, 3, &proposal(1, reserve("user.x"))),
@@ -1314,12 +1322,7 @@ mod tests {
         assert_eq!(a.scan(|_| true).unwrap().1.len(), 1);
 
         // The Raft snapshot carries them.
-        let snapshot = StateMachine::new(a.clone()).build_snapshot().await.unwrap();
-        let b = Store::open(&dir.path().join("b")).unwrap();
-        StateMachine::new(b.clone())
-            .install_snapshot(&snapshot.meta, snapshot.snapshot)
-            .await
-            .unwrap();
+        let b = snapshot_into(&a, &dir.path().join("b")).await;
         assert_eq!(b.users().unwrap(), expected);
 
         // So does the replica stream's chunked snapshot (the same walk).

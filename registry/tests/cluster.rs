@@ -211,17 +211,7 @@ async fn membership_changes_under_load_and_snapshot_install_to_a_new_node() {
 
     // Node 4 joins as a learner: the log it needs is compacted, so it gets
     // the leader's snapshot, then becomes a voter.
-    let new = cluster.add_node();
-    cluster
-        .admin(
-            1,
-            AdminRequest::AddLearner {
-                id: new,
-                addr: cluster.spec(new).peer.clone(),
-            },
-        )
-        .await
-        .unwrap();
+    let new = cluster.add_learner(1).await;
     cluster
         .admin(2, AdminRequest::Promote { id: new })
         .await

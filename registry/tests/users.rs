@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{activate, free_port, metric, wait_for, Daemon, TestCluster, ADMIN, READER};
+use common::{activate, free_port, metric_reaches, wait_for, Daemon, TestCluster, ADMIN, READER};
 use corvid_registry::auth::derive_credential;
 use corvid_registry::model::{ClientTag, Outcome, Refusal};
 use corvid_registry::mupdate::client::Client;
@@ -217,51 +217,34 @@ async fn snapshots_and_the_replica_stream_carry_users() {
     for i in 0..60 {
         activate(&mut c, &format!("user.fill{i:02}")).await;
     }
-    let built = wait_for(Duration::from_secs(10), || async {
-        metric(&cluster.daemon(1).metrics, "corvid_snapshot_builds_total")
-            .await
-            .filter(|&n| n >= 1.0)
-    })
-    .await;
-    assert!(built.is_some(), "no snapshot was built");
+    let master = cluster.daemon(1).metrics.clone();
+    let ten = Duration::from_secs(10);
+    assert!(
+        metric_reaches(&master, "corvid_snapshot_builds_total", 1.0, ten).await,
+        "no snapshot was built"
+    );
 
     // A node joining now gets the state by snapshot, users included.
-    let new = cluster.add_node();
-    cluster
-        .admin(
-            1,
-            AdminRequest::AddLearner {
-                id: new,
-                addr: cluster.spec(new).peer.clone(),
-            },
-        )
-        .await
-        .unwrap();
-    let installs = wait_for(Duration::from_secs(10), || async {
-        metric(
+    let new = cluster.add_learner(1).await;
+    assert!(
+        metric_reaches(
             &cluster.daemon(new).metrics,
             "corvid_snapshot_installs_total",
+            1.0,
+            ten
         )
-        .await
-        .filter(|&n| n >= 1.0)
-    })
-    .await;
-    assert!(installs.is_some(), "node {new} was not sent a snapshot");
+        .await,
+        "node {new} was not sent a snapshot"
+    );
 
     // A replica that starts now is past the purged log: its stream sends
     // the state as a snapshot, users included.
     let replica_addr = format!("127.0.0.1:{}", free_port());
     let _replica = cluster.replica("replica", &[1], &replica_addr);
-    let sent = wait_for(Duration::from_secs(20), || async {
-        metric(
-            &cluster.daemon(1).metrics,
-            "corvid_stream_snapshots_sent_total",
-        )
-        .await
-        .filter(|&n| n >= 1.0)
-    })
-    .await;
-    assert!(sent.is_some(), "the replica was not sent a snapshot");
+    assert!(
+        metric_reaches(&master, "corvid_stream_snapshots_sent_total", 1.0, ten).await,
+        "the replica was not sent a snapshot"
+    );
 
     let addrs = [cluster.spec(new).mupdate.clone(), replica_addr];
     let took = wait_for(Duration::from_secs(20), || async {
