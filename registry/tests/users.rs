@@ -11,7 +11,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{activate, free_port, metric_reaches, wait_for, Daemon, TestCluster, ADMIN, READER};
+use common::{
+    activate, free_port, metric, metric_reaches, wait_for, Daemon, TestCluster, ADMIN, READER,
+};
 use corvid_registry::auth::derive_credential;
 use corvid_registry::model::{ClientTag, Outcome, Refusal};
 use corvid_registry::mupdate::client::Client;
@@ -138,6 +140,14 @@ async fn users_added_changed_and_deleted_on_one_node_take_effect_everywhere() {
             "{login:?}: {r:?}"
         );
     }
+    assert_eq!(
+        metric(
+            &cluster.daemon(follower).metrics,
+            "corvid_user_admin_refused_total"
+        )
+        .await,
+        Some(3.0)
+    );
 
     // Added through a follower (forwarded to the leader).
     assert_eq!(
