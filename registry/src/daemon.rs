@@ -173,10 +173,7 @@ async fn start_master(
         config.users_file(),
         registry.store().clone(),
     ));
-    let users = Arc::new(UserAdmin {
-        credentials: credentials.clone(),
-        data_dir: data_dir.clone(),
-    });
+    let users = Arc::new(UserAdmin::new(credentials.clone(), data_dir.clone()));
     tokio::spawn(crate::peer::serve(
         peer_listener,
         registry.clone(),

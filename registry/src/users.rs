@@ -119,12 +119,25 @@ pub enum UsersError {
 /// What a master needs to answer user requests.
 pub struct UserAdmin {
     /// The node's users (registry, then file), to check administrator logins.
-    pub credentials: Arc<CredentialStore>,
+    credentials: Arc<CredentialStore>,
     /// The node's data directory (for the first administrator's password).
-    pub data_dir: PathBuf,
+    data_dir: PathBuf,
+    /// Administrator logins checked at once (PBKDF2 is CPU-bound): one per
+    /// core, so that a flood of guesses cannot starve Raft.
+    logins: tokio::sync::Semaphore,
 }
 
 impl UserAdmin {
+    /// User administration for the node whose users are `credentials` and
+    /// whose data directory is `data_dir`.
+    pub fn new(credentials: Arc<CredentialStore>, data_dir: PathBuf) -> UserAdmin {
+        UserAdmin {
+            credentials,
+            data_dir,
+            logins: tokio::sync::Semaphore::new(crate::mupdate::server::default_parallel_auth()),
+        }
+    }
+
     /// Answers `request` from a peer; `peer_verified` says whether the
     /// peer presented a certificate of the cluster's CA (mutual TLS).
     pub async fn handle(
@@ -151,6 +164,9 @@ impl UserAdmin {
 
     async fn is_admin(&self, login: Option<AdminLogin>) -> bool {
         let Some(login) = login else {
+            return false;
+        };
+        let Ok(_slot) = self.logins.acquire().await else {
             return false;
         };
         let credentials = self.credentials.clone();
