@@ -9,7 +9,7 @@ use corvid_registry::peer::{
 };
 
 /// Mutual TLS towards the peer port, when the cluster uses it.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct PeerTlsArgs {
     /// PEM certificate signed by the cluster CA.
     #[arg(long, requires_all = ["peer_key", "peer_ca"])]
@@ -23,7 +23,8 @@ pub struct PeerTlsArgs {
 }
 
 impl PeerTlsArgs {
-    fn client(&self) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+    /// The client TLS configuration, when the certificate options are given.
+    pub fn client(&self) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
         match (&self.peer_cert, &self.peer_key, &self.peer_ca) {
             (Some(c), Some(k), Some(a)) => {
                 Ok(Some(corvid_registry::tls::peer_tls(c, k, a)?.client))
