@@ -337,11 +337,33 @@ EOF
   chown -R cyrus:mail "$dir"
   chmod 0640 "$dir/sasldb2"
   interop_log "$dir/master.err"
+  # Kept for cyrus_restart.
+  printf '%q ' "$@" "$CYRUS_BIN/master" -C "$dir/imapd.conf" -M "$dir/cyrus.conf" \
+    -p "$dir/master.pid" -L "$dir/master.err" >"$dir/master.cmdline"
+  echo "$port" >"$dir/master.port"
   spawn "$dir/master.out" "$@" "$CYRUS_BIN/master" -C "$dir/imapd.conf" -M "$dir/cyrus.conf" \
     -p "$dir/master.pid" -L "$dir/master.err"
+  echo "$SPAWNED_PID" >"$dir/master.pgid"
   if ! wait_greeting "$port"; then
     die "Cyrus master in $dir did not greet on $port"
   fi
+}
+
+## cyrus_restart DIR: stop the Cyrus instance in DIR (its master's process
+## group, SIGTERM) and start it again exactly as it was started, e.g. after
+## its imapd.conf was edited; waits for its greeting. Sets SPAWNED_PID.
+cyrus_restart() {
+  local dir=$1 pg port
+  local -a cmd
+  pg=$(cat "$dir/master.pgid")
+  port=$(cat "$dir/master.port")
+  kill -TERM -- "-$pg" 2>/dev/null || true
+  wait_for "Cyrus master of $dir gone" bash -c "! kill -0 -- -$pg 2>/dev/null" || die "Cyrus in $dir did not stop"
+  rm -f "$dir/master.pid"
+  eval "cmd=($(cat "$dir/master.cmdline"))"
+  spawn "$dir/master.out" "${cmd[@]}"
+  echo "$SPAWNED_PID" >"$dir/master.pgid"
+  wait_greeting "$port" || die "Cyrus master in $dir did not greet on $port after a restart"
 }
 
 # _cyrus_mupdate_client DIR MASTER_HOSTPORT USER PASS: how an instance

@@ -18,6 +18,9 @@ trap 'rm -f "$out"' EXIT
 # SERVER=cyrus).
 scripts+=(replica_snapshot.sh)
 
+# Migration of a live Cyrus murder onto Corvid (always Corvid; ~25 s).
+scripts+=(migrate.sh)
+
 for script in "${scripts[@]}"; do
   echo "======== $script (SERVER=${SERVER:-corvid})"
   rc=0
