@@ -260,9 +260,9 @@ pub fn write_cyrus(out: &mut impl Write, entries: &[MailboxEntry]) -> std::io::R
             .map(|p| format!("{}: {}", q(p[0]), q(p.get(1).copied().unwrap_or(""))))
             .collect::<Vec<_>>()
             .join(", ");
-        write!(
+        writeln!(
             out,
-            "{}: {{\"name\": {}, \"mtime\": \"0\", \"uidvalidity\": \"0\", \"createdmodseq\": \"0\", \"foldermodseq\": \"0\", \"mbtype\": \"{mbtype}\", \"partition\": {}, \"server\": {}, \"acl\": {{{acl}}}, \"name_history\": []}}{}\n",
+            "{}: {{\"name\": {}, \"mtime\": \"0\", \"uidvalidity\": \"0\", \"createdmodseq\": \"0\", \"foldermodseq\": \"0\", \"mbtype\": \"{mbtype}\", \"partition\": {}, \"server\": {}, \"acl\": {{{acl}}}, \"name_history\": []}}{}",
             q(&e.name),
             q(&e.name),
             q(partition),

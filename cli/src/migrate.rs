@@ -1038,3 +1038,67 @@ async fn status(args: StatusArgs) -> anyhow::Result<i32> {
     }
     Ok(exit_for(d.is_empty()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corvid_registry::model::MailboxState;
+
+    fn p(location: &str) -> Placement {
+        Placement {
+            location: location.into(),
+            acl: "anyone\tlrs\t".into(),
+            state: MailboxState::Active,
+        }
+    }
+
+    #[test]
+    fn compare_finds_each_kind_of_difference() {
+        let a: List = [("x", "be1!a"), ("y", "be1!a"), ("z", "be1!a")]
+            .into_iter()
+            .map(|(n, l)| (n.to_owned(), p(l)))
+            .collect();
+        let mut b = a.clone();
+        b.remove("x");
+        b.insert("y".into(), p("be2!a"));
+        b.insert("w".into(), p("be1!a"));
+        let d = compare(&a, &b);
+        assert_eq!(d.only_a, vec!["x"]);
+        assert_eq!(d.only_b, vec!["w"]);
+        assert_eq!(d.differ, vec!["y"]);
+        assert!(!d.is_empty());
+        assert!(compare(&a, &a).is_empty());
+    }
+
+    #[test]
+    fn the_shadow_base_survives_a_restart_with_its_journal() {
+        let dir = std::env::temp_dir().join(format!("corvid-shadow-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = StateDir(dir.clone());
+        assert!(state.load_base().unwrap().is_none(), "first start: no base");
+        let mut base = List::new();
+        base.insert("a".into(), p("be1!x"));
+        base.insert("b".into(), p("be1!x"));
+        state.save_base(&base).unwrap();
+        state
+            .journal(&[("a".into(), None), ("c".into(), Some(p("be2!y")))])
+            .unwrap();
+        // A line cut short by a crash ends the journal.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(state.path("journal.jsonl"))
+            .unwrap()
+            .write_all(b"{\"name\":\"b\",\"plac")
+            .unwrap();
+        let got = state.load_base().unwrap().unwrap();
+        let want: List = [("b", p("be1!x")), ("c", p("be2!y"))]
+            .into_iter()
+            .map(|(n, p)| (n.to_owned(), p))
+            .collect();
+        assert_eq!(got, want);
+        state.save_base(&got).unwrap();
+        assert_eq!(std::fs::read(state.path("journal.jsonl")).unwrap(), b"");
+        assert_eq!(state.load_base().unwrap().unwrap(), want);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -349,15 +349,27 @@ EOF
   fi
 }
 
-## cyrus_restart DIR: stop the Cyrus instance in DIR (its master's process
-## group, SIGTERM) and start it again exactly as it was started, e.g. after
-## its imapd.conf was edited; waits for its greeting. Sets SPAWNED_PID.
+## cyrus_restart DIR: stop the Cyrus instance in DIR (SIGTERM to its
+## master's process group; SIGKILL after CYRUS_STOP_TIMEOUT seconds, default
+## 5, as a service manager's stop timeout would) and start it again exactly
+## as it was started, e.g. after its imapd.conf was edited; waits for its
+## greeting. Sets SPAWNED_PID.
+## Under load a Cyrus 3.6 master sometimes never finishes a SIGTERM
+## shutdown: it spins, its listeners still open, serving nobody.
 cyrus_restart() {
-  local dir=$1 pg port
+  local dir=$1 pg port i
   local -a cmd
   pg=$(cat "$dir/master.pgid")
   port=$(cat "$dir/master.port")
   kill -TERM -- "-$pg" 2>/dev/null || true
+  for ((i = 0; i < ${CYRUS_STOP_TIMEOUT:-5} * 10; i++)); do
+    kill -0 -- "-$pg" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 -- "-$pg" 2>/dev/null; then
+    echo "Cyrus in $dir did not stop within ${CYRUS_STOP_TIMEOUT:-5} s of SIGTERM: SIGKILL"
+    kill -KILL -- "-$pg" 2>/dev/null || true
+  fi
   wait_for "Cyrus master of $dir gone" bash -c "! kill -0 -- -$pg 2>/dev/null" || die "Cyrus in $dir did not stop"
   rm -f "$dir/master.pid"
   eval "cmd=($(cat "$dir/master.cmdline"))"

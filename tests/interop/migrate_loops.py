@@ -11,7 +11,7 @@ every operation, so that the script can tell which failed and when.
         NAME (a new connection each time, as USER); logs
         "<unix time> <NAME> ok|fail <mailbox> <reason>"
 
-Both stop when STOPFILE exists or after MAX_SECONDS, pause 0.1 s between
+Both stop when STOPFILE exists or after MAX_SECONDS, pause 0.2 s between
 rounds, and bound every socket operation by a timeout.
 """
 
@@ -102,7 +102,7 @@ def main(argv):
                 print(__doc__, file=sys.stderr)
                 return 2
             out.flush()
-            time.sleep(0.1)
+            time.sleep(0.2)
     return 0
 
 
