@@ -384,9 +384,21 @@ pub struct CheckArgs {
     /// The backend's name (the server part of its locations).
     #[arg(long)]
     backend: String,
-    /// The backend's `ctl_mboxlist -d` output (`-` for standard input).
-    #[arg(long, default_value = "-")]
-    input: PathBuf,
+    /// The backend's `ctl_mboxlist -d` output (`-` for standard input, the
+    /// default without --imap).
+    #[arg(long, conflicts_with = "imap")]
+    input: Option<PathBuf>,
+    /// Instead of a dump, an admin's IMAP LIST on the backend, HOST:PORT
+    /// (names only: partitions and ACLs are not compared, and names only
+    /// the backend holds are reported but not created).
+    #[arg(long, requires_all = ["imap_user", "imap_password_file"])]
+    imap: Option<String>,
+    /// The backend's IMAP administrator.
+    #[arg(long)]
+    imap_user: Option<String>,
+    /// File whose first line is that administrator's password.
+    #[arg(long)]
+    imap_password_file: Option<PathBuf>,
     /// Repair what is unambiguous: create what only the backend holds,
     /// delete active entries the backend lacks, set ACL and partition to
     /// the backend's. Names held by two backends and reservations the
@@ -544,77 +556,127 @@ pub fn compare(a: &List, b: &List) -> Diff {
     d
 }
 
+/// What a backend holds, as its dump (`Full`) or an IMAP LIST (`Names`)
+/// tells it.
+enum Held {
+    Full(List),
+    Names(BTreeSet<String>),
+}
+
+impl Held {
+    fn contains(&self, name: &str) -> bool {
+        match self {
+            Held::Full(l) => l.contains_key(name),
+            Held::Names(n) => n.contains(name),
+        }
+    }
+
+    fn names(&self) -> Vec<&String> {
+        match self {
+            Held::Full(l) => l.keys().collect(),
+            Held::Names(n) => n.iter().collect(),
+        }
+    }
+}
+
+async fn imap_list(args: &CheckArgs) -> anyhow::Result<BTreeSet<String>> {
+    let (Some(addr), Some(user), Some(pw)) =
+        (&args.imap, &args.imap_user, &args.imap_password_file)
+    else {
+        bail!("--imap needs --imap-user and --imap-password-file");
+    };
+    let password = read_input(pw)?.lines().next().unwrap_or("").to_owned();
+    let mut c = crate::imap_bench::Imap::connect(addr, 64 << 10, Duration::from_secs(60)).await?;
+    c.login(user, &password).await?;
+    let names = c.list("*").await?;
+    c.logout().await.ok();
+    Ok(names.into_iter().collect())
+}
+
 /// Runs `corvidctl check`; returns the exit status.
 pub async fn check(args: CheckArgs) -> anyhow::Result<i32> {
-    let text = read_input(&args.input)?;
-    let held = mboxlist::parse(&text, mboxlist::detect(&text), Some(&args.backend))?;
-    // A master's dump may list other backends too: keep this one's.
-    let backend: List = to_list(held.into_iter().filter(|e| e.server() == args.backend));
+    let held = if args.imap.is_some() {
+        Held::Names(imap_list(&args).await?)
+    } else {
+        let input = args.input.clone().unwrap_or_else(|| PathBuf::from("-"));
+        let text = read_input(&input)?;
+        let entries = mboxlist::parse(&text, mboxlist::detect(&text), Some(&args.backend))?;
+        // A master's dump may list other backends too: keep this one's.
+        Held::Full(to_list(
+            entries.into_iter().filter(|e| e.server() == args.backend),
+        ))
+    };
     let registry = args.reg.read().await?;
     let here: List = registry
         .iter()
         .filter(|(_, p)| p.server() == args.backend)
         .map(|(n, p)| (n.clone(), p.clone()))
         .collect();
-    let diff = compare(&backend, &here);
     let mut fixes = Vec::new();
+    let mut differences = 0usize;
+    // Differences --fix leaves alone.
     let mut remaining = 0usize;
-    for name in &diff.only_a {
-        let want = &backend[name];
-        match registry.get(name) {
-            Some(other) => {
+    for name in held.names() {
+        if here.contains_key(name) {
+            continue;
+        }
+        differences += 1;
+        match (registry.get(name), &held) {
+            (Some(other), _) => {
                 remaining += 1;
-                println!(
-                    "two-backends\t{name}\tregistry {}\tbackend {}",
-                    other.location, want.location
-                );
+                println!("two-backends\t{name}\tregistry {}", other.location);
             }
-            None => {
-                println!("backend-only\t{name}\t{}", want.location);
+            (None, Held::Full(list)) => {
+                println!("backend-only\t{name}\t{}", list[name].location);
                 fixes.push(RegistryCommand::Conditional {
                     name: name.clone(),
                     expected: None,
+                    new: Some(list[name].clone()),
+                });
+            }
+            (None, Held::Names(_)) => {
+                remaining += 1;
+                println!("backend-only\t{name}\t(location unknown from LIST)");
+            }
+        }
+    }
+    for (name, now) in &here {
+        if !held.contains(name) {
+            differences += 1;
+            println!("registry-only\t{name}\t{}\t{:?}", now.location, now.state);
+            if now.state == corvid_registry::model::MailboxState::Active {
+                fixes.push(RegistryCommand::Conditional {
+                    name: name.clone(),
+                    expected: Some(now.clone()),
+                    new: None,
+                });
+            } else {
+                remaining += 1;
+            }
+        } else if let Held::Full(list) = &held {
+            let want = &list[name];
+            if want != now {
+                differences += 1;
+                println!(
+                    "differs\t{name}\tregistry {} {:?}\tbackend {} {:?}",
+                    now.location, now.state, want.location, want.state
+                );
+                fixes.push(RegistryCommand::Conditional {
+                    name: name.clone(),
+                    expected: Some(now.clone()),
                     new: Some(want.clone()),
                 });
             }
         }
     }
-    for name in &diff.only_b {
-        let now = &here[name];
-        println!("registry-only\t{name}\t{}\t{:?}", now.location, now.state);
-        if now.state == corvid_registry::model::MailboxState::Active {
-            fixes.push(RegistryCommand::Conditional {
-                name: name.clone(),
-                expected: Some(now.clone()),
-                new: None,
-            });
-        } else {
-            remaining += 1;
-        }
-    }
-    for name in &diff.differ {
-        let (now, want) = (&here[name], &backend[name]);
-        println!(
-            "differs\t{name}\tregistry {} {:?}\tbackend {} {:?}",
-            now.location, now.state, want.location, want.state
-        );
-        fixes.push(RegistryCommand::Conditional {
-            name: name.clone(),
-            expected: Some(now.clone()),
-            new: Some(want.clone()),
-        });
-    }
     println!(
-        "backend {}: {} mailboxes, registry {} at it; {} only on the backend, {} only in the registry, {} differ",
+        "backend {}: {} mailboxes, registry {} at it; {differences} differences",
         args.backend,
-        backend.len(),
+        held.names().len(),
         here.len(),
-        diff.only_a.len(),
-        diff.only_b.len(),
-        diff.differ.len()
     );
     if !args.fix {
-        return Ok(exit_for(diff.is_empty()));
+        return Ok(exit_for(differences == 0));
     }
     let names: Vec<String> = fixes
         .iter()

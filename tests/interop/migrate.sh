@@ -231,11 +231,18 @@ for b in be1 be2; do
   ctl check "${REG[@]}" --backend "$b" --input "$WORK/$b.dump"
   assert_eq "4 check --backend $b is clean (exit 0)" 0 "$RC"
 done
+printf '%s\n' "$PASS" >"$WORK/backend-password"
+for b in be1:127.0.0.2 be2:127.0.0.3; do
+  ctl check "${REG[@]}" --backend "${b%%:*}" --imap "${b#*:}:$IMAP_PORT" --imap-user "$ADMIN" --imap-password-file "$WORK/backend-password"
+  assert_eq "4 check --backend ${b%%:*} by an admin's IMAP LIST is clean (exit 0)" 0 "$RC"
+done
 # A stray entry: check finds it, --fix repairs it, check is clean again.
 ctl load "${REG[@]}" "$WORK/stray.jsonl"
 ctl check "${REG[@]}" --backend be1 --input "$WORK/be1.dump"
 assert_eq "4 check finds a registry entry be1 lacks (exit 3)" 3 "$RC"
 assert_match "4 it names it" $'^registry-only\tloaded\tbe1!default' "$OUT"
+ctl check "${REG[@]}" --backend be1 --imap "127.0.0.2:$IMAP_PORT" --imap-user "$ADMIN" --imap-password-file "$WORK/backend-password"
+assert_match "4 check by IMAP LIST finds it too" $'^registry-only\tloaded\tbe1!default' "$OUT"
 ctl check "${REG[@]}" --backend be1 --input "$WORK/be1.dump" --fix
 assert_line "4 check --fix deletes it" "fixed 1, left 0" "$OUT"
 ctl check "${REG[@]}" --backend be1 --input "$WORK/be1.dump"
