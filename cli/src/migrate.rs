@@ -49,9 +49,10 @@ pub const EXIT_DIFFERENCES: i32 = 3;
 /// How to reach the Corvid registry.
 #[derive(Debug, Clone, Args)]
 pub struct RegistryArgs {
-    /// MUPDATE address of any registry node (for reads: LIST).
-    #[arg(long, default_value = "127.0.0.1:3905")]
-    registry: String,
+    /// MUPDATE addresses of registry nodes, comma-separated (for reads:
+    /// LIST; tried in turn).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:3905")]
+    registry: Vec<String>,
     /// TOML file with the registry admin's `user` and `password`.
     #[arg(long, default_value = "./data/admin-credential.txt")]
     credential_file: PathBuf,
@@ -93,9 +94,9 @@ impl CyrusArgs {
 }
 
 impl RegistryArgs {
-    fn mupdate(&self) -> ConnectArgs {
+    fn mupdate(&self, server: &str) -> ConnectArgs {
         ConnectArgs {
-            server: self.registry.clone(),
+            server: server.to_owned(),
             user: None,
             password: None,
             credential_file: self.credential_file.clone(),
@@ -107,12 +108,22 @@ impl RegistryArgs {
         }
     }
 
-    /// The registry's whole list (LIST).
+    /// The registry's whole list (LIST), from the first node that answers.
     pub async fn read(&self) -> anyhow::Result<List> {
-        let mut c = self.mupdate().connect().await?;
-        let list = c.list(None).await.context("LIST on the registry")?;
-        c.logout().await.ok();
-        Ok(to_list(list))
+        let mut last = anyhow::anyhow!("no --registry address");
+        for server in &self.registry {
+            let attempt = async {
+                let mut c = self.mupdate(server).connect().await?;
+                let list = c.list(None).await.context("LIST on the registry")?;
+                c.logout().await.ok();
+                anyhow::Ok(to_list(list))
+            };
+            match attempt.await {
+                Ok(list) => return Ok(list),
+                Err(e) => last = e.context(format!("reading the registry at {server}")),
+            }
+        }
+        Err(last)
     }
 }
 

@@ -3,12 +3,13 @@
 # Interop (e): migrating a live Cyrus 3.6 murder onto Corvid, following
 # docs/src/migration.md end to end.
 #  0. A real Cyrus `mupdate -m` master with two real backends be1 (127.0.0.2)
-#     and be2 (127.0.0.3), holding mailboxes; a one-node Corvid cluster.
+#     and be2 (127.0.0.3), holding mailboxes; a three-node Corvid cluster.
 #  1. dump/load/import: import reports created/unchanged/conflicting and is
 #     idempotent; a Cyrus-format dump of Corvid reads as the master's own
 #     `ctl_mboxlist -d`; a conflicting load changes nothing.
 #  2. The shadow (`corvidctl migrate shadow`) follows the Cyrus master while
-#     mailboxes are created and deleted; Corvid's list equals Cyrus's.
+#     mailboxes are created and deleted; Corvid's list equals Cyrus's. The
+#     registry's leader is SIGKILLed: the shadow goes on through the others.
 #  3. corvid-proxy (the frontend, following Corvid) delivers by LMTP and a
 #     creation loop runs on both backends while be1 and then be2 are cut over
 #     (mupdate_server repointed to Corvid, backend restarted with
@@ -59,11 +60,12 @@ cyrus_murder_backend "$BE1" be1 127.0.0.2 "$IMAP_PORT" "$CYRUS" "$ADMIN" "$PASS"
 cyrus_murder_backend "$BE2" be2 127.0.0.3 "$IMAP_PORT" "$CYRUS" "$ADMIN" "$PASS" "$PROXY_PASS" "${PEERS[@]}"
 for be in "$BE1" "$BE2"; do cyrus_add_user "$be" "$CYRUS_PROXY_USER" "$PROXY_PASS"; done
 
-start_corvid_cluster 1 "$WORK/corvid" "$ADMIN" "$PASS"
-CORVID=${CORVID_CLUSTER_MUPDATE%% *}
+start_corvid_cluster 3 "$WORK/corvid" "$ADMIN" "$PASS"
+read -r -a NODE_MUPDATE <<<"$CORVID_CLUSTER_MUPDATE"
+CORVID=${NODE_MUPDATE[0]}
 printf 'user = "%s"\npassword = "%s"\n' "$ADMIN" "$PASS" >"$WORK/corvid-credential.toml"
 printf '%s\n' "$PASS" >"$WORK/cyrus-password"
-REG=(--registry "$CORVID" --credential-file "$WORK/corvid-credential.toml" --peer "$CORVID_CLUSTER_PEERS")
+REG=(--registry "$(IFS=,; echo "${NODE_MUPDATE[*]}")" --credential-file "$WORK/corvid-credential.toml" --peer "$CORVID_CLUSTER_PEERS")
 SRC=(--from-mupdate "$CYRUS" --user "$ADMIN" --password-file "$WORK/cyrus-password")
 
 # be_imap BE_IP DESC CMD...: IMAP commands as the admin on a backend, one assertion.
@@ -143,6 +145,39 @@ fi
 assert_eq "2 Corvid's list equals the Cyrus master's" "$(cyrus_list)" "$(corvid_list)"
 ctl migrate status --state-dir "$WORK/shadow"
 assert_line "2 nothing diverged" $'diverged\t0' "$OUT"
+
+phase "2b. the registry's leader is killed; the shadow goes on"
+# node_metric I NAME: NAME's value at node I's /metrics (empty if down).
+node_metric() {
+  local m
+  m=$(sed -n 's/^corvid-registry ready .*metrics=\([^ ]*\).*/\1/p' "${_CORVID_CLUSTER_LOGS[$1]}" | tail -n 1)
+  curl -s --max-time 2 "http://$m/metrics" | awk -v n="$2" '$1 == n { print $2 }'
+}
+LEADER=
+for i in 0 1 2; do
+  if [[ $(node_metric "$i" corvid_server_is_leader) == 1 ]]; then LEADER=$i; fi
+done
+[[ -n $LEADER ]] || die "no leader among the registry nodes"
+kill -KILL -- "-${CORVID_CLUSTER_PGIDS[LEADER]}"
+echo "killed registry node $((LEADER + 1)), the leader"
+SURVIVOR=$(((LEADER + 1) % 3))
+CORVID=${NODE_MUPDATE[SURVIVOR]}
+new_leader() {
+  local i
+  for i in 0 1 2; do
+    [[ $i != "$LEADER" && $(node_metric "$i" corvid_server_is_leader) == 1 ]] && return 0
+  done
+  return 1
+}
+wait_for "a new registry leader" new_leader || fail "2b the two other nodes elect a leader"
+be_imap 127.0.0.3 "be2 creates (Cyrus master) after the registry leader died" "CREATE sharedfour"
+if wait_for "sharedfour on Corvid" timeout 10 "$CTL" find -s "$CORVID" -u "$ADMIN" -w "$PASS" sharedfour >/dev/null; then
+  pass "2b a mailbox created through Cyrus after the registry leader died reaches Corvid"
+else
+  fail "2b a mailbox created through Cyrus after the registry leader died reaches Corvid"
+fi
+ctl migrate status --state-dir "$WORK/shadow"
+assert_line "2b the shadow still follows" $'shadow\tfollowing' "$OUT"
 
 # ================================================================ 3. cut-over under load
 phase "3. corvid-proxy, load loops, cut-over of be1 then be2"
