@@ -356,7 +356,7 @@ EOF
 ## greeting. Sets SPAWNED_PID.
 ## Under load a Cyrus 3.6 master sometimes never finishes a SIGTERM
 ## shutdown: it spins, its listeners still open and no child left, serving
-## nobody (seen in migrate.sh, 5 runs in about 25).
+## nobody (seen in migrate.sh, about 10 stops in 100).
 cyrus_restart() {
   local dir=$1 pg port i
   local -a cmd
