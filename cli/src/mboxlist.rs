@@ -1,6 +1,8 @@
 //! Mailbox list files, pure (text in, entries out): JSON lines, one entry
-//! per line, and the JSON object Cyrus 3.6's `ctl_mboxlist -d` prints
-//! (and `ctl_mboxlist -u` reads).
+//! per line, and the JSON object Cyrus 3.6's `ctl_mboxlist -d` prints.
+//! (Cyrus 3.6.1's `ctl_mboxlist -u` refuses entries without a `uniqueid`,
+//! which a master's own dump lacks too, so such a dump goes back into a
+//! registry with `corvidctl load`, not into a Cyrus master.)
 //!
 //! A Cyrus dump names every mailbox once, with its `mbtype` letters: `r`
 //! remote (a master's entry; `server` then names the backend), `z`
