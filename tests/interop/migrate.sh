@@ -29,7 +29,7 @@ SERVER=corvid
 interop_init migrate
 require_bin unshare mount
 T0=$SECONDS
-ADMIN=admin
+ADMIN="admin"
 PASS=interop-secret
 PROXY_PASS=proxy-secret
 HERE=$INTEROP_DIR
