@@ -3,15 +3,17 @@
 # Interop (e): migrating a live Cyrus 3.6 murder onto Corvid, following
 # docs/src/migration.md end to end.
 #  0. A real Cyrus `mupdate -m` master with two real backends be1 (127.0.0.2)
-#     and be2 (127.0.0.3), holding mailboxes; a three-node Corvid cluster.
+#     and be2 (127.0.0.3), holding mailboxes, and a real Cyrus frontend fe
+#     following it; a three-node Corvid cluster.
 #  1. dump/load/import: import reports created/unchanged/conflicting and is
 #     idempotent; a Cyrus-format dump of Corvid reads as the master's own
 #     `ctl_mboxlist -d`; a conflicting load changes nothing.
 #  2. The shadow (`corvidctl migrate shadow`) follows the Cyrus master while
 #     mailboxes are created and deleted; Corvid's list equals Cyrus's. The
 #     registry's leader is SIGKILLed: the shadow goes on through the others.
-#  3. corvid-proxy (the frontend, following Corvid) delivers by LMTP and a
-#     creation loop runs on both backends while be1 and then be2 are cut over
+#  3. The Cyrus frontend is repointed to Corvid (its slave resyncs from it).
+#     It and corvid-proxy deliver by LMTP and a creation loop runs on both
+#     backends while be1 and then be2 are cut over
 #     (mupdate_server repointed to Corvid, backend restarted with
 #     ctl_mboxlist -m in START).
 #     Between the cut-overs a name written directly on Corvid (by be1) is
@@ -59,6 +61,13 @@ PEERS=("be1=127.0.0.2" "be2=127.0.0.3")
 cyrus_murder_backend "$BE1" be1 127.0.0.2 "$IMAP_PORT" "$CYRUS" "$ADMIN" "$PASS" "$PROXY_PASS" "${PEERS[@]}"
 cyrus_murder_backend "$BE2" be2 127.0.0.3 "$IMAP_PORT" "$CYRUS" "$ADMIN" "$PASS" "$PROXY_PASS" "${PEERS[@]}"
 for be in "$BE1" "$BE2"; do cyrus_add_user "$be" "$CYRUS_PROXY_USER" "$PROXY_PASS"; done
+# A Cyrus frontend (its mupdate slave follows the Cyrus master), delivering
+# by LMTP on a UNIX socket.
+FE=$WORK/fe
+FE_PORT=$(free_port)
+CYRUS_FRONTEND_LMTP_SOCKET=$WORK/fe-lmtp.sock
+export CYRUS_FRONTEND_LMTP_SOCKET
+cyrus_murder_frontend "$FE" fe "$FE_PORT" "$(free_port)" "$CYRUS" "$ADMIN" "$PASS" "$PROXY_PASS" "$IMAP_PORT" "" "${PEERS[@]}"
 
 start_corvid_cluster 3 "$WORK/corvid" "$ADMIN" "$PASS"
 read -r -a NODE_MUPDATE <<<"$CORVID_CLUSTER_MUPDATE"
@@ -180,7 +189,18 @@ ctl migrate status --state-dir "$WORK/shadow"
 assert_line "2b the shadow still follows" $'shadow\tfollowing' "$OUT"
 
 # ================================================================ 3. cut-over under load
-phase "3. corvid-proxy, load loops, cut-over of be1 then be2"
+phase "3. the Cyrus frontend follows Corvid; corvid-proxy, load loops, cut-over of be1 then be2"
+# fe_has NAME LOCATION: the frontend's mailboxes.db places NAME at LOCATION.
+fe_has() {
+  cyrus_mailboxes "$FE" | awk -v n="$1" -v l="$2" '$1 == n && $2 == l { f = 1 } END { exit !f }'
+}
+sed -i "s/^mupdate_server: .*/mupdate_server: $CORVID/" "$FE/imapd.conf"
+cyrus_restart "$FE"
+if wait_for "frontend synced from Corvid" fe_has sharedfour 'be2!default'; then
+  pass "3 the frontend, repointed to Corvid, holds Corvid's list"
+else
+  fail "3 the frontend, repointed to Corvid, holds Corvid's list"
+fi
 CORVID_PROXY_MASTERS=$CORVID_CLUSTER_PEERS
 export CORVID_PROXY_MASTERS
 start_corvid_proxy "$WORK/proxy" "$PROXY_PASS" backend "be1 be2" \
@@ -193,10 +213,12 @@ CREATE_LOG=$WORK/create.log
 # if the script stops early.
 LOOPS=()
 for rcpt in alice@example.org bob@example.org; do
-  spawn "$WORK/lmtp-loop-$rcpt.out" python3 "$HERE/migrate_loops.py" lmtp "$STOP" "$LMTP_LOG.$rcpt" 150 \
-    "$CORVID_PROXY_LMTP" "$rcpt"
-  interop_log "$LMTP_LOG.$rcpt"
-  LOOPS+=("$SPAWNED_PID")
+  for target in "$CORVID_PROXY_LMTP" "fe=unix:$CYRUS_FRONTEND_LMTP_SOCKET"; do
+    log=$LMTP_LOG.${target%%=*}-$rcpt
+    spawn "$WORK/loop-${target%%=*}-$rcpt.out" python3 "$HERE/migrate_loops.py" lmtp "$STOP" "$log" 150 "$target" "$rcpt"
+    interop_log "$log"
+    LOOPS+=("$SPAWNED_PID")
+  done
 done
 for b in be1=127.0.0.2 be2=127.0.0.3; do
   spawn "$WORK/create-loop-${b%%=*}.out" python3 "$HERE/migrate_loops.py" create "$STOP" "$CREATE_LOG.${b%%=*}" 150 \
@@ -239,7 +261,7 @@ cut_over() {
 
 cut_over "$BE1" be1
 t=$(now)
-wait_for "be1 serves again" bash -c "$(declare -f ok_since); ok_since $CREATE_LOG be1 $t && ok_since $LMTP_LOG alice@example.org $t" ||
+wait_for "be1 serves again" bash -c "$(declare -f ok_since); ok_since $CREATE_LOG be1 $t && ok_since $LMTP_LOG alice@example.org $t && ok_since $LMTP_LOG fe/alice@example.org $t" ||
   fail "3 be1 creates and accepts deliveries after its cut-over"
 
 phase "3b. a name written directly on Corvid wins over the shadow feed"
@@ -251,6 +273,11 @@ diverged() {
 wait_for "shadow reports overlap" diverged || fail "3b the shadow reports overlap as diverged"
 ctl find -s "$CORVID" -u "$ADMIN" -w "$PASS" overlap
 assert_match "3b overlap stays where the direct write put it (be1)" $'^overlap\tbe1!default\t' "$OUT"
+if wait_for "frontend knows overlap at be1" fe_has overlap 'be1!default'; then
+  pass "3b the frontend (following Corvid) knows a mailbox only Corvid has"
+else
+  fail "3b the frontend (following Corvid) knows a mailbox only Corvid has"
+fi
 be_imap 127.0.0.3 "be2 deletes its copy (through Cyrus), then creates a marker" \
   "SETACL overlap $ADMIN lrswipkxtecdan" "DELETE overlap" "CREATE marker"
 wait_for "marker on Corvid" timeout 10 "$CTL" find -s "$CORVID" -u "$ADMIN" -w "$PASS" marker >/dev/null ||
@@ -260,7 +287,7 @@ assert_match "3b Cyrus's delete of be2's copy does not delete be1's" $'^overlap\
 
 cut_over "$BE2" be2
 t=$(now)
-wait_for "be2 serves again" bash -c "$(declare -f ok_since); ok_since $CREATE_LOG be2 $t && ok_since $LMTP_LOG bob@example.org $t" ||
+wait_for "be2 serves again" bash -c "$(declare -f ok_since); ok_since $CREATE_LOG be2 $t && ok_since $LMTP_LOG bob@example.org $t && ok_since $LMTP_LOG fe/bob@example.org $t" ||
   fail "3 be2 creates and accepts deliveries after its cut-over"
 touch "$STOP"
 wait "${LOOPS[@]}" || fail "the load loops ended cleanly"
@@ -305,6 +332,7 @@ for line in open(sys.argv[1]):
     name, start, end = line.split()
     windows[name] = (float(start), float(end))
 backend = {"alice@example.org": "be1", "bob@example.org": "be2", "be1": "be1", "be2": "be2"}
+backend.update({f"fe/{k}": v for k, v in backend.items()})
 for kind, path in (("lmtp", sys.argv[2]), ("create", sys.argv[3])):
     total = outside = 0
     failed = {}

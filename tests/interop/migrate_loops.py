@@ -2,9 +2,10 @@
 """Load loops for migrate.sh: they run while backends are cut over and log
 every operation, so that the script can tell which failed and when.
 
-    migrate_loops.py lmtp STOPFILE LOG MAX_SECONDS TARGET RCPT...
-        one LMTP transaction to TARGET (HOST:PORT) per round, every RCPT in
-        it; logs "<unix time> <rcpt> <first digit of its final reply or E>"
+    migrate_loops.py lmtp STOPFILE LOG MAX_SECONDS [LABEL=]TARGET RCPT...
+        one LMTP transaction to TARGET (HOST:PORT or unix:PATH) per round,
+        every RCPT in it; logs "<unix time> [LABEL/]<rcpt> <first digit of
+        its final reply or E>"
     migrate_loops.py create STOPFILE LOG MAX_SECONDS USER PASS PREFIX NAME=HOST:PORT...
         per round, one IMAP CREATE of PREFIXNAMEx<round> (a top-level
         mailbox) on each backend
@@ -29,8 +30,8 @@ TIMEOUT = 5
 def lmtp_round(target, rcpts, subject):
     """Final reply class per recipient ('E' for a connection failure)."""
     try:
-        host, _, port = target.rpartition(":")
-        sock = lmtp_scenarios.socket.create_connection((host, int(port)), timeout=TIMEOUT)
+        sock = lmtp_scenarios.connect(target)
+        sock.settimeout(TIMEOUT)
         c = lmtp_scenarios.Conn(sock)
         c.reply()
         c.send(b"LHLO migrate.example.org\r\n")
@@ -88,8 +89,10 @@ def main(argv):
         while time.time() < deadline and not os.path.exists(stop):
             n += 1
             if mode == "lmtp" and len(rest) >= 2:
-                for rcpt, cls in lmtp_round(rest[0], rest[1:], f"migrate-{n}").items():
-                    out.write(f"{time.time():.3f} {rcpt} {cls}\n")
+                label, _, target = rest[0].rpartition("=")
+                prefix = f"{label}/" if label else ""
+                for rcpt, cls in lmtp_round(target, rest[1:], f"migrate-{prefix}{n}").items():
+                    out.write(f"{time.time():.3f} {prefix}{rcpt} {cls}\n")
             elif mode == "create" and len(rest) >= 4:
                 user, password, prefix = rest[0], rest[1], rest[2]
                 for spec in rest[3:]:
