@@ -309,7 +309,7 @@ fn read_input(path: &Path) -> anyhow::Result<String> {
 
 /// Reads a Cyrus master's whole list by UPDATE (its dump part), with a
 /// progress count; the connection is left streaming.
-async fn update_dump(c: &mut Client, quiet: bool) -> anyhow::Result<(List, String)> {
+async fn update_dump(c: &mut Client, quiet: bool) -> anyhow::Result<List> {
     let tag = c.send(&Command::Update { servers: vec![] });
     c.flush().await?;
     let spinner = if quiet {
@@ -340,7 +340,7 @@ async fn update_dump(c: &mut Client, quiet: bool) -> anyhow::Result<(List, Strin
         }
     }
     spinner.finish_and_clear();
-    Ok((list, tag))
+    Ok(list)
 }
 
 /// `corvidctl dump`.
@@ -522,7 +522,7 @@ fn exit_for(clean: bool) -> i32 {
 /// Runs `corvidctl import`; returns the exit status.
 pub async fn import(args: ImportArgs) -> anyhow::Result<i32> {
     let mut c = args.cyrus.connect().await?;
-    let (list, _) = update_dump(&mut c, false).await?;
+    let list = update_dump(&mut c, false).await?;
     drop(c);
     eprintln!(
         "read {} mailboxes from {}",
@@ -829,9 +829,11 @@ impl StateDir {
     }
 }
 
-/// Mirrors the changes from `base` (what Cyrus held) to `cyrus` (what it
-/// holds now) into the registry; returns the number mirrored. `base`
-/// becomes `cyrus` for every name written (applied or left alone).
+/// Mirrors Cyrus's changes into the registry: each name of `changed` goes
+/// from what `base` (the Cyrus list as last mirrored) holds to its new
+/// placement (`None`: deleted), conditionally, so a name changed on Corvid
+/// directly is left alone and recorded as diverged in `status`. `base` and
+/// the journal then hold the new placements, applied or left alone.
 async fn mirror(
     reg: &RegistryArgs,
     state: &StateDir,
@@ -958,7 +960,7 @@ async fn shadow_session(
 ) -> anyhow::Result<()> {
     let started = now_ms();
     let mut c = args.cyrus.connect().await?;
-    let (cyrus, _) = update_dump(&mut c, true).await?;
+    let cyrus = update_dump(&mut c, true).await?;
     // First run: no base. Treat every name as new, which creates what
     // Corvid lacks and leaves alone (as diverged) what it holds otherwise.
     let mut base = state.load_base()?.unwrap_or_default();
@@ -1067,6 +1069,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<i32> {
         }
     );
     println!("lag_ms\t{lag_ms}");
+    println!("synced_at_ms\t{}", s.synced_at_ms);
     println!("cyrus_entries\t{}", s.cyrus_entries);
     println!("mirrored\t{}", s.mirrored);
     println!("diverged\t{}", s.diverged.len());

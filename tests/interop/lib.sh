@@ -358,10 +358,14 @@ EOF
 ## shutdown: it spins, its listeners still open and no child left, serving
 ## nobody (seen in migrate.sh, about 10 stops in 100).
 cyrus_restart() {
-  local dir=$1 pg port i
-  local -a cmd
+  cyrus_stop "$1"
+  cyrus_start_again "$1"
+}
+
+## cyrus_stop DIR: the stop half of cyrus_restart.
+cyrus_stop() {
+  local dir=$1 pg i
   pg=$(cat "$dir/master.pgid")
-  port=$(cat "$dir/master.port")
   kill -TERM -- "-$pg" 2>/dev/null || true
   for ((i = 0; i < ${CYRUS_STOP_TIMEOUT:-5} * 10; i++)); do
     kill -0 -- "-$pg" 2>/dev/null || break
@@ -372,6 +376,13 @@ cyrus_restart() {
     kill -KILL -- "-$pg" 2>/dev/null || true
   fi
   wait_for "Cyrus master of $dir gone" bash -c "! kill -0 -- -$pg 2>/dev/null" || die "Cyrus in $dir did not stop"
+}
+
+## cyrus_start_again DIR: the start half of cyrus_restart.
+cyrus_start_again() {
+  local dir=$1 port
+  local -a cmd
+  port=$(cat "$dir/master.port")
   rm -f "$dir/master.pid"
   eval "cmd=($(cat "$dir/master.cmdline"))"
   spawn "$dir/master.out" "${cmd[@]}"

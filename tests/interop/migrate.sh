@@ -245,15 +245,30 @@ wait_for "loops running" bash -c "$(declare -f ok_since); ok_since $LMTP_LOG bob
 # CREATEs, -m aborts with "mupdate said not us before it said us"). Appends
 # "NAME START END" to WINDOWS.
 WINDOWS=()
+# shadow_synced_after MS: the shadow has mirrored every change Cyrus made
+# before MS (milliseconds since the epoch).
+shadow_synced_after() {
+  local at
+  at=$(timeout 10 "$CTL" migrate status --state-dir "$WORK/shadow" 2>/dev/null | awk '$1 == "synced_at_ms" { print $2 }')
+  [[ -n $at && $at -gt $1 ]]
+}
 cut_over() {
-  local dir=$1 name=$2 start end out
+  local dir=$1 name=$2 start end stopped_ms
   start=$(now)
   sed -i "s/^mupdate_server: .*/mupdate_server: $CORVID/" "$dir/imapd.conf"
   # As murder backends are set up: push the local list at start, before
   # the services accept clients (fixes, e.g., the empty partition Cyrus
   # 3.6.1 reports for a delayed-delete name).
   sed -i "s|^START {\$|START {\n  mupdatepush cmd=\"$CYRUS_BIN/ctl_mboxlist -C $dir/imapd.conf -m\"|" "$dir/cyrus.conf"
-  cyrus_restart "$dir"
+  cyrus_stop "$dir"
+  # Everything the backend did through Cyrus must be in Corvid before it
+  # talks to Corvid: its ctl_mboxlist -m aborts ("mupdate said not us
+  # before it said us") on a name it holds that Corvid's LIST lacks but a
+  # FIND a moment later finds.
+  stopped_ms=$(date +%s%3N)
+  wait_for "shadow synced after $name stopped" shadow_synced_after "$stopped_ms" ||
+    fail "3 the shadow synchronises after $name stopped"
+  cyrus_start_again "$dir"
   end=$(now)
   WINDOWS+=("$name $start $end")
   echo "cut-over of $name: $(python3 -c "print(round($end - $start, 2))") s from stop to the restarted backend's greeting"
