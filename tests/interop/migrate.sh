@@ -29,7 +29,7 @@ source "$(dirname "$0")/lib.sh"
 
 SERVER=corvid
 interop_init migrate
-require_bin unshare mount
+require_bin unshare mount curl
 T0=$SECONDS
 ADMIN="admin"
 PASS=interop-secret
