@@ -67,9 +67,9 @@ enum Cmd {
     Load(migrate::LoadArgs),
     /// Load a running Cyrus MUPDATE master's whole list (UPDATE dump).
     Import(migrate::ImportArgs),
-    /// Compare a backend's own list (`ctl_mboxlist -d`) with the registry
-    /// (exit status 3 when they differ); with --fix, repair what is
-    /// unambiguous.
+    /// Compare what a backend holds (its `ctl_mboxlist -d`, or an admin's
+    /// IMAP LIST) with the registry (exit status 3 when they differ); with
+    /// --fix, repair what is unambiguous.
     Check(migrate::CheckArgs),
     /// Shadow a live Cyrus master while backends are cut over.
     #[command(subcommand)]
