@@ -11,7 +11,7 @@ use corvid_registry::peer::{
 use corvid_registry::users::{UserRequest, UserResponse, FIRST_ADMIN};
 
 /// Mutual TLS towards the peer port, when the cluster uses it.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct PeerTlsArgs {
     /// PEM certificate signed by the cluster CA.
     #[arg(long, requires_all = ["peer_key", "peer_ca"])]

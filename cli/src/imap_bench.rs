@@ -211,8 +211,9 @@ pub struct IdleFigures {
 
 // ---------------------------------------------------------------- client
 
-/// A bounded IMAP client: one command in flight.
-struct Imap {
+/// A bounded IMAP client: one command in flight (also `corvidctl check
+/// --imap`'s admin LIST).
+pub(crate) struct Imap {
     io: BufReader<TcpStream>,
     next_tag: u32,
     line: Vec<u8>,
@@ -230,9 +231,18 @@ struct Answer {
 const MAX_LINE: usize = 1 << 20;
 /// Largest literal accepted.
 const MAX_LITERAL: u64 = 1 << 30;
+/// Largest literal kept (a mailbox name in a LIST response).
+const MAX_KEPT: u64 = 64 << 10;
+/// Most LIST responses accepted for one command.
+const MAX_LISTED: usize = 10_000_000;
 
 impl Imap {
-    async fn connect(server: &str, buffer: usize, timeout: Duration) -> anyhow::Result<Imap> {
+    /// Connects and reads the greeting, each step within `timeout`.
+    pub(crate) async fn connect(
+        server: &str,
+        buffer: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Imap> {
         let tcp = tokio::time::timeout(timeout, TcpStream::connect(server))
             .await
             .context("connect timed out")?
@@ -244,7 +254,7 @@ impl Imap {
             line: Vec::new(),
             timeout,
         };
-        let (first, _) = tokio::time::timeout(timeout, c.read_response())
+        let (first, _) = tokio::time::timeout(timeout, c.read_response(None))
             .await
             .context("no greeting in time")??;
         if !first.starts_with(b"* OK") {
@@ -254,8 +264,12 @@ impl Imap {
     }
 
     /// Reads one response (a line and the literals it announces); returns
-    /// its first line segment and the literal bytes skipped.
-    async fn read_response(&mut self) -> anyhow::Result<(Vec<u8>, u64)> {
+    /// its first line segment and the literal bytes skipped, or kept in
+    /// `keep` (up to [`MAX_KEPT`] bytes) when given.
+    async fn read_response(
+        &mut self,
+        mut keep: Option<&mut Vec<u8>>,
+    ) -> anyhow::Result<(Vec<u8>, u64)> {
         let mut first: Option<Vec<u8>> = None;
         let mut literal_bytes = 0;
         loop {
@@ -278,8 +292,15 @@ impl Imap {
             if size > MAX_LITERAL {
                 bail!("literal of {size} bytes");
             }
-            let copied =
-                tokio::io::copy(&mut (&mut self.io).take(size), &mut tokio::io::sink()).await?;
+            let copied = match keep.as_deref_mut() {
+                Some(kept) if kept.len() as u64 + size <= MAX_KEPT => {
+                    (&mut self.io).take(size).read_to_end(kept).await? as u64
+                }
+                Some(_) => bail!("literal of {size} bytes where a mailbox name was expected"),
+                None => {
+                    tokio::io::copy(&mut (&mut self.io).take(size), &mut tokio::io::sink()).await?
+                }
+            };
             if copied != size {
                 bail!("server closed the connection inside a literal");
             }
@@ -300,7 +321,7 @@ impl Imap {
         tokio::time::timeout(deadline, async {
             let mut literal_bytes = 0;
             loop {
-                let (first, lits) = self.read_response().await?;
+                let (first, lits) = self.read_response(None).await?;
                 literal_bytes += lits;
                 if continuation && first.starts_with(b"+") {
                     return Ok(Answer {
@@ -348,7 +369,35 @@ impl Imap {
         Ok(a)
     }
 
-    async fn login(&mut self, user: &str, password: &str) -> anyhow::Result<()> {
+    /// LIST "" `pattern`: the mailbox names, as the server sends them.
+    pub(crate) async fn list(&mut self, pattern: &str) -> anyhow::Result<Vec<String>> {
+        let tag = self.tag();
+        self.send(format!("{tag} LIST \"\" {}\r\n", quote(pattern)).as_bytes())
+            .await?;
+        let mut names = Vec::new();
+        let mut literal = Vec::new();
+        loop {
+            literal.clear();
+            let (first, _) =
+                tokio::time::timeout(self.timeout, self.read_response(Some(&mut literal)))
+                    .await
+                    .context("LIST timed out")??;
+            if first.starts_with(format!("{tag} ").as_bytes()) {
+                if !first[tag.len() + 1..].starts_with(b"OK") {
+                    bail!("LIST: {}", String::from_utf8_lossy(&first).trim_end());
+                }
+                return Ok(names);
+            }
+            if let Some(name) = list_name(&first, &literal) {
+                if names.len() >= MAX_LISTED {
+                    bail!("LIST: more than {MAX_LISTED} mailboxes");
+                }
+                names.push(name);
+            }
+        }
+    }
+
+    pub(crate) async fn login(&mut self, user: &str, password: &str) -> anyhow::Result<()> {
         self.ok(&format!("LOGIN {} {}", quote(user), quote(password)))
             .await
             .map(drop)
@@ -379,9 +428,46 @@ impl Imap {
         Ok(())
     }
 
-    async fn logout(&mut self) -> anyhow::Result<()> {
+    pub(crate) async fn logout(&mut self) -> anyhow::Result<()> {
         self.ok("LOGOUT").await.map(drop)
     }
+}
+
+/// The mailbox name of a `* LIST (flags) delimiter name` response: its
+/// first line segment and, when the name is a literal, the literal's bytes.
+fn list_name(first: &[u8], literal: &[u8]) -> Option<String> {
+    let line = std::str::from_utf8(first)
+        .ok()?
+        .trim_end_matches(['\r', '\n']);
+    let rest = line.strip_prefix("* LIST ")?;
+    let rest = &rest[rest.find(')')? + 1..];
+    let rest = rest.strip_prefix(' ')?;
+    // The delimiter: a quoted character or NIL.
+    let rest = if let Some(r) = rest.strip_prefix("NIL ") {
+        r
+    } else {
+        let r = rest.strip_prefix('"')?;
+        let r = r.strip_prefix('\\').unwrap_or(r);
+        let mut chars = r.chars();
+        chars.next()?;
+        chars.as_str().strip_prefix("\" ")?
+    };
+    if rest.starts_with('{') {
+        return String::from_utf8(literal.to_vec()).ok();
+    }
+    if let Some(q) = rest.strip_prefix('"') {
+        let mut out = String::new();
+        let mut chars = q.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => out.push(chars.next()?),
+                '"' => return Some(out),
+                c => out.push(c),
+            }
+        }
+        return None;
+    }
+    Some(rest.to_owned())
 }
 
 /// The size of the literal a response line segment ends with, if any.
@@ -1053,6 +1139,31 @@ mod tests {
         assert_eq!(literal_size(b"* OK {x}\r\n"), None);
         assert_eq!(literal_size(b"* OK done\r\n"), None);
         assert_eq!(literal_size(b"* OK {}\r\n"), None);
+    }
+
+    #[test]
+    fn list_names_in_every_form() {
+        let cases: [(&[u8], &[u8], Option<&str>); 7] = [
+            (
+                b"* LIST (\\HasNoChildren) \".\" user.alice\r\n",
+                b"",
+                Some("user.alice"),
+            ),
+            (b"* LIST () \".\" \"a b\\\"c\"\r\n", b"", Some("a b\"c")),
+            (b"* LIST () \".\" {5}\r\n", b"x\ty z", Some("x\ty z")),
+            (b"* LIST () NIL shared\r\n", b"", Some("shared")),
+            (b"* LIST () \"\\\\\" odd\r\n", b"", Some("odd")),
+            (b"* LIST () \".\" \"unterminated\r\n", b"", None),
+            (b"* OK [ALERT] not a list\r\n", b"", None),
+        ];
+        for (first, literal, want) in cases {
+            assert_eq!(
+                list_name(first, literal).as_deref(),
+                want,
+                "{}",
+                String::from_utf8_lossy(first)
+            );
+        }
     }
 
     #[test]

@@ -5,6 +5,8 @@ mod bench;
 mod cluster;
 mod conn;
 mod imap_bench;
+mod mboxlist;
+mod migrate;
 mod propagation;
 mod users;
 
@@ -54,6 +56,21 @@ enum Cmd {
     /// Commit-to-visible time: ACTIVATE on a master, wait until another
     /// server (a replica, a Cyrus slave) shows the change.
     Propagation(propagation::PropagationArgs),
+    /// Write the registry's list as JSON lines or as `ctl_mboxlist -d`.
+    Dump(migrate::DumpArgs),
+    /// Load a list (JSON lines or `ctl_mboxlist -d`) idempotently; reports
+    /// entries created, updated, unchanged and conflicting (exit status 3
+    /// when some conflict).
+    Load(migrate::LoadArgs),
+    /// Load a running Cyrus MUPDATE master's whole list (UPDATE dump).
+    Import(migrate::ImportArgs),
+    /// Compare what a backend holds (its `ctl_mboxlist -d`, or an admin's
+    /// IMAP LIST) with the registry (exit status 3 when they differ); with
+    /// --fix, repair what is unambiguous.
+    Check(migrate::CheckArgs),
+    /// Shadow a live Cyrus master while backends are cut over.
+    #[command(subcommand)]
+    Migrate(migrate::MigrateCmd),
     /// Cluster membership and status (talks to a node's peer port).
     Cluster {
         /// Peer address of any node.
@@ -106,7 +123,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::ImapBench(args) => imap_bench::run(args).await,
         Cmd::Propagation(args) => propagation::run(args).await,
         Cmd::Cluster { peer, tls, command } => cluster::run(&peer, &tls, command).await,
+        Cmd::Dump(args) => migrate::dump(args).await,
+        Cmd::Load(args) => exit_with(migrate::load(args).await?),
+        Cmd::Import(args) => exit_with(migrate::import(args).await?),
+        Cmd::Check(args) => exit_with(migrate::check(args).await?),
+        Cmd::Migrate(cmd) => exit_with(migrate::migrate(cmd).await?),
     }
+}
+
+/// Ends the process with `code` when it is not 0 (differences found).
+fn exit_with(code: i32) -> anyhow::Result<()> {
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
 }
 
 fn print_entry(e: &MailboxEntry) {

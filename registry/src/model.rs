@@ -215,6 +215,58 @@ pub enum RegistryCommand {
         /// User name.
         name: String,
     },
+    /// Sets `name` to `new` (deletes it when `None`) only if it now reads
+    /// `expected` (`None`: absent) or already reads `new`; otherwise refused
+    /// with [`Refusal::Changed`]. Import, load, `check --fix` and the shadow
+    /// of a Cyrus master write this way, so that they never overwrite a
+    /// change someone else made meanwhile. Never sent by MUPDATE peers.
+    Conditional {
+        /// Mailbox name.
+        name: String,
+        /// What the writer believes the entry reads now.
+        expected: Option<Placement>,
+        /// What it should read afterwards.
+        new: Option<Placement>,
+    },
+}
+
+/// Where and how a mailbox is held, without its name and log index: what a
+/// [`RegistryCommand::Conditional`] compares and writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// `server!partition`.
+    pub location: String,
+    /// ACL string.
+    pub acl: String,
+    /// Reserved or active.
+    pub state: MailboxState,
+}
+
+impl Placement {
+    /// The placement of `entry`.
+    pub fn of(entry: &MailboxEntry) -> Placement {
+        Placement {
+            location: entry.location.clone(),
+            acl: entry.acl.clone(),
+            state: entry.state,
+        }
+    }
+
+    /// The entry named `name` placed here (log index unknown: 0).
+    pub fn entry(&self, name: &str) -> MailboxEntry {
+        MailboxEntry {
+            name: name.to_owned(),
+            location: self.location.clone(),
+            acl: self.acl.clone(),
+            state: self.state,
+            last_change: 0,
+        }
+    }
+
+    /// The server part of the location.
+    pub fn server(&self) -> &str {
+        server_of(&self.location)
+    }
 }
 
 impl RegistryCommand {
@@ -224,7 +276,8 @@ impl RegistryCommand {
             Self::Reserve { name, .. }
             | Self::Activate { name, .. }
             | Self::Deactivate { name, .. }
-            | Self::Delete { name } => Some(name),
+            | Self::Delete { name }
+            | Self::Conditional { name, .. } => Some(name),
             Self::Batch(_)
             | Self::AddUser { .. }
             | Self::SetUserPassword { .. }
@@ -263,6 +316,10 @@ impl fmt::Display for RegistryCommand {
             }
             Self::SetUserPassword { name, .. } => write!(f, "SET PASSWORD OF USER {name}"),
             Self::DeleteUser { name } => write!(f, "DELETE USER {name}"),
+            Self::Conditional { name, new, .. } => match new {
+                Some(p) => write!(f, "CONDITIONAL {name} {}", p.location),
+                None => write!(f, "CONDITIONAL DELETE {name}"),
+            },
         }
     }
 }
@@ -294,6 +351,9 @@ pub enum Refusal {
     /// Secrets that cannot be right: empty or oversized salt, iterations
     /// out of range.
     InvalidCredential,
+    /// A [`RegistryCommand::Conditional`] found the entry neither as
+    /// expected nor already as wanted.
+    Changed,
 }
 
 impl fmt::Display for Refusal {
@@ -309,6 +369,7 @@ impl fmt::Display for Refusal {
             Self::NoSuchUser => "no such user",
             Self::InvalidUserName => "invalid user name",
             Self::InvalidCredential => "invalid credential",
+            Self::Changed => "mailbox changed meanwhile",
         })
     }
 }
@@ -758,6 +819,40 @@ fn apply_one<L: UserLookup>(
             }
             Some(StoredUser::Deleted) => Outcome::Refused(Refusal::NoSuchUser),
         },
+        RegistryCommand::Conditional {
+            name,
+            expected,
+            new,
+        } => {
+            if new.as_ref().is_some_and(|p| p.location.is_empty()) {
+                return Ok(Outcome::Refused(Refusal::InvalidLocation));
+            }
+            let current = st.get(name)?;
+            let now = current.as_ref().map(Placement::of);
+            if now == *new {
+                // Already as wanted: a repeated import changes nothing.
+                Outcome::Done
+            } else if now != *expected {
+                Outcome::Refused(Refusal::Changed)
+            } else {
+                match (new, current) {
+                    (Some(p), previous) => {
+                        st.record(put(name, &p.location, &p.acl, p.state, previous), changes)
+                    }
+                    (None, Some(e)) => st.record(
+                        Change::Removed {
+                            name: name.clone(),
+                            index,
+                            previous_location: e.location,
+                        },
+                        changes,
+                    ),
+                    // Absent and wanted absent was answered above.
+                    (None, None) => {}
+                }
+                Outcome::Done
+            }
+        }
     };
     Ok(outcome)
 }
@@ -1351,5 +1446,76 @@ mod tests {
         assert_eq!(server_of("be1!"), "be1");
         assert_eq!(server_of("nobang"), "nobang");
         assert_eq!(server_of("a!b!c"), "a");
+    }
+
+    fn conditional(expected: Option<Placement>, new: Option<Placement>) -> RegistryCommand {
+        RegistryCommand::Conditional {
+            name: "user.alice".into(),
+            expected,
+            new,
+        }
+    }
+
+    fn placed(location: &str, acl: &str, state: MailboxState) -> Option<Placement> {
+        Some(Placement {
+            location: location.into(),
+            acl: acl.into(),
+            state,
+        })
+    }
+
+    #[test]
+    fn conditional_writes_only_over_what_it_expects() {
+        for before in ALL {
+            let now = state(before).get("user.alice").map(Placement::of);
+            let wanted = placed(HERE, ACL, Active);
+            // Expecting what is there: applied (or already so).
+            let mut s = state(before);
+            assert_eq!(
+                run(&mut s, 5, &conditional(now.clone(), wanted.clone())),
+                Outcome::Done,
+                "{before:?}"
+            );
+            assert_eq!(entry(&s), Some((HERE.into(), ACL.into(), Active, 5)));
+            // Expecting anything else: refused, unchanged.
+            let other = placed("be9!x", "", Reserved);
+            let mut s = state(before);
+            assert_eq!(
+                run(&mut s, 5, &conditional(other, wanted.clone())),
+                Outcome::Refused(Refusal::Changed),
+                "{before:?}"
+            );
+            assert_eq!(s, state(before), "{before:?}: unchanged");
+            // A conditional delete.
+            let mut s = state(before);
+            assert_eq!(run(&mut s, 6, &conditional(now, None)), Outcome::Done);
+            assert_eq!(entry(&s), None, "{before:?}");
+        }
+        // Already as wanted: done whatever was expected, nothing changes.
+        let mut s = state(Before::ActiveHere);
+        let wanted = s.get("user.alice").map(Placement::of);
+        let applied = apply(&s, 8, &conditional(None, wanted.clone())).unwrap();
+        assert_eq!(applied.outcome, Outcome::Done);
+        assert!(applied.changes.is_empty());
+        run(&mut s, 8, &conditional(None, wanted));
+        assert_eq!(s, state(Before::ActiveHere));
+        // Create over absent; refused over an entry elsewhere.
+        let mut s = state(Before::Absent);
+        let wanted = placed(HERE, ACL, Active);
+        assert_eq!(
+            run(&mut s, 3, &conditional(None, wanted.clone())),
+            Outcome::Done
+        );
+        let mut s = state(Before::ActiveElsewhere);
+        assert_eq!(
+            run(&mut s, 3, &conditional(None, wanted)),
+            Outcome::Refused(Refusal::Changed)
+        );
+        // No empty location.
+        let mut s = state(Before::Absent);
+        assert_eq!(
+            run(&mut s, 3, &conditional(None, placed("", "", Active))),
+            Outcome::Refused(Refusal::InvalidLocation)
+        );
     }
 }

@@ -21,6 +21,8 @@ scripts+=(replica_snapshot.sh)
 # Users managed through the cluster, checked with mupdatetest on every node
 # and a replica (skips itself with SERVER=cyrus).
 scripts+=(users.sh)
+# Migration of a live Cyrus murder onto Corvid (always Corvid; ~25 s).
+scripts+=(migrate.sh)
 
 for script in "${scripts[@]}"; do
   echo "======== $script (SERVER=${SERVER:-corvid})"
