@@ -223,6 +223,21 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     Ok(running)
 }
 
+/// The `/readyz` check of the proxy: ready when its embedded replica is
+/// ([`Replica::readiness`] with the `[replica]` thresholds).
+pub fn readiness(
+    replica: &Replica,
+    config: &crate::config::ReplicaSection,
+) -> corvid_registry::metrics::Readiness {
+    let replica = replica.clone();
+    let max_lag_entries = config.ready_max_lag_entries;
+    let max_lag = Duration::from_secs(config.ready_max_lag_secs);
+    Arc::new(move || {
+        let answer = replica.readiness(max_lag_entries, max_lag);
+        Box::pin(async move { answer })
+    })
+}
+
 /// A rustls client configuration trusting the CA certificates in `ca`.
 fn client_tls(ca: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;

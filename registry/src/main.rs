@@ -41,7 +41,8 @@ async fn run() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("binding metrics listener {}: {e}", config.metrics.listen))?;
     let metrics_addr = metrics_listener.local_addr()?;
     let running = daemon::start(&config).await?;
-    tokio::spawn(metrics::serve(metrics_listener, prometheus));
+    let ready = daemon::readiness(&running.directory, &config.replica);
+    tokio::spawn(metrics::serve(metrics_listener, prometheus, ready));
     tracing::info!(mupdate = %running.mupdate_addr, metrics = %metrics_addr, data = %config.node.data_dir.display(), "registry ready");
     // One machine-readable line on stdout for scripts and tests.
     match running.peer_addr {
