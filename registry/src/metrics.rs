@@ -152,10 +152,21 @@ fn describe() {
     );
 }
 
+/// The stages [`snapshot_failed`] counts.
+const SNAPSHOT_STAGES: [&str; 3] = ["build", "send", "install"];
+
 /// Counts a snapshot that failed at `stage` (`build`, `send` to a peer,
 /// `install` of one received from the leader).
 pub fn snapshot_failed(stage: &'static str) {
     metrics::counter!("corvid_snapshot_failures_total", "stage" => stage).increment(1);
+}
+
+/// Shows the snapshot failure counters at 0 from the start: Prometheus's
+/// `increase()` misses the first failure of a series that appears at 1.
+pub fn register_snapshot_failures() {
+    for stage in SNAPSHOT_STAGES {
+        metrics::counter!("corvid_snapshot_failures_total", "stage" => stage).increment(0);
+    }
 }
 
 /// Most concurrent requests on the metrics port; more are closed at once.

@@ -338,6 +338,7 @@ impl Registry {
         }
         registry.spawn_recovery();
         registry.spawn_metrics();
+        crate::metrics::register_snapshot_failures();
         Ok(registry)
     }
 
@@ -1038,6 +1039,7 @@ impl Registry {
         let this = self.clone();
         tokio::spawn(async move {
             let mut last_leader = None;
+            let mut shown_peers = BTreeSet::new();
             loop {
                 {
                     let m = rx.borrow_and_update().clone();
@@ -1071,14 +1073,35 @@ impl Registry {
                     }
                     if let Some(heartbeat) = &m.heartbeat {
                         for (peer, acked) in heartbeat {
-                            if let Some(at) = acked {
-                                let age =
-                                    openraft::TokioInstant::now().saturating_duration_since(**at);
-                                metrics::gauge!("corvid_raft_peer_heartbeat_age_seconds", "peer" => peer.to_string())
-                                    .set(age.as_secs_f64());
-                            }
+                            // Never acknowledged since this leader took
+                            // over: as unreachable as can be.
+                            let age = acked.as_ref().map_or(f64::INFINITY, |at| {
+                                openraft::TokioInstant::now()
+                                    .saturating_duration_since(**at)
+                                    .as_secs_f64()
+                            });
+                            metrics::gauge!("corvid_raft_peer_heartbeat_age_seconds", "peer" => peer.to_string())
+                                .set(age);
                         }
                     }
+                    // Peers this node no longer replicates to (it stopped
+                    // leading, or they left): NaN, not a frozen value that
+                    // alert rules would take for a live or a dead peer.
+                    let peers: BTreeSet<_> = m
+                        .heartbeat
+                        .iter()
+                        .flat_map(|h| h.keys())
+                        .chain(m.replication.iter().flat_map(|r| r.keys()))
+                        .copied()
+                        .collect();
+                    for gone in shown_peers.difference(&peers) {
+                        let peer = gone.to_string();
+                        metrics::gauge!("corvid_raft_peer_lag_entries", "peer" => peer.clone())
+                            .set(f64::NAN);
+                        metrics::gauge!("corvid_raft_peer_heartbeat_age_seconds", "peer" => peer)
+                            .set(f64::NAN);
+                    }
+                    shown_peers = peers;
                     if m.current_leader != last_leader {
                         if m.current_leader.is_some() {
                             metrics::counter!("corvid_server_leader_changes_seen_total")
