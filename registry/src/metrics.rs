@@ -161,9 +161,11 @@ pub fn snapshot_failed(stage: &'static str) {
     metrics::counter!("corvid_snapshot_failures_total", "stage" => stage).increment(1);
 }
 
-/// Shows the snapshot failure counters at 0 from the start: Prometheus's
-/// `increase()` misses the first failure of a series that appears at 1.
-pub fn register_snapshot_failures() {
+/// Shows the snapshot counters at 0 from the start: Prometheus's
+/// `increase()` misses the first event of a series that appears at 1.
+pub fn register_snapshot_counters() {
+    metrics::counter!("corvid_snapshot_builds_total").increment(0);
+    metrics::counter!("corvid_snapshot_installs_total").increment(0);
     for stage in SNAPSHOT_STAGES {
         metrics::counter!("corvid_snapshot_failures_total", "stage" => stage).increment(0);
     }

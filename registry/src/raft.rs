@@ -338,7 +338,7 @@ impl Registry {
         }
         registry.spawn_recovery();
         registry.spawn_metrics();
-        crate::metrics::register_snapshot_failures();
+        crate::metrics::register_snapshot_counters();
         Ok(registry)
     }
 
@@ -1065,14 +1065,15 @@ impl Registry {
                     metrics::gauge!("corvid_disk_sst_bytes").set(store.disk_bytes() as f64);
                     let last = m.last_log_index.unwrap_or(0);
                     if let Some(replication) = &m.replication {
-                        for (peer, matched) in replication {
+                        // The leader lists itself; these are about its peers.
+                        for (peer, matched) in replication.iter().filter(|(p, _)| **p != m.id) {
                             let matched = matched.as_ref().map_or(0, |l| l.index);
                             metrics::gauge!("corvid_raft_peer_lag_entries", "peer" => peer.to_string())
                                 .set(last.saturating_sub(matched) as f64);
                         }
                     }
                     if let Some(heartbeat) = &m.heartbeat {
-                        for (peer, acked) in heartbeat {
+                        for (peer, acked) in heartbeat.iter().filter(|(p, _)| **p != m.id) {
                             // Never acknowledged since this leader took
                             // over: as unreachable as can be.
                             let age = acked.as_ref().map_or(f64::INFINITY, |at| {
@@ -1093,6 +1094,7 @@ impl Registry {
                         .flat_map(|h| h.keys())
                         .chain(m.replication.iter().flat_map(|r| r.keys()))
                         .copied()
+                        .filter(|p| *p != m.id)
                         .collect();
                     for gone in shown_peers.difference(&peers) {
                         let peer = gone.to_string();
