@@ -18,6 +18,10 @@ trap 'rm -f "$out"' EXIT
 # SERVER=cyrus).
 scripts+=(replica_snapshot.sh)
 
+# A real Prometheus scraping a cluster, a replica and a proxy (skips itself
+# with SERVER=cyrus).
+scripts+=(prometheus.sh)
+
 for script in "${scripts[@]}"; do
   echo "======== $script (SERVER=${SERVER:-corvid})"
   rc=0
