@@ -7,10 +7,12 @@
 # and backend errors of a proxy whose backend is down (and the alert on
 # it), and after kill -9 of the leader: a new leader, a higher term, leader
 # changes counted, and the member-unreachable and quorum-at-risk alerts
-# pending or firing for the dead node. Last, every metric the alert rules
-# and the Grafana dashboard use must be in docs/src/metrics.md and at the
-# live /metrics of the daemon it belongs to.
-# Corvid only. About 40 s.
+# pending or firing for the dead node. Every metric the alert rules and the
+# Grafana dashboard use must be in docs/src/metrics.md and at the live
+# /metrics of the daemon it belongs to. Last, a second node is killed: the
+# survivor's has_leader drops to 0, CorvidNoLeader goes pending, and its
+# /readyz answers 503.
+# Corvid only. About 55 s.
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -234,4 +236,33 @@ if out=$(python3 "$REPO/tests/monitoring/check_metrics.py" "$REPO/docs/src/metri
   pass "alerts and dashboard use only documented metrics the live daemons export: ${out##*$'\n'}"
 else
   fail "metrics used by the alerts or the dashboard: $out"
+fi
+
+# ---------------------------------------------------------------- majority lost
+# A second node killed: the survivor keeps its vote but hears from no
+# leader, so has_leader drops to 0, CorvidNoLeader goes pending, and its
+# /readyz answers 503 (while /healthz still answers 200).
+new_leader=$(q "corvid_server_is_leader{instance!=\"$leader_instance\"} == 1" | sed -n 's/.*instance="\([^"]*\)".*/\1/p' | head -n 1)
+survivor=
+for i in 0 1 2; do
+  case ${NODE_METRICS[i]} in
+    "$new_leader") kill -KILL -- "-${CORVID_CLUSTER_PGIDS[i]}" 2>/dev/null || kill -KILL "${CORVID_CLUSTER_PGIDS[i]}" ;;
+    "$leader_instance") ;;
+    *) survivor=${NODE_METRICS[i]} ;;
+  esac
+done
+[[ -n $new_leader && -n $survivor ]] || die "no new leader ($new_leader) or survivor ($survivor) to test a lost majority"
+echo "killed the new leader $new_leader; $survivor is alone"
+wait_expr "the lone survivor knows no fresh leader" "corvid_server_has_leader{instance=\"$survivor\"} == 0"
+if wait_for "CorvidNoLeader" alert_state CorvidNoLeader 'pending|firing' "instance=\"$survivor\""; then
+  pass "CorvidNoLeader goes $(alert_state CorvidNoLeader 'pending|firing' | awk '{print $2; exit}') for the survivor"
+else
+  fail "CorvidNoLeader never went pending: $(python3 "$PROMQ" alerts "$PROM")"
+fi
+ready=$(curl -s --max-time 5 -w ' %{http_code}' "http://$survivor/readyz")
+health=$(curl -s --max-time 5 -w ' %{http_code}' "http://$survivor/healthz")
+if [[ $ready == "not ready: "*" 503" && $health == *" 200" ]]; then
+  pass "the survivor's /readyz: ${ready//$'\n'/ }; /healthz: ${health//$'\n'/ }"
+else
+  fail "the survivor's /readyz: $ready; /healthz: $health"
 fi
