@@ -91,32 +91,20 @@ async fn a_master_is_ready_only_with_a_fresh_leader() {
     wait_readyz(&addr, 200, "ready: ", Duration::from_secs(20)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_is_ready_when_synchronised_and_not_too_far_behind() {
-    // Small snapshots, and a master that pauses 3 s before each snapshot
-    // chunk it streams: a replica that comes back after compaction is
-    // visibly behind for that long. The replica allows 5 entries of lag.
+/// A one-node cluster with small snapshots whose master pauses 3 s before
+/// each snapshot chunk it streams, with `replica_toml` as the `[replica]`
+/// section, and a replica of it that was away while the master wrote and
+/// compacted past its position: it is visibly behind for those 3 s.
+async fn replica_behind_a_slow_snapshot(replica_toml: &str) -> (TestCluster, common::Daemon) {
     let cluster = TestCluster::start(
         1,
-        "snapshot_after_entries = 40\nkeep_log_entries = 5\n\
-         unsafe_test_stream_frame_delay_ms = 3000\n\
-         [replica]\nready_max_lag_entries = 5\n",
+        &format!(
+            "snapshot_after_entries = 40\nkeep_log_entries = 5\n\
+             unsafe_test_stream_frame_delay_ms = 3000\n[replica]\n{replica_toml}\n"
+        ),
     );
     cluster.init(1).await;
     cluster.leader(&[1]).await;
-
-    // Masters not reachable at all: never synchronised, never ready.
-    let nowhere = format!("127.0.0.1:{}", free_port());
-    let lonely_dir = tempfile::tempdir().unwrap();
-    let lonely = common::Daemon::start(
-        &lonely_dir.path().join("lonely"),
-        &["--role", "replica", "--masters", &nowhere],
-    );
-    assert_eq!(get(&lonely.metrics, "/healthz").await.0, 200);
-    let body = wait_readyz(&lonely.metrics, 503, "first sync", Duration::from_secs(5)).await;
-    assert_eq!(body.lines().count(), 1, "{body:?}");
-    drop(lonely);
-
     let mut c = cluster.client(1).await;
     activate(&mut c, "user.r0").await;
     let mupdate = format!("127.0.0.1:{}", free_port());
@@ -128,13 +116,31 @@ async fn a_replica_is_ready_when_synchronised_and_not_too_far_behind() {
         Duration::from_secs(15),
     )
     .await;
-
-    // Away while the master writes and compacts past its position.
     replica.kill9();
     for i in 1..=120 {
         activate(&mut c, &format!("user.r{i}")).await;
     }
     let replica = cluster.replica("replica", &[1], &mupdate);
+    (cluster, replica)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_is_not_ready_before_its_first_sync() {
+    // Masters not reachable at all: never synchronised, never ready.
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let lonely = common::Daemon::start(
+        &dir.path().join("lonely"),
+        &["--role", "replica", "--masters", &nowhere],
+    );
+    assert_eq!(get(&lonely.metrics, "/healthz").await.0, 200);
+    let body = wait_readyz(&lonely.metrics, 503, "first sync", Duration::from_secs(5)).await;
+    assert_eq!(body.lines().count(), 1, "{body:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_too_many_entries_behind_is_not_ready() {
+    let (_cluster, replica) = replica_behind_a_slow_snapshot("ready_max_lag_entries = 5").await;
     let body = wait_readyz(
         &replica.metrics,
         503,
@@ -155,5 +161,21 @@ async fn a_replica_is_ready_when_synchronised_and_not_too_far_behind() {
         "the lag gauge should show the snapshot's distance"
     );
     // The snapshot arrives: caught up, ready.
+    wait_readyz(&replica.metrics, 200, "ready: ", Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_for_too_long_is_not_ready() {
+    let (_cluster, replica) =
+        replica_behind_a_slow_snapshot("ready_max_lag_entries = 1000000\nready_max_lag_secs = 1")
+            .await;
+    let body = wait_readyz(
+        &replica.metrics,
+        503,
+        "behind its master for",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(body.contains("(more than 1.0 s)"), "{body}");
     wait_readyz(&replica.metrics, 200, "ready: ", Duration::from_secs(30)).await;
 }
