@@ -7,7 +7,7 @@ CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/release
 ARGS ?=
 
-.PHONY: run build test lint unit interop jepsen-short jepsen bench bench-proxy bench-failover bench-join docs deps-build deps-test clean-data fuzz
+.PHONY: run build test lint unit monitoring interop jepsen-short jepsen bench bench-proxy bench-failover bench-join docs deps-build deps-test clean-data fuzz
 
 deps-build:
 	@bash scripts/install-deps.sh build
@@ -24,7 +24,7 @@ run: build
 
 ## Everything CI runs: formatting, lints, unit and integration tests, and
 ## interop with real Cyrus 3.6.
-test: deps-test lint unit interop jepsen-short
+test: deps-test lint unit monitoring interop jepsen-short
 
 lint: deps-build
 	$(CARGO) fmt --all -- --check
@@ -32,6 +32,16 @@ lint: deps-build
 
 unit: deps-build
 	$(CARGO) test --release --locked --workspace
+
+## Monitoring and deployment files (a few seconds): the alert rules' promtool
+## unit tests, every metric the rules and the Grafana dashboard use is in
+## docs/src/metrics.md, and the systemd units pass systemd-analyze verify.
+## The real Prometheus run is tests/interop/prometheus.sh (in interop).
+monitoring: build deps-test
+	promtool check rules docs/monitoring/alerts.yml
+	promtool test rules tests/monitoring/alerts_test.yml
+	python3 tests/monitoring/check_metrics.py docs/src/metrics.md docs/monitoring/alerts.yml docs/monitoring/corvid-dashboard.json
+	CORVID_BIN_DIR=$(BIN) bash tests/monitoring/systemd.sh
 
 interop: build deps-test
 	CORVID_BIN_DIR=$(BIN) bash tests/interop/run-all.sh

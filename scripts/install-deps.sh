@@ -4,13 +4,15 @@
 #   install-deps.sh test    the above plus real Cyrus 3.6 for interop and
 #                           iptables/iproute2 for the Jepsen harness, isync (mbsync)
 #                           and curl as IMAP clients and swaks and postfix as mail
-#                           clients for tests/interop/proxy.sh (make test)
+#                           clients for tests/interop/proxy.sh, prometheus
+#                           (prometheus, promtool) and systemd (systemd-analyze) for the
+#                           monitoring and deployment tests (make test)
 # As root it installs them; otherwise it prints the apt-get line and fails.
 set -euo pipefail
 
 group=${1:-build}
 build_pkgs=(clang libclang-dev make python3)
-test_pkgs=(cyrus-imapd cyrus-murder cyrus-clients cyrus-admin sasl2-bin libsasl2-modules iptables iproute2 isync curl swaks postfix)
+test_pkgs=(cyrus-imapd cyrus-murder cyrus-clients cyrus-admin sasl2-bin libsasl2-modules iptables iproute2 isync curl swaks postfix prometheus systemd)
 case "$group" in
   build) want=("${build_pkgs[@]}") ;;
   test) want=("${build_pkgs[@]}" "${test_pkgs[@]}") ;;
@@ -31,8 +33,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 echo "installing: ${missing[*]}"
-# Keep Debian from starting the system-wide Cyrus: tests run their own
-# instances in temporary directories.
+# Keep Debian from starting the system-wide Cyrus and Prometheus: tests run
+# their own instances in temporary directories.
 created_policy=
 if [ ! -e /usr/sbin/policy-rc.d ]; then
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d

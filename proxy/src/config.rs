@@ -71,6 +71,12 @@ pub struct ReplicaSection {
     /// Milliseconds a lookup that misses, or finds a reserved mailbox, waits
     /// for the replica to catch up with the masters before answering.
     pub lookup_sync_ms: u64,
+    /// `/readyz` answers 503 while the embedded replica is more than this
+    /// many log entries behind its master.
+    pub ready_max_lag_entries: u64,
+    /// `/readyz` answers 503 while the embedded replica has been behind its
+    /// master for longer than this many seconds (0: no time limit).
+    pub ready_max_lag_secs: u64,
 }
 
 impl Default for ReplicaSection {
@@ -78,6 +84,8 @@ impl Default for ReplicaSection {
         ReplicaSection {
             masters: vec!["127.0.0.1:3906".into()],
             lookup_sync_ms: 1_000,
+            ready_max_lag_entries: 1_000,
+            ready_max_lag_secs: 30,
         }
     }
 }

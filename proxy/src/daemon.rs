@@ -110,6 +110,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         noop_after_idle: Duration::from_secs(config.backend.noop_after_idle_secs),
         next_id: AtomicU64::new(1),
     });
+    zero_alerting_counters(config);
     let slots = Arc::new(Semaphore::new(config.imap.max_sessions));
     let mut running = Running {
         imap_addr: None,
@@ -227,6 +228,36 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         ));
     }
     Ok(running)
+}
+
+/// Shows the counters the alert rules take rates of at 0 from the start
+/// (Prometheus's `increase()` misses the first event of a series that
+/// appears at 1): backend failures per backend, LMTP recipient outcomes.
+fn zero_alerting_counters(config: &Config) {
+    for server in config.backends.keys() {
+        for kind in ["connect", "lmtp"] {
+            metrics::counter!("corvid_proxy_backend_errors_total", "server" => server.clone(), "kind" => kind)
+                .increment(0);
+        }
+    }
+    for result in ["delivered", "deferred", "failed"] {
+        metrics::counter!("corvid_proxy_lmtp_recipients_total", "result" => result).increment(0);
+    }
+}
+
+/// The `/readyz` check of the proxy: ready when its embedded replica is
+/// ([`Replica::readiness`] with the `[replica]` thresholds).
+pub fn readiness(
+    replica: &Replica,
+    config: &crate::config::ReplicaSection,
+) -> corvid_registry::metrics::Readiness {
+    let replica = replica.clone();
+    let max_lag_entries = config.ready_max_lag_entries;
+    let max_lag = Duration::from_secs(config.ready_max_lag_secs);
+    Arc::new(move || {
+        let answer = replica.readiness(max_lag_entries, max_lag);
+        Box::pin(async move { answer })
+    })
 }
 
 /// A rustls client configuration trusting the CA certificates in `ca`.

@@ -28,19 +28,27 @@ async fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let prometheus = corvid_registry::metrics::install()?;
-    let metrics_addr = if config.metrics.listen.is_empty() {
+    let metrics_listener = if config.metrics.listen.is_empty() {
         None
     } else {
-        let listener = TcpListener::bind(&config.metrics.listen)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("binding metrics listener {}: {e}", config.metrics.listen)
-            })?;
-        let addr = listener.local_addr()?;
-        tokio::spawn(corvid_registry::metrics::serve(listener, prometheus));
-        Some(addr)
+        Some(
+            TcpListener::bind(&config.metrics.listen)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("binding metrics listener {}: {e}", config.metrics.listen)
+                })?,
+        )
     };
     let running = daemon::start(&config).await?;
+    let metrics_addr = match metrics_listener {
+        None => None,
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            let ready = daemon::readiness(&running.replica, &config.replica);
+            tokio::spawn(corvid_registry::metrics::serve(listener, prometheus, ready));
+            Some(addr)
+        }
+    };
     let show = |a: Option<std::net::SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
     tracing::info!(
         imap = %show(running.imap_addr),

@@ -55,6 +55,12 @@ pub struct ReplicaConfig {
     pub leaderless_timeout_ms: u64,
     /// A write forwarded to the masters fails after this many milliseconds.
     pub write_timeout_ms: u64,
+    /// `/readyz` answers 503 while the replica is more than this many log
+    /// entries behind its master.
+    pub ready_max_lag_entries: u64,
+    /// `/readyz` answers 503 while the replica has been behind its master
+    /// for longer than this many seconds (0: no time limit).
+    pub ready_max_lag_secs: u64,
 }
 
 impl Default for ReplicaConfig {
@@ -64,6 +70,8 @@ impl Default for ReplicaConfig {
             silence_timeout_ms: 5_000,
             leaderless_timeout_ms: 3_000,
             write_timeout_ms: 5_000,
+            ready_max_lag_entries: 1_000,
+            ready_max_lag_secs: 30,
         }
     }
 }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::auth::{CredentialStore, SaslServer};
-use crate::config::{Config, Role};
+use crate::config::{Config, ReplicaConfig, Role};
 use crate::directory::Directory;
 use crate::mupdate::codec::Limits;
 use crate::mupdate::server::{self, ServerContext, ServerSettings};
@@ -120,6 +120,27 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         mupdate_task,
         max_connections,
         first_admin_credential,
+    })
+}
+
+/// How long `/readyz` on a master waits for its state machine to apply up
+/// to the commit index it knows before answering 503.
+const READY_APPLY_WAIT: Duration = Duration::from_secs(1);
+
+/// The `/readyz` check of a node: [`Registry::readiness`] on a master,
+/// [`Replica::readiness`] with the `[replica]` thresholds on a replica.
+pub fn readiness(directory: &Directory, config: &ReplicaConfig) -> crate::metrics::Readiness {
+    let directory = directory.clone();
+    let max_lag_entries = config.ready_max_lag_entries;
+    let max_lag = Duration::from_secs(config.ready_max_lag_secs);
+    Arc::new(move || {
+        let directory = directory.clone();
+        Box::pin(async move {
+            match directory {
+                Directory::Master(r) => r.readiness(READY_APPLY_WAIT).await,
+                Directory::Replica(r) => r.readiness(max_lag_entries, max_lag),
+            }
+        })
     })
 }
 

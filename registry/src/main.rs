@@ -40,7 +40,8 @@ async fn run() -> anyhow::Result<()> {
             path.display()
         );
     }
-    tokio::spawn(metrics::serve(metrics_listener, prometheus));
+    let ready = daemon::readiness(&running.directory, &config.replica);
+    tokio::spawn(metrics::serve(metrics_listener, prometheus, ready));
     tracing::info!(mupdate = %running.mupdate_addr, metrics = %metrics_addr, data = %config.node.data_dir.display(), "registry ready");
     // One machine-readable line on stdout for scripts and tests.
     match running.peer_addr {

@@ -1,10 +1,14 @@
 //! Prometheus metrics: the recorder, histogram buckets, and a minimal HTTP
-//! endpoint serving `/metrics` on a listener the caller bound (so that tests
-//! can use port 0 and learn the address).
+//! endpoint serving `/metrics`, `/healthz` and `/readyz` on a listener the
+//! caller bound (so that tests can use port 0 and learn the address).
 //!
 //! Every metric is named with a `corvid_` prefix and a unit suffix; the list
 //! is in `docs/src/metrics.md`.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -31,7 +35,10 @@ fn describe() {
         "corvid_raft_leader_id",
         "Node id of the known leader (0 when none)"
     );
-    describe_gauge!("corvid_server_has_leader", "1 when a leader is known");
+    describe_gauge!(
+        "corvid_server_has_leader",
+        "1 when a leader was heard from within two election timeouts"
+    );
     describe_counter!(
         "corvid_registry_duplicate_requests_total",
         "Retried requests answered from the client session table"
@@ -93,6 +100,14 @@ fn describe() {
     );
     describe_counter!("corvid_snapshot_installs_total", "Snapshots installed");
     describe_counter!(
+        "corvid_snapshot_failures_total",
+        "Snapshots that failed to build, send or install, by stage"
+    );
+    describe_gauge!(
+        "corvid_raft_voters",
+        "Voting members in the membership this node knows"
+    );
+    describe_counter!(
         "corvid_mupdate_commands_total",
         "MUPDATE commands by command and result"
     );
@@ -137,13 +152,87 @@ fn describe() {
     );
 }
 
-/// Most concurrent `/metrics` requests; more are closed at once.
+/// The stages [`snapshot_failed`] counts.
+const SNAPSHOT_STAGES: [&str; 3] = ["build", "send", "install"];
+
+/// Counts a snapshot that failed at `stage` (`build`, `send` to a peer,
+/// `install` of one received from the leader).
+pub fn snapshot_failed(stage: &'static str) {
+    metrics::counter!("corvid_snapshot_failures_total", "stage" => stage).increment(1);
+}
+
+/// Shows the snapshot counters at 0 from the start: Prometheus's
+/// `increase()` misses the first event of a series that appears at 1.
+pub fn register_snapshot_counters() {
+    metrics::counter!("corvid_snapshot_builds_total").increment(0);
+    metrics::counter!("corvid_snapshot_installs_total").increment(0);
+    for stage in SNAPSHOT_STAGES {
+        metrics::counter!("corvid_snapshot_failures_total", "stage" => stage).increment(0);
+    }
+}
+
+/// Most concurrent requests on the metrics port; more are closed at once.
 const MAX_METRICS_CONNECTIONS: usize = 16;
 
-/// Serves `GET /metrics` on `listener` for as long as the task runs.
-/// `accept()` errors are counted and retried after a pause.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
+/// The answer of a readiness check: `Ok(detail)` when ready, `Err(reason)`
+/// when not. Either text is one line, sent as the `/readyz` body.
+pub type ReadyResult = Result<String, String>;
+
+/// Asked on every `GET /readyz`: whether this process should receive
+/// traffic now (see `docs/src/monitoring.md`). The future must finish
+/// promptly; the endpoint gives it [`READY_CHECK_TIMEOUT`].
+pub type Readiness = Arc<dyn Fn() -> BoxFuture<'static, ReadyResult> + Send + Sync>;
+
+/// Longest a readiness check may take before `/readyz` answers 503.
+pub const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a client may take to send its request head.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a request on the metrics port asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Metrics,
+    Healthz,
+    Readyz,
+    NotFound,
+}
+
+/// Routes a request by its first line (`GET /path HTTP/1.x`). A query
+/// string is ignored; methods other than GET are not served.
+fn route(request_line: &[u8]) -> Route {
+    let line = request_line.strip_suffix(b"\r").unwrap_or(request_line);
+    let mut words = line.split(|&b| b == b' ');
+    if words.next() != Some(b"GET".as_slice()) {
+        return Route::NotFound;
+    }
+    let target = words.next().unwrap_or_default();
+    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    match path {
+        b"/metrics" => Route::Metrics,
+        b"/healthz" => Route::Healthz,
+        b"/readyz" => Route::Readyz,
+        _ => Route::NotFound,
+    }
+}
+
+/// One line (no line breaks, bounded) for a health endpoint's body.
+fn one_line(text: &str) -> String {
+    let mut line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(400)
+        .collect();
+    line.push('\n');
+    line
+}
+
+/// Serves `GET /metrics`, `GET /healthz` (200 while the process runs) and
+/// `GET /readyz` (200 or 503 as `ready` says, with a one-line reason) on
+/// `listener` for as long as the task runs. `accept()` errors are counted
+/// and retried after a pause.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, ready: Readiness) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     let mut listener = crate::net::Acceptor::new(listener, "metrics");
     loop {
         let (mut socket, _) = listener.accept().await;
@@ -152,17 +241,15 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
             continue;
         };
         let handle = handle.clone();
+        let ready = ready.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let mut buf = vec![0u8; 8192];
             let mut used = 0;
             // Read the request head (bounded), ignoring any body.
             let head = loop {
-                let read = tokio::time::timeout(
-                    std::time::Duration::from_secs(10),
-                    socket.read(&mut buf[used..]),
-                )
-                .await;
+                let read =
+                    tokio::time::timeout(REQUEST_TIMEOUT, socket.read(&mut buf[used..])).await;
                 match read {
                     Ok(Ok(0)) | Err(_) | Ok(Err(_)) => return,
                     Ok(Ok(n)) => used += n,
@@ -177,23 +264,61 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
                 }
             };
             let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-            let ok = line.starts_with(b"GET /metrics ")
-                || line.starts_with(b"GET /metrics\r")
-                || line == b"GET /metrics";
-            let (status, body) = if ok {
-                ("200 OK", handle.render())
-            } else {
-                (
+            let (status, content_type, body) = match route(line) {
+                Route::Metrics => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+                Route::Healthz => ("200 OK", "text/plain", "ok\n".to_string()),
+                Route::Readyz => {
+                    let answer = tokio::time::timeout(READY_CHECK_TIMEOUT, ready())
+                        .await
+                        .unwrap_or_else(|_| Err("readiness check timed out".into()));
+                    match answer {
+                        Ok(detail) => (
+                            "200 OK",
+                            "text/plain",
+                            one_line(&format!("ready: {detail}")),
+                        ),
+                        Err(reason) => (
+                            "503 Service Unavailable",
+                            "text/plain",
+                            one_line(&format!("not ready: {reason}")),
+                        ),
+                    }
+                }
+                Route::NotFound => (
                     "404 Not Found",
-                    "only GET /metrics is served here\n".to_string(),
-                )
+                    "text/plain",
+                    "only GET /metrics, /healthz and /readyz are served here\n".to_string(),
+                ),
             };
             let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = socket.write_all(resp.as_bytes()).await;
             let _ = socket.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_by_request_line() {
+        assert_eq!(route(b"GET /metrics HTTP/1.1\r"), Route::Metrics);
+        assert_eq!(route(b"GET /metrics"), Route::Metrics);
+        assert_eq!(route(b"GET /healthz HTTP/1.0"), Route::Healthz);
+        assert_eq!(route(b"GET /readyz?verbose HTTP/1.1\r"), Route::Readyz);
+        assert_eq!(route(b"POST /readyz HTTP/1.1\r"), Route::NotFound);
+        assert_eq!(route(b"GET /readyzz HTTP/1.1\r"), Route::NotFound);
+        assert_eq!(route(b"GET /metrics/x HTTP/1.1\r"), Route::NotFound);
+        assert_eq!(route(b""), Route::NotFound);
+    }
+
+    #[test]
+    fn reasons_are_one_bounded_line() {
+        assert_eq!(one_line("a\nb\r"), "a b \n");
+        assert_eq!(one_line(&"x".repeat(10_000)).len(), 401);
     }
 }

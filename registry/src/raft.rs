@@ -338,6 +338,7 @@ impl Registry {
         }
         registry.spawn_recovery();
         registry.spawn_metrics();
+        crate::metrics::register_snapshot_counters();
         Ok(registry)
     }
 
@@ -619,6 +620,46 @@ impl Registry {
         (is_leader || known) && self.leader_contact_age() <= self.leaderless_grace
     }
 
+    /// Whether this node should take traffic now (`/readyz`): it is a
+    /// member, knows a fresh leader, has recovered its committed state, and
+    /// has applied every entry it knows committed (waiting up to `wait` for
+    /// the apply to catch up, so that a steady stream of writes does not
+    /// make it flap). `Ok` carries a one-line detail, `Err` the reason.
+    pub async fn readiness(&self, wait: Duration) -> Result<String, String> {
+        self.check_member().map_err(|e| e.to_string())?;
+        if !self.recovered.load(Ordering::Acquire) {
+            return Err("still recovering its committed state".into());
+        }
+        if !self.leader_is_fresh() {
+            return Err("no leader heard from lately".into());
+        }
+        let (leader, committed) = {
+            let rx = self.raft.metrics();
+            let m = rx.borrow_watched();
+            let index = |l: &Option<openraft::alias::LogIdOf<TypeConfig>>| {
+                l.as_ref().map_or(0, |l| l.index)
+            };
+            (
+                m.current_leader.unwrap_or(0),
+                index(&m.local_committed).max(index(&m.cluster_committed)),
+            )
+        };
+        match self
+            .raft
+            .wait(Some(wait))
+            .applied_index_at_least(Some(committed), "readiness")
+            .await
+        {
+            Ok(m) => Ok(format!(
+                "leader {leader}, applied index {}",
+                m.last_applied.as_ref().map_or(0, |l| l.index)
+            )),
+            Err(_) => Err(format!(
+                "has not applied up to its commit index {committed} within {wait:?}"
+            )),
+        }
+    }
+
     /// How long ago this node last heard from a leader: on a leader, its
     /// last quorum acknowledgement (the instant, not
     /// `millis_since_quorum_ack`: metrics are republished on changes only,
@@ -826,7 +867,10 @@ impl Registry {
                         self.note_leader_contact();
                         PeerResponse::Snapshot(r)
                     }
-                    Err(e) => err(&e),
+                    Err(e) => {
+                        crate::metrics::snapshot_failed("install");
+                        err(&e)
+                    }
                 }
             }
             PeerRequest::Write(mut proposal) => {
@@ -988,15 +1032,22 @@ impl Registry {
         }
     }
 
-    /// Mirrors Raft's metrics into Prometheus gauges as they change.
+    /// Mirrors Raft's metrics into Prometheus gauges as they change, and
+    /// at least every [`METRICS_REFRESH`]: a node cut off from the leader
+    /// changes nothing in Raft's metrics, yet its leader goes stale and
+    /// its peers' heartbeat ages grow.
     fn spawn_metrics(&self) {
         let mut rx = self.raft.metrics();
         let store = self.store.clone();
+        let this = self.clone();
         tokio::spawn(async move {
             let mut last_leader = None;
+            let mut shown_peers = BTreeSet::new();
             loop {
                 {
                     let m = rx.borrow_and_update().clone();
+                    metrics::gauge!("corvid_raft_voters")
+                        .set(m.membership_config.membership().voter_ids().count() as f64);
                     metrics::gauge!("corvid_raft_term").set(m.current_term as f64);
                     metrics::gauge!("corvid_raft_last_log_index")
                         .set(m.last_log_index.unwrap_or(0) as f64);
@@ -1008,29 +1059,54 @@ impl Registry {
                     metrics::gauge!("corvid_raft_applied_index").set(applied as f64);
                     metrics::gauge!("corvid_raft_leader_id")
                         .set(m.current_leader.unwrap_or(0) as f64);
+                    // Fresh, not merely known: with pre-vote a cut-off node
+                    // keeps its vote, and so a leader id, forever.
                     metrics::gauge!("corvid_server_has_leader")
-                        .set(f64::from(u8::from(m.current_leader.is_some())));
+                        .set(f64::from(u8::from(this.leader_is_fresh())));
                     metrics::gauge!("corvid_server_is_leader")
                         .set(f64::from(u8::from(m.state == ServerState::Leader)));
                     metrics::gauge!("corvid_disk_sst_bytes").set(store.disk_bytes() as f64);
                     let last = m.last_log_index.unwrap_or(0);
                     if let Some(replication) = &m.replication {
-                        for (peer, matched) in replication {
+                        // The leader lists itself; these are about its peers.
+                        for (peer, matched) in replication.iter().filter(|(p, _)| **p != m.id) {
                             let matched = matched.as_ref().map_or(0, |l| l.index);
                             metrics::gauge!("corvid_raft_peer_lag_entries", "peer" => peer.to_string())
                                 .set(last.saturating_sub(matched) as f64);
                         }
                     }
                     if let Some(heartbeat) = &m.heartbeat {
-                        for (peer, acked) in heartbeat {
-                            if let Some(at) = acked {
-                                let age =
-                                    openraft::TokioInstant::now().saturating_duration_since(**at);
-                                metrics::gauge!("corvid_raft_peer_heartbeat_age_seconds", "peer" => peer.to_string())
-                                    .set(age.as_secs_f64());
-                            }
+                        for (peer, acked) in heartbeat.iter().filter(|(p, _)| **p != m.id) {
+                            // Never acknowledged since this leader took
+                            // over: as unreachable as can be.
+                            let age = acked.as_ref().map_or(f64::INFINITY, |at| {
+                                openraft::TokioInstant::now()
+                                    .saturating_duration_since(**at)
+                                    .as_secs_f64()
+                            });
+                            metrics::gauge!("corvid_raft_peer_heartbeat_age_seconds", "peer" => peer.to_string())
+                                .set(age);
                         }
                     }
+                    // Peers this node no longer replicates to (it stopped
+                    // leading, or they left): NaN, not a frozen value that
+                    // alert rules would take for a live or a dead peer.
+                    let peers: BTreeSet<_> = m
+                        .heartbeat
+                        .iter()
+                        .flat_map(|h| h.keys())
+                        .chain(m.replication.iter().flat_map(|r| r.keys()))
+                        .copied()
+                        .filter(|p| *p != m.id)
+                        .collect();
+                    for gone in shown_peers.difference(&peers) {
+                        let peer = gone.to_string();
+                        metrics::gauge!("corvid_raft_peer_lag_entries", "peer" => peer.clone())
+                            .set(f64::NAN);
+                        metrics::gauge!("corvid_raft_peer_heartbeat_age_seconds", "peer" => peer)
+                            .set(f64::NAN);
+                    }
+                    shown_peers = peers;
                     if m.current_leader != last_leader {
                         if m.current_leader.is_some() {
                             metrics::counter!("corvid_server_leader_changes_seen_total")
@@ -1039,13 +1115,19 @@ impl Registry {
                         last_leader = m.current_leader;
                     }
                 }
-                if rx.changed().await.is_err() {
-                    break;
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() {
+                        break;
+                    },
+                    _ = tokio::time::sleep(METRICS_REFRESH) => {}
                 }
             }
         });
     }
 }
+
+/// Longest time the Raft gauges go without a refresh.
+const METRICS_REFRESH: Duration = Duration::from_secs(1);
 
 /// The text a node answers when a forwarded request reached a node that is
 /// no longer the leader (and so did nothing).
@@ -1176,6 +1258,9 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
         };
         metrics::histogram!("corvid_snapshot_send_duration_seconds")
             .record(started.elapsed().as_secs_f64());
+        if !matches!(res, Ok(PeerResponse::Snapshot(_))) {
+            crate::metrics::snapshot_failed("send");
+        }
         match res {
             Ok(PeerResponse::Snapshot(r)) => Ok(r),
             Ok(other) => Err(StreamingError::Network(NetworkError::new(&unexpected(

@@ -238,6 +238,53 @@ impl Replica {
         }
     }
 
+    /// Whether this replica should take reads now (`/readyz`): it holds a
+    /// complete state, is at most `max_lag_entries` entries behind its
+    /// master's last reported applied index, and has not been behind for
+    /// longer than `max_lag` (zero: no time limit). A replica cut off from
+    /// every master stays ready with its copy, as reads are meant to go on
+    /// then; `corvid_replica_connected` tells that case. `Ok` carries a
+    /// one-line detail, `Err` the reason.
+    pub fn readiness(&self, max_lag_entries: u64, max_lag: Duration) -> Result<String, String> {
+        if !self.synchronised() {
+            return Err("has not completed its first sync with a master".into());
+        }
+        let applied = self.applied_index();
+        let master = self.inner.master_applied.load(Ordering::Relaxed);
+        let lag = master.saturating_sub(applied);
+        if lag > max_lag_entries {
+            return Err(format!(
+                "{lag} entries behind its master (more than {max_lag_entries})"
+            ));
+        }
+        let behind = self.behind_for();
+        if !max_lag.is_zero() && behind > max_lag {
+            return Err(format!(
+                "behind its master for {:.1} s (more than {:.1} s)",
+                behind.as_secs_f64(),
+                max_lag.as_secs_f64()
+            ));
+        }
+        let stream = if self.inner.connected.load(Ordering::Relaxed) {
+            "following a master"
+        } else {
+            "no master reachable, serving its copy"
+        };
+        Ok(format!(
+            "applied index {applied}, {lag} entries behind, {stream}"
+        ))
+    }
+
+    /// How long the replica has been behind its master (zero when caught up).
+    fn behind_for(&self) -> Duration {
+        self.inner
+            .behind_since
+            .lock()
+            .ok()
+            .and_then(|s| *s)
+            .map_or(Duration::ZERO, |s| s.elapsed())
+    }
+
     /// Stops following (the local copy stays readable).
     pub fn shutdown(&self) {
         self.inner.stop.send_replace(true);
@@ -385,6 +432,9 @@ impl Replica {
                     tracing::info!(master = %addr, "receiving a snapshot");
                     let store = self.store.clone();
                     blocking(move || store.begin_reset()).await?;
+                    // The master has applied at least this far: until the
+                    // snapshot is in, the replica is that far behind.
+                    self.note_master(log_id.as_ref().map_or(0, |l| l.index));
                     snapshot = Some(log_id);
                 }
                 StreamFrame::SnapshotChunk(items) => {
@@ -488,14 +538,7 @@ impl Replica {
             metrics::gauge!("corvid_replica_master_applied_index").set(master as f64);
             metrics::gauge!("corvid_replica_lag_entries")
                 .set(master.saturating_sub(applied) as f64);
-            let lag = self
-                .inner
-                .behind_since
-                .lock()
-                .ok()
-                .and_then(|s| *s)
-                .map_or(0.0, |s| s.elapsed().as_secs_f64());
-            metrics::gauge!("corvid_replica_lag_seconds").set(lag);
+            metrics::gauge!("corvid_replica_lag_seconds").set(self.behind_for().as_secs_f64());
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = stop.changed() => return,

@@ -1187,7 +1187,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             Ok((meta, data))
         })
         .await
-        .map_err(io::Error::other)??;
+        .map_err(io::Error::other)
+        .and_then(|built| built)
+        .inspect_err(|_| crate::metrics::snapshot_failed("build"))?;
         metrics::counter!("corvid_snapshot_builds_total").increment(1);
         metrics::histogram!("corvid_snapshot_build_duration_seconds")
             .record(started.elapsed().as_secs_f64());

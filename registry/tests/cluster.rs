@@ -216,12 +216,14 @@ async fn membership_changes_under_load_and_snapshot_install_to_a_new_node() {
         .admin(2, AdminRequest::Promote { id: new })
         .await
         .unwrap();
+    // The counter is exported at 0 from the start: wait for the install.
     let installs = wait_for(Duration::from_secs(10), || async {
         metric(
             &cluster.daemon(new).metrics,
             "corvid_snapshot_installs_total",
         )
         .await
+        .filter(|&n| n >= 1.0)
     })
     .await;
     assert!(installs >= Some(1.0), "node {new} was not sent a snapshot");

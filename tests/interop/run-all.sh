@@ -23,6 +23,9 @@ scripts+=(replica_snapshot.sh)
 scripts+=(users.sh)
 # Migration of a live Cyrus murder onto Corvid (always Corvid; ~25 s).
 scripts+=(migrate.sh)
+# A real Prometheus scraping a cluster, a replica and a proxy (skips itself
+# with SERVER=cyrus).
+scripts+=(prometheus.sh)
 
 for script in "${scripts[@]}"; do
   echo "======== $script (SERVER=${SERVER:-corvid})"

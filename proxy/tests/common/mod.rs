@@ -49,8 +49,8 @@ impl Proxy {
 
 /// Starts corvid-proxy with `sections` (TOML; `{dir}` stands for its
 /// directory) added to a base of: replica data in the directory, a TLS
-/// certificate, an unused backend password, metrics off, and — unless
-/// `sections` has its own — a replica following nothing and IMAP off.
+/// certificate, an unused backend password, and — unless `sections` has
+/// its own — metrics off, a replica following nothing and IMAP off.
 pub fn start(sections: &str) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display().to_string();
@@ -61,9 +61,11 @@ pub fn start(sections: &str) -> Proxy {
     let mut config = format!(
         "[proxy]\ndata_dir = \"{d}/replica\"\n\
          [tls]\ncert = \"{d}/cert.pem\"\nkey = \"{d}/key.pem\"\n\
-         [backend]\npassword = \"unused\"\n\
-         [metrics]\nlisten = \"\"\n"
+         [backend]\npassword = \"unused\"\n"
     );
+    if !sections.contains("[metrics]") {
+        config.push_str("[metrics]\nlisten = \"\"\n");
+    }
     if !sections.contains("[replica]") {
         // Port 9 (discard): nothing listens, so the replica never syncs.
         config.push_str("[replica]\nmasters = [\"127.0.0.1:9\"]\n");
