@@ -5,6 +5,7 @@ mod bench;
 mod cluster;
 mod conn;
 mod imap_bench;
+mod probe;
 mod propagation;
 
 use std::io::Read;
