@@ -176,6 +176,28 @@ fn decode<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
         .map_err(codec_err)
 }
 
+/// Block cache shared by the two state families (index and filter blocks
+/// included, so their memory stays bounded whatever the registry's size).
+const STATE_BLOCK_CACHE_BYTES: usize = 64 << 20;
+
+/// Options of the state families, tuned for point lookups (FIND, and the
+/// mailbox and session lookups of every apply): a Bloom filter on every
+/// SST file and on the memtable, so a lookup of a name that is not there
+/// (every new mailbox, every new client session) skips the skip-list and
+/// the files; and a block cache for the rest.
+fn state_family_options() -> Options {
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    table.set_block_cache(&rocksdb::Cache::new_lru_cache(STATE_BLOCK_CACHE_BYTES));
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    let mut opts = Options::default();
+    opts.set_block_based_table_factory(&table);
+    opts.set_memtable_whole_key_filtering(true);
+    opts.set_memtable_prefix_bloom_ratio(0.05);
+    opts
+}
+
 /// The registry's RocksDB database and its change broadcaster.
 #[derive(Clone)]
 pub struct Store {
@@ -202,10 +224,15 @@ impl Store {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
+        let state_opts = state_family_options();
         let cfs = [CF_LOGS, CF_RAFT, CF_STATE]
             .into_iter()
-            .chain(CF_STATE_FAMILIES)
-            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()))
+            .chain(
+                CF_STATE_FAMILIES
+                    .into_iter()
+                    .map(|n| ColumnFamilyDescriptor::new(n, state_opts.clone())),
+            );
         let db = DB::open_cf_descriptors(&opts, dir.join("db"), cfs).map_err(db_err)?;
         let (events, _) = broadcast::channel(4096);
         let store = Store {
@@ -252,7 +279,12 @@ impl Store {
     }
 
     fn get_state<T: DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
-        match self.db.get_cf(self.state_cf(), key).map_err(db_err)? {
+        // Pinned: decoded straight from RocksDB's buffer, not copied first.
+        match self
+            .db
+            .get_pinned_cf(self.state_cf(), key)
+            .map_err(db_err)?
+        {
             Some(b) => decode(&b).map(Some),
             None => Ok(None),
         }
@@ -296,6 +328,12 @@ impl Store {
             return Ok(None);
         }
         self.get_state(name.as_bytes())
+    }
+
+    /// Whether the local state has applied log index `index` (so a read now
+    /// sees every change up to it).
+    pub fn applied_at_least(&self, index: u64) -> bool {
+        *self.applied.borrow() >= index
     }
 
     /// Whether this store holds a state at all: anything applied, or a
@@ -639,6 +677,11 @@ impl LogStore {
             store,
             unsafe_ack_before_fsync: false,
         }
+    }
+
+    /// WAL fsyncs this log has done for its appends so far.
+    pub fn wal_fsyncs(&self) -> u64 {
+        self.syncer.syncs.load(Ordering::Relaxed)
     }
 
     /// TEST ONLY, BREAKS DURABILITY: appends are reported durable to
@@ -1454,7 +1497,7 @@ mod tests {
                 .expect("appends completed in time")
                 .unwrap();
         }
-        let syncs = log.syncer.syncs.load(Ordering::Relaxed);
+        let syncs = log.wal_fsyncs();
         let appends = WRITERS * ROUNDS;
         assert!(syncs >= 1);
         assert!(
