@@ -29,6 +29,10 @@
 #   BENCH_MAIL_SECONDS   length of each LMTP and POP3 run (default BENCH_SECONDS)
 #   BENCH_LMTP_COUNT     deliveries per LMTP run at most (default 1000; the
 #                        backends keep every message until the end)
+#   BENCH_MAIL_ROUNDS    rounds of every LMTP and POP3 row (default 3; the
+#                        report gives each target's median)
+#   BENCH_MAIL_CONNS     connection counts of the LMTP and POP3 rows
+#                        (default "1 8 32")
 #   BENCH_PARTS          what to run (default "imap mail"; "mail" alone for
 #                        a quick look at LMTP and POP3)
 set -euo pipefail
@@ -41,6 +45,8 @@ IDLE_SELECTED=${BENCH_IDLE_SELECTED:-500}
 HOLD=${BENCH_HOLD:-20}
 MAIL_SECS=${BENCH_MAIL_SECONDS:-$SECS}
 LMTP_COUNT=${BENCH_LMTP_COUNT:-1000}
+MAIL_ROUNDS=${BENCH_MAIL_ROUNDS:-3}
+MAIL_CONNS=${BENCH_MAIL_CONNS:-1 8 32}
 PARTS=" ${BENCH_PARTS:-imap mail} "
 # 32 client connections to each lmtpd/pop3d, and a frontend's as many again
 # to the backends: Cyrus's default maxchild (20) would queue them.
@@ -282,9 +288,20 @@ mail_run() {
   "$CTL" imap-bench --server "$server" --label "$label" --json "$RESULTS" --quiet \
     "${watch[@]}" "${backend[@]}" "${MASTER_METRICS[@]}" "${rcpts[@]}" "$@" | grep -v '^{'
 }
+# each_mail_target ARGS...: the row's run through every target, in
+# MAIL_ROUNDS rounds, the order reversed every other round, so that a drift
+# of the shared machine's load reaches every target alike (the report gives
+# each target's median).
 each_mail_target() {
-  local t
-  for t in "${ORDER[@]}"; do mail_run "${t%%=*}" "$@"; done
+  local t round order
+  for ((round = 1; round <= MAIL_ROUNDS; round++)); do
+    order=("${ORDER[@]}")
+    if ((round % 2 == 0)); then
+      order=()
+      for t in "${ORDER[@]}"; do order=("$t" "${order[@]}"); done
+    fi
+    for t in "${order[@]}"; do mail_run "${t%%=*}" "$@"; done
+  done
 }
 if [[ $PARTS == *" mail "* ]]; then
   for n in 1 5; do
@@ -306,14 +323,14 @@ if [[ $PARTS == *" mail "* ]]; then
       DIRECT_PIDS=("$BE1_PGID" "$BE2_PGID")
     fi
     for size in 4096 102400; do
-      for c in 1 8 32; do
+      for c in $MAIL_CONNS; do
         phase "LMTP, $n recipient(s), $((size / 1024)) KiB, $c connections (df: $(df -h --output=avail / | tail -1 | tr -d ' '))"
         each_mail_target --workload lmtp -C "$c" --duration "$MAIL_SECS" --count "$LMTP_COUNT" \
           --size "$size" --users "$MAIL_USERS"
       done
     done
   done
-  for c in 1 8 32; do
+  for c in $MAIL_CONNS; do
     phase "POP3 sessions, $c connections"
     each_mail_target --workload pop3 -C "$c" --duration "$MAIL_SECS" --user-prefix p \
       --users "$MAIL_USERS" --password "$UPASS"
@@ -324,7 +341,7 @@ fi
 # backend transaction and login), kept beside the results.
 if [[ $PARTS == *" mail "* ]]; then
   curl -s --max-time 10 "http://$CORVID_PROXY_METRICS/metrics" |
-    grep -E '^corvid_proxy_(lmtp_backend_seconds|backend_connect_seconds|lmtp_recipients_total|lmtp_spool|logins_total|backend_errors_total)' |
+    grep -E '^corvid_proxy_(lmtp_backend_seconds|lmtp_backend_logins_total|backend_connect_seconds|lmtp_recipients_total|lmtp_spool|logins_total|backend_errors_total)' |
     grep -E '_(sum|count)\{|_total' >"$ROOT/bench/last-proxy-mail-metrics.txt" || true
 fi
 

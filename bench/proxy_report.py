@@ -151,6 +151,35 @@ def section(path, seconds=None, hold=None):
     return "\n".join(out) + "\n"
 
 
+def median_cell(rows):
+    """Per target label: the median deliveries (sessions)/s over the rounds
+    of one row, the mean master commands per operation, and the rounds."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["label"], []).append(r)
+    out = {}
+    for label, rs in by.items():
+        v = sorted(r["ops_per_sec"] for r in rs)
+        m = [r.get("master_commands_per_op") for r in rs if r.get("master_commands_per_op") is not None]
+        out[label] = {
+            "ops_per_sec": (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2,
+            "master_commands_per_op": sum(m) / len(m) if m else None,
+            "rounds": len(rs),
+        }
+    return out
+
+
+def rounds_note(cells):
+    n = max((c["rounds"] for cell in cells for c in cell.values()), default=1)
+    if n <= 1:
+        return ""
+    return (
+        "Each row ran %d rounds, the three targets back to back in each, the order "
+        "reversed every other round; the table gives each target's median, the runs "
+        "below list every round. " % n
+    )
+
+
 def mail_sections(lmtp, pop3, seconds):
     out = []
     if lmtp:
@@ -182,9 +211,10 @@ def mail_sections(lmtp, pop3, seconds):
             "proxy / frontend | proxy / direct | master lookups/delivery: proxy | frontend |"
         )
         out.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        by = {}
+        groups = {}
         for r in lmtp:
-            by.setdefault((r.get("recipients"), r.get("size"), r["connections"]), {})[r["label"]] = r
+            groups.setdefault((r.get("recipients"), r.get("size"), r["connections"]), []).append(r)
+        by = {k: median_cell(v) for k, v in groups.items()}
         for (n, size, conns), cell in by.items():
             val = lambda l: cell[l]["ops_per_sec"] if l in cell else None
             p, f, d = val(PROXY), val(FRONTEND), val(MAIL_DIRECT)
@@ -196,6 +226,7 @@ def mail_sections(lmtp, pop3, seconds):
             )
         out.append("")
         out.append(
+            rounds_note(by.values()) +
             "Deliveries/s. Per run: latency of one delivery, errors (deliveries) and "
             "recipient replies that were not 2xx, the masters' MUPDATE commands during the "
             "run, and CPU per delivery of the server under test (corvid-proxy; the Cyrus "
@@ -237,9 +268,10 @@ def mail_sections(lmtp, pop3, seconds):
             "proxy / direct | master lookups/session: proxy | frontend |"
         )
         out.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        by = {}
+        groups = {}
         for r in pop3:
-            by.setdefault(r["connections"], {})[r["label"]] = r
+            groups.setdefault(r["connections"], []).append(r)
+        by = {k: median_cell(v) for k, v in groups.items()}
         for conns, cell in by.items():
             val = lambda l: cell[l]["ops_per_sec"] if l in cell else None
             p, f, d = val(PROXY), val(FRONTEND), val(MAIL_DIRECT)
@@ -249,7 +281,7 @@ def mail_sections(lmtp, pop3, seconds):
                 % (conns, fmt(p), fmt(f), fmt(d), ratio(p, f), ratio(p, d), ml(PROXY), ml(FRONTEND))
             )
         out.append("")
-        out.append("Sessions/s. Per run:")
+        out.append(rounds_note(by.values()) + "Sessions/s. Per run:")
         out.append("")
         out.append(
             "| target | conns | sessions | errors | sessions/s | p50 ms | p99 ms | master cmds | "

@@ -3,13 +3,14 @@
 #   install-deps.sh build   compilers and headers for RocksDB's C++ (make run)
 #   install-deps.sh test    the above plus real Cyrus 3.6 for interop and
 #                           iptables/iproute2 for the Jepsen harness, isync (mbsync)
-#                           and curl as IMAP clients for tests/interop/proxy.sh (make test)
+#                           and curl as IMAP clients and swaks and postfix as mail
+#                           clients for tests/interop/proxy.sh (make test)
 # As root it installs them; otherwise it prints the apt-get line and fails.
 set -euo pipefail
 
 group=${1:-build}
 build_pkgs=(clang libclang-dev make python3)
-test_pkgs=(cyrus-imapd cyrus-murder cyrus-clients cyrus-admin sasl2-bin libsasl2-modules iptables iproute2 isync curl swaks)
+test_pkgs=(cyrus-imapd cyrus-murder cyrus-clients cyrus-admin sasl2-bin libsasl2-modules iptables iproute2 isync curl swaks postfix)
 case "$group" in
   build) want=("${build_pkgs[@]}") ;;
   test) want=("${build_pkgs[@]}" "${test_pkgs[@]}") ;;

@@ -4,9 +4,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
+use corvid_registry::model::ClientTag;
 use corvid_registry::peer::{
     AdminRequest, AdminResponse, NodeStatus, PeerClient, PeerRequest, PeerResponse,
 };
+use corvid_registry::users::{UserRequest, UserResponse, FIRST_ADMIN};
 
 /// Mutual TLS towards the peer port, when the cluster uses it.
 #[derive(Debug, clap::Args)]
@@ -23,7 +25,8 @@ pub struct PeerTlsArgs {
 }
 
 impl PeerTlsArgs {
-    fn client(&self) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+    /// The client side of mutual TLS, when the three files are given.
+    pub fn client(&self) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
         match (&self.peer_cert, &self.peer_key, &self.peer_ca) {
             (Some(c), Some(k), Some(a)) => {
                 Ok(Some(corvid_registry::tls::peer_tls(c, k, a)?.client))
@@ -106,8 +109,38 @@ pub async fn run(peer: &str, tls: &PeerTlsArgs, cmd: ClusterCmd) -> anyhow::Resu
         ClusterCmd::Promote { id } => AdminRequest::Promote { id },
         ClusterCmd::Remove { id } => AdminRequest::Remove { id },
     };
+    let init = matches!(request, AdminRequest::Init { .. });
     call(peer, &tls, request).await?;
     println!("done");
+    if init {
+        create_first_admin(peer, &tls).await?;
+    }
+    Ok(())
+}
+
+/// After `init`: the cluster's administrator, created once, its password
+/// written to the data directory of the node at `peer` (never sent back).
+async fn create_first_admin(peer: &str, tls: &Tls) -> anyhow::Result<()> {
+    let mut c = PeerClient::with_tls(peer, tls.clone());
+    let request = PeerRequest::Users {
+        client: ClientTag::once(),
+        login: None,
+        request: UserRequest::CreateFirstAdmin,
+    };
+    match c
+        .call(&request, Duration::from_secs(60))
+        .await
+        .with_context(|| format!("creating the administrator on {peer}"))?
+    {
+        PeerResponse::Users(UserResponse::FirstAdmin(Some(path))) => println!(
+            "created administrator '{FIRST_ADMIN}'; its password is in {} on the node at {peer}",
+            path.display()
+        ),
+        PeerResponse::Users(UserResponse::FirstAdmin(None)) => println!(
+            "no administrator created: the registry or the node's users file already has users"
+        ),
+        other => bail!("unexpected answer from {peer}: {other:?}"),
+    }
     Ok(())
 }
 

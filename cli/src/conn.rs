@@ -41,25 +41,28 @@ pub struct ConnectArgs {
     pub tls_name: Option<String>,
 }
 
+/// A credential file: `user` and `password`, as `admin-credential.txt`.
 #[derive(serde::Deserialize)]
-struct CredentialFile {
-    user: String,
-    password: String,
+pub struct CredentialFile {
+    /// User name.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl CredentialFile {
+    /// Reads and parses `path`.
+    pub fn read(path: &std::path::Path) -> anyhow::Result<CredentialFile> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the credential file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
 }
 
 impl ConnectArgs {
     /// The user and password to log in with.
     pub fn credentials(&self) -> anyhow::Result<(String, String)> {
-        let file = || -> anyhow::Result<CredentialFile> {
-            let text = std::fs::read_to_string(&self.credential_file).with_context(|| {
-                format!(
-                    "no --password given and cannot read {}",
-                    self.credential_file.display()
-                )
-            })?;
-            toml::from_str(&text)
-                .with_context(|| format!("parsing {}", self.credential_file.display()))
-        };
+        let file = || CredentialFile::read(&self.credential_file);
         match (&self.user, &self.password) {
             (Some(u), Some(p)) => Ok((u.clone(), p.clone())),
             (None, Some(p)) => Ok(("admin".into(), p.clone())),

@@ -7,13 +7,9 @@ mod conn;
 mod imap_bench;
 mod probe;
 mod propagation;
+mod users;
 
-use std::io::Read;
-use std::path::PathBuf;
-
-use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
-use corvid_registry::auth::UserFile;
+use clap::{Parser, Subcommand};
 use corvid_registry::model::{MailboxEntry, MailboxState};
 
 /// Command line of `corvidctl`.
@@ -47,9 +43,10 @@ enum Cmd {
         /// Location prefix, e.g. "be1!"
         prefix: Option<String>,
     },
-    /// Manage the credentials file.
+    /// Manage the registry's MUPDATE users (through any master node), or a
+    /// users file with --users-file.
     #[command(subcommand)]
-    User(UserCmd),
+    User(users::UserCmd),
     /// Load generator: drives a MUPDATE server and prints throughput and latency.
     Bench(bench::BenchArgs),
     /// IMAP load generator: sessions, FETCH of bodies, APPEND or idle
@@ -67,78 +64,6 @@ enum Cmd {
         tls: cluster::PeerTlsArgs,
         #[command(subcommand)]
         command: cluster::ClusterCmd,
-    },
-}
-
-#[derive(Debug, Args)]
-struct UsersFile {
-    /// Credentials file of the registry.
-    #[arg(long, default_value = "./data/users.toml")]
-    users_file: PathBuf,
-}
-
-#[derive(Debug, Args)]
-struct PasswordSource {
-    /// Read the password from standard input (first line).
-    #[arg(long, conflicts_with = "password")]
-    password_stdin: bool,
-    /// The password (visible to other local users in `ps`; prefer --password-stdin).
-    #[arg(long)]
-    password: Option<String>,
-}
-
-impl PasswordSource {
-    fn read(&self) -> anyhow::Result<String> {
-        if let Some(p) = &self.password {
-            return Ok(p.clone());
-        }
-        if !self.password_stdin {
-            bail!("give the password with --password-stdin (or --password)");
-        }
-        let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s)?;
-        let p = s.lines().next().unwrap_or("").to_owned();
-        if p.is_empty() {
-            bail!("empty password on standard input");
-        }
-        Ok(p)
-    }
-}
-
-#[derive(Debug, Subcommand)]
-enum UserCmd {
-    /// Add a user.
-    Add {
-        #[command(flatten)]
-        file: UsersFile,
-        #[command(flatten)]
-        password: PasswordSource,
-        /// May write (RESERVE, ACTIVATE, DEACTIVATE, DELETE).
-        #[arg(long)]
-        admin: bool,
-        /// User name.
-        name: String,
-    },
-    /// Change a user's password.
-    Passwd {
-        #[command(flatten)]
-        file: UsersFile,
-        #[command(flatten)]
-        password: PasswordSource,
-        /// User name.
-        name: String,
-    },
-    /// Remove a user.
-    Del {
-        #[command(flatten)]
-        file: UsersFile,
-        /// User name.
-        name: String,
-    },
-    /// List users.
-    List {
-        #[command(flatten)]
-        file: UsersFile,
     },
 }
 
@@ -177,7 +102,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             c.logout().await?;
             Ok(())
         }
-        Cmd::User(cmd) => user(cmd),
+        Cmd::User(cmd) => users::run(cmd).await,
         Cmd::Bench(args) => bench::run(args).await,
         Cmd::ImapBench(args) => imap_bench::run(args).await,
         Cmd::Propagation(args) => propagation::run(args).await,
@@ -197,45 +122,4 @@ fn print_entry(e: &MailboxEntry) {
         state,
         e.acl.replace('\t', " ").trim_end()
     );
-}
-
-fn user(cmd: UserCmd) -> anyhow::Result<()> {
-    let load = |f: &UsersFile| {
-        UserFile::load(&f.users_file).with_context(|| format!("reading {}", f.users_file.display()))
-    };
-    match cmd {
-        UserCmd::Add {
-            file,
-            password,
-            admin,
-            name,
-        } => {
-            let mut users = load(&file)?;
-            users.add(&name, &password.read()?, admin)?;
-            users.save(&file.users_file)?;
-            println!("added {name}{}", if admin { " (admin)" } else { "" });
-        }
-        UserCmd::Passwd {
-            file,
-            password,
-            name,
-        } => {
-            let mut users = load(&file)?;
-            users.set_password(&name, &password.read()?)?;
-            users.save(&file.users_file)?;
-            println!("password of {name} changed");
-        }
-        UserCmd::Del { file, name } => {
-            let mut users = load(&file)?;
-            users.remove(&name)?;
-            users.save(&file.users_file)?;
-            println!("removed {name}");
-        }
-        UserCmd::List { file } => {
-            for u in load(&file)?.list() {
-                println!("{}\t{}", u.name, if u.admin { "admin" } else { "user" });
-            }
-        }
-    }
-    Ok(())
 }

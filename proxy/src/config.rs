@@ -142,6 +142,12 @@ pub struct LmtpSection {
     /// UNIX socket listener (e.g. `/run/corvid/lmtp`, for Postfix's
     /// `lmtp:unix:`); unset: off.
     pub unix_socket: Option<PathBuf>,
+    /// Permissions of the UNIX socket, in octal. Connecting needs write
+    /// permission, and the MTA's LMTP client runs as its own user (Postfix's
+    /// `postfix`): put that user in the proxy's group, or the socket in a
+    /// directory only the MTA can reach and widen this. Anyone who can
+    /// connect can deliver mail.
+    pub unix_socket_mode: String,
     /// Backends' LMTP port when `[lmtp.backends]` names no address.
     pub backend_port: u16,
     /// Server name → `host[:port]` of its lmtpd, where it is not the IMAP
@@ -155,6 +161,11 @@ pub struct LmtpSection {
     pub spool_dir: Option<PathBuf>,
     /// Most recipients per transaction.
     pub max_recipients: usize,
+    /// Idle logged-in connections kept per backend lmtpd for the next
+    /// delivery; size it to the MTA's concurrent deliveries (Postfix's
+    /// `lmtp_destination_concurrency_limit`, 20 by default, or
+    /// `default_destination_concurrency_limit`).
+    pub backend_pool_size: usize,
     /// Most concurrent LMTP sessions.
     pub max_sessions: usize,
     /// Seconds of silence from the MTA, or a backend, before giving up.
@@ -166,17 +177,33 @@ pub struct LmtpSection {
     pub postuser: String,
 }
 
+impl LmtpSection {
+    /// `unix_socket_mode` as permission bits.
+    pub fn socket_mode(&self) -> anyhow::Result<u32> {
+        let text = self.unix_socket_mode.trim();
+        match u32::from_str_radix(text, 8) {
+            Ok(mode) if mode <= 0o777 && !text.is_empty() => Ok(mode),
+            _ => anyhow::bail!(
+                "lmtp.unix_socket_mode {:?} is not octal permission bits such as \"0660\"",
+                self.unix_socket_mode
+            ),
+        }
+    }
+}
+
 impl Default for LmtpSection {
     fn default() -> Self {
         LmtpSection {
             listen: String::new(),
             unix_socket: None,
+            unix_socket_mode: "0660".into(),
             backend_port: 24,
             backends: BTreeMap::new(),
             max_message_bytes: 64 * 1024 * 1024,
             spool_memory_bytes: 1024 * 1024,
             spool_dir: None,
             max_recipients: 1_000,
+            backend_pool_size: 64,
             max_sessions: 1_000,
             timeout_secs: 300,
             hostname: "corvid-proxy".into(),
@@ -459,6 +486,7 @@ impl Config {
 
     /// Checks the settings for contradictions and unusable values.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.lmtp.socket_mode()?;
         anyhow::ensure!(
             !self.replica.masters.is_empty(),
             "replica.masters is empty: the proxy needs the registry's master peer addresses"
@@ -617,5 +645,16 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("backends.be1"));
+        for bad in ["0999", "rw", "", "01777"] {
+            let c =
+                Config::from_toml_str(&format!("[lmtp]\nunix_socket_mode = \"{bad}\"\n")).unwrap();
+            assert!(c
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("unix_socket_mode"));
+        }
+        let c = Config::from_toml_str("[lmtp]\nunix_socket_mode = \"0666\"\n").unwrap();
+        assert_eq!(c.lmtp.socket_mode().unwrap(), 0o666);
     }
 }

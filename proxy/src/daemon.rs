@@ -154,7 +154,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         timeout: Duration::from_secs(config.lmtp.timeout_secs),
         postuser: config.lmtp.postuser.clone(),
         next_id: AtomicU64::new(1),
-        pool: Default::default(),
+        pool: crate::lmtp::deliver::Pool::new(config.lmtp.backend_pool_size),
     });
     let lmtp_slots = Arc::new(Semaphore::new(config.lmtp.max_sessions));
     if !config.lmtp.listen.is_empty() {
@@ -179,6 +179,12 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         }
         let listener = tokio::net::UnixListener::bind(path)
             .with_context(|| format!("binding LMTP socket {}", path.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = config.lmtp.socket_mode()?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
+        }
         tokio::spawn(crate::lmtp::serve_unix(
             listener,
             lmtp.clone(),

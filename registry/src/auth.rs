@@ -78,6 +78,9 @@ use rsasl::validate::{Validate, Validation, ValidationError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::model::StoredUser;
+use crate::store::Store;
+
 /// PBKDF2 iterations for new passwords (RFC 7677's minimum and Cyrus's default).
 pub const DEFAULT_ITERATIONS: u32 = 4096;
 
@@ -86,9 +89,7 @@ const GENERATED_PASSWORD_LEN: usize = 24;
 /// Length of a fresh salt, in bytes.
 const SALT_LEN: usize = 16;
 /// SHA-256 output length: the size of `stored_key` and `server_key`.
-const KEY_LEN: usize = 32;
-/// Longest accepted user name, in bytes.
-const MAX_NAME_LEN: usize = 256;
+const KEY_LEN: usize = crate::model::SCRAM_KEY_LEN;
 /// Longest accepted password, in bytes.
 const MAX_PASSWORD_LEN: usize = 1024;
 /// Upper bound of the PLAIN cache; it is cleared when full (only successful
@@ -180,24 +181,16 @@ pub struct UserSummary {
     pub admin: bool,
 }
 
-/// A user's SCRAM-SHA-256 secrets, decoded.
-#[derive(Clone, PartialEq, Eq)]
-struct UserRecord {
-    admin: bool,
-    salt: Vec<u8>,
-    iterations: u32,
-    stored_key: [u8; KEY_LEN],
-    server_key: [u8; KEY_LEN],
-}
+/// A user's SCRAM-SHA-256 secrets, decoded: the replicated form
+/// ([`crate::model::UserCredential`]) also serves the file.
+use crate::model::UserCredential as UserRecord;
 
-/// Keeps the keys out of logs and panic messages.
-impl std::fmt::Debug for UserRecord {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UserRecord")
-            .field("admin", &self.admin)
-            .field("iterations", &self.iterations)
-            .finish_non_exhaustive()
-    }
+/// The credential of a new password: checks the password, then derives
+/// its SCRAM-SHA-256 secrets with a fresh random salt. `corvidctl user`
+/// runs this on the operator's machine, so the password never travels.
+pub fn derive_credential(password: &str, admin: bool) -> Result<UserRecord, AuthError> {
+    check_password(password)?;
+    Ok(UserRecord::new(password, admin))
 }
 
 impl UserRecord {
@@ -255,18 +248,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// User names: printable ASCII without spaces (see the module docs).
 fn check_name(name: &str) -> Result<(), AuthError> {
-    if name.is_empty() {
-        return Err(AuthError::InvalidUserName("empty"));
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(AuthError::InvalidUserName("longer than 256 bytes"));
-    }
-    if !name.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(AuthError::InvalidUserName(
-            "only printable ASCII without spaces is allowed",
-        ));
-    }
-    Ok(())
+    crate::model::check_user_name(name).map_err(AuthError::InvalidUserName)
 }
 
 /// Passwords: printable ASCII (see the module docs).
@@ -452,6 +434,15 @@ impl UserFile {
             .ok_or_else(|| AuthError::NoSuchUser(name.to_owned()))
     }
 
+    /// Every user with its credential, sorted by name (what `corvidctl user
+    /// import` sends to the registry).
+    pub fn credentials(&self) -> Vec<(String, UserRecord)> {
+        self.users
+            .iter()
+            .map(|(name, record)| (name.clone(), record.clone()))
+            .collect()
+    }
+
     /// The users, sorted by name.
     pub fn list(&self) -> Vec<UserSummary> {
         self.users
@@ -552,14 +543,23 @@ struct StoreState {
     plain_cache: HashMap<(String, [u8; KEY_LEN]), [u8; KEY_LEN]>,
 }
 
-/// The registry's view of the credential file: shared (`Arc`), thread-safe,
-/// and re-read whenever the file changes on disk.
+/// The users a node authenticates: the replicated users of its registry
+/// store, then its credential file. Shared (`Arc`), thread-safe.
 ///
-/// If a changed file cannot be read or parsed, the store keeps the last good
-/// user list (so a half-finished hand edit does not lock every backend out)
-/// and reports the problem from [`CredentialStore::refresh`].
+/// Which wins: the registry decides every name it holds, deleted ones
+/// included ([`StoredUser::Deleted`]); the file is consulted only for
+/// names the registry has never held. A file is thus a per-node bootstrap
+/// source (and what `corvidctl user import` reads), and a user deleted or
+/// re-keyed through the registry cannot log in with what a stale file says.
+///
+/// The file is re-read whenever it changes on disk. If a changed file
+/// cannot be read or parsed, the store keeps the last good user list (so a
+/// half-finished hand edit does not lock every backend out) and reports the
+/// problem from [`CredentialStore::refresh`].
 pub struct CredentialStore {
     path: PathBuf,
+    /// The replicated users (none for a store over a file only).
+    registry: Option<Store>,
     state: Mutex<StoreState>,
     /// Per-process secret used to fake SCRAM parameters for unknown users.
     decoy_key: [u8; KEY_LEN],
@@ -574,16 +574,38 @@ impl std::fmt::Debug for CredentialStore {
 }
 
 impl CredentialStore {
-    /// A store backed by the file at `path`, read on first use. Call
+    /// A store backed by the file at `path` only, read on first use. Call
     /// [`CredentialStore::refresh`] at start-up to report a broken file early.
     pub fn new(path: impl Into<PathBuf>) -> CredentialStore {
         let mut decoy_key = [0u8; KEY_LEN];
         rand::thread_rng().fill_bytes(&mut decoy_key);
         CredentialStore {
             path: path.into(),
+            registry: None,
             state: Mutex::new(StoreState::default()),
             decoy_key,
         }
+    }
+
+    /// A store that looks users up in the registry `store` first, then in
+    /// the file at `path` (see the type's docs for which wins).
+    pub fn with_registry(path: impl Into<PathBuf>, store: Store) -> CredentialStore {
+        CredentialStore {
+            registry: Some(store),
+            ..CredentialStore::new(path)
+        }
+    }
+
+    /// The credential file's path.
+    pub fn file_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the credential file holds at least one user.
+    pub fn file_has_users(&self) -> bool {
+        let mut state = self.lock();
+        self.refresh_locked(&mut state);
+        !state.users.is_empty()
     }
 
     /// A random 24-character alphanumeric password (about 143 bits), e.g. for
@@ -614,25 +636,19 @@ impl CredentialStore {
     /// instead of running PBKDF2 again (Cyrus backends log in once per
     /// mailbox operation).
     pub fn verify_plain(&self, user: &str, password: &str) -> Option<Identity> {
-        let (record, cache_key) = {
-            let mut state = self.lock();
-            self.refresh_locked(&mut state);
-            let Some(record) = state.users.get(user).cloned() else {
-                drop(state);
-                // Spend the same time as for a real user so that response
-                // times do not tell which names exist.
-                let decoy = self.decoy_record(user);
-                let _ = decoy.password_matches(password);
-                return None;
-            };
-            let cache_key = (user.to_owned(), plain_cache_digest(&record.salt, password));
-            if let Some(verified_key) = state.plain_cache.get(&cache_key) {
-                if constant_time_eq(verified_key, &record.stored_key) {
-                    return Some(identity_of(user, &record));
-                }
-            }
-            (record, cache_key)
+        let Some(record) = self.lookup(user) else {
+            // Spend the same time as for a real user so that response
+            // times do not tell which names exist.
+            let decoy = self.decoy_record(user);
+            let _ = decoy.password_matches(password);
+            return None;
         };
+        let cache_key = (user.to_owned(), plain_cache_digest(&record.salt, password));
+        if let Some(verified_key) = self.lock().plain_cache.get(&cache_key) {
+            if constant_time_eq(verified_key, &record.stored_key) {
+                return Some(identity_of(user, &record));
+            }
+        }
         // PBKDF2 runs without the lock so that logins proceed in parallel.
         if !record.password_matches(password) {
             return None;
@@ -645,8 +661,23 @@ impl CredentialStore {
         Some(identity_of(user, &record))
     }
 
-    /// The current record of `user`, after checking the file for changes.
+    /// The current record of `user`: the registry's if it holds the name
+    /// (`None` for a deleted user), else the file's after checking it for
+    /// changes.
     fn lookup(&self, user: &str) -> Option<Arc<UserRecord>> {
+        if let Some(store) = &self.registry {
+            match store.user(user) {
+                Ok(Some(StoredUser::Active(c))) => return Some(Arc::new(c)),
+                Ok(Some(StoredUser::Deleted)) => return None,
+                Ok(None) => {}
+                Err(e) => {
+                    // Refuse rather than fall back: the file might hold a
+                    // name the registry deleted.
+                    tracing::warn!("reading user {user:?} from the registry: {e}");
+                    return None;
+                }
+            }
+        }
         let mut state = self.lock();
         self.refresh_locked(&mut state);
         state.users.get(user).cloned()
@@ -1379,6 +1410,46 @@ mod tests {
         fs::remove_file(&path).expect("rm");
         assert_eq!(store.verify_plain("be2", "pw2"), None);
         store.refresh().expect("missing file is an empty list");
+    }
+
+    #[test]
+    fn the_registry_wins_over_the_file_deletions_included() {
+        let (dir, path, _) = store_with(&[
+            ("be1", "file-pw", false),
+            ("reader", "reader-pw", false),
+            ("admin", "adminpw", true),
+        ]);
+        let registry = Store::open(&dir.path().join("registry")).expect("open store");
+        registry.begin_reset().expect("reset");
+        registry
+            .put_entries(&[
+                crate::store::StateItem::User(
+                    "be1".into(),
+                    StoredUser::Active(derive_credential("registry-pw", true).unwrap()),
+                ),
+                crate::store::StateItem::User("reader".into(), StoredUser::Deleted),
+            ])
+            .expect("put");
+        registry.finish_reset(None).expect("swap");
+        let store = Arc::new(CredentialStore::with_registry(&path, registry));
+        assert_eq!(
+            store.verify_plain("be1", "registry-pw"),
+            Some(Identity {
+                user: "be1".into(),
+                admin: true
+            })
+        );
+        assert_eq!(store.verify_plain("be1", "file-pw"), None);
+        assert_eq!(store.verify_plain("reader", "reader-pw"), None);
+        // Names the registry never held come from the file.
+        assert!(store
+            .verify_plain("admin", "adminpw")
+            .is_some_and(|i| i.admin));
+        assert!(store.file_has_users());
+        let server = SaslServer::new(store);
+        assert!(run_exchange(&server, SCRAM_SHA_256, None, "be1", "registry-pw").is_ok());
+        assert!(run_exchange(&server, SCRAM_SHA_256, None, "be1", "file-pw").is_err());
+        assert!(run_exchange(&server, SCRAM_SHA_256, None, "reader", "reader-pw").is_err());
     }
 
     #[test]

@@ -1,20 +1,20 @@
 //! Starting a registry node: storage, Raft, credentials, and the listeners.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-use crate::auth::{CredentialStore, SaslServer, UserFile};
+use crate::auth::{CredentialStore, SaslServer};
 use crate::config::{Config, Role};
 use crate::directory::Directory;
 use crate::mupdate::codec::Limits;
 use crate::mupdate::server::{self, ServerContext, ServerSettings};
 use crate::raft::Registry;
 use crate::replica::{Replica, ReplicaSettings};
+use crate::users::UserAdmin;
 
 /// A started node.
 pub struct Running {
@@ -29,51 +29,13 @@ pub struct Running {
     /// The MUPDATE connection cap in effect: `mupdate.max_connections`,
     /// lowered if the descriptor limit does not leave room for it.
     pub max_connections: usize,
+    /// Where the first administrator's password was written, when this
+    /// start created it (see [`crate::users::create_first_admin`]).
+    pub first_admin_credential: Option<std::path::PathBuf>,
 }
 
 /// Name of the administrator created on first start.
-pub const FIRST_ADMIN: &str = "admin";
-
-/// On first start (no credentials file), creates an administrator with a
-/// random password and writes it to `admin-credential.txt` (mode 0600) in the
-/// data directory. Returns that file's path when it was created.
-pub fn ensure_first_admin(
-    users_file: &Path,
-    data_dir: &Path,
-) -> anyhow::Result<Option<std::path::PathBuf>> {
-    if users_file.exists() {
-        return Ok(None);
-    }
-    std::fs::create_dir_all(data_dir)?;
-    let password = CredentialStore::generate_password();
-    let mut users = UserFile::load(users_file)?;
-    users.add(FIRST_ADMIN, &password, true)?;
-    let cred = data_dir.join("admin-credential.txt");
-    write_private(
-        &cred,
-        &format!(
-            "# Corvid administrator credential, created on first start.\n\
-             # Change it with: corvidctl user passwd --users-file {} {FIRST_ADMIN}\n\
-             user = \"{FIRST_ADMIN}\"\npassword = \"{password}\"\n",
-            users_file.display()
-        ),
-    )?;
-    users.save(users_file)?;
-    Ok(Some(cred))
-}
-
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    opts.mode(0o600);
-    let mut f = opts.open(path)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()
-}
+pub use crate::users::FIRST_ADMIN;
 
 /// Starts the node as `config` says: Raft (master) or the log-stream
 /// follower (replica), then the MUPDATE listener.
@@ -90,18 +52,41 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("binding MUPDATE listener {}", config.mupdate.listen))?;
     let mupdate_addr = listener.local_addr()?;
-    let (directory, peer_addr) = match config.node.role {
+    let (directory, peer_addr, credentials, first_admin_credential) = match config.node.role {
         Role::Master => {
-            let (registry, peer_addr) = start_master(config).await?;
-            (Directory::Master(registry), Some(peer_addr))
+            let (registry, peer_addr, credentials) = start_master(config).await?;
+            // A single node made by bootstrap creates its administrator
+            // itself; a cluster's comes from `corvidctl cluster init`.
+            let first_admin = if config.raft.bootstrap {
+                crate::users::create_first_admin(&registry, &credentials, &config.node.data_dir)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!("could not create the first administrator: {e}");
+                        None
+                    })
+            } else {
+                None
+            };
+            (
+                Directory::Master(registry),
+                Some(peer_addr),
+                credentials,
+                first_admin,
+            )
         }
-        Role::Replica => (Directory::Replica(start_replica(config)?), None),
+        Role::Replica => {
+            let replica = start_replica(config)?;
+            let credentials = Arc::new(CredentialStore::with_registry(
+                config.users_file(),
+                replica.store().clone(),
+            ));
+            (Directory::Replica(replica), None, credentials, None)
+        }
     };
     let tls = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
         _ => None,
     };
-    let credentials = Arc::new(CredentialStore::new(config.users_file()));
     let m = &config.mupdate;
     let settings = ServerSettings {
         server_name: config.node.server_name.clone(),
@@ -134,6 +119,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         directory,
         mupdate_task,
         max_connections,
+        first_admin_credential,
     })
 }
 
@@ -165,8 +151,11 @@ fn fit_descriptor_limit(config: &Config) -> anyhow::Result<usize> {
     Ok(fitted)
 }
 
-/// Raft, its store and the peer listener.
-async fn start_master(config: &Config) -> anyhow::Result<(Registry, SocketAddr)> {
+/// Raft, its store, the node's users (registry, then file) and the peer
+/// listener.
+async fn start_master(
+    config: &Config,
+) -> anyhow::Result<(Registry, SocketAddr, Arc<CredentialStore>)> {
     let data_dir = &config.node.data_dir;
     let peer_listener = TcpListener::bind(config.raft.peer_listen)
         .await
@@ -180,13 +169,19 @@ async fn start_master(config: &Config) -> anyhow::Result<(Registry, SocketAddr)>
     let registry = Registry::start(data_dir, &config.raft, &advertise)
         .await
         .with_context(|| format!("starting the registry in {}", data_dir.display()))?;
+    let credentials = Arc::new(CredentialStore::with_registry(
+        config.users_file(),
+        registry.store().clone(),
+    ));
+    let users = Arc::new(UserAdmin::new(credentials.clone(), data_dir.clone()));
     tokio::spawn(crate::peer::serve(
         peer_listener,
         registry.clone(),
         registry.peer_server_tls(),
         config.raft.max_peer_connections,
+        users,
     ));
-    Ok((registry, peer_addr))
+    Ok((registry, peer_addr, credentials))
 }
 
 /// The replica's store and its log-stream follower.

@@ -7,7 +7,8 @@
 //!   that follow it (and the in-process lookup API for proxies).
 //! * [`directory`]: a master or a replica, as MUPDATE sessions see it.
 //! * [`mupdate`]: the protocol codec, server and client.
-//! * [`auth`]: credentials and SASL; [`tls`]: rustls set-up.
+//! * [`auth`]: credentials and SASL; [`users`]: managing the replicated
+//!   users; [`tls`]: rustls set-up.
 //! * [`config`], [`daemon`], [`metrics`]: running a node.
 
 pub mod auth;
@@ -24,3 +25,4 @@ pub mod replica;
 pub mod store;
 pub mod stream;
 pub mod tls;
+pub mod users;

@@ -28,19 +28,18 @@ async fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let prometheus = metrics::install()?;
-    let users_file = config.users_file();
-    if let Some(path) = daemon::ensure_first_admin(&users_file, &config.node.data_dir)? {
+    let metrics_listener = TcpListener::bind(config.metrics.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding metrics listener {}: {e}", config.metrics.listen))?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    let running = daemon::start(&config).await?;
+    if let Some(path) = &running.first_admin_credential {
         eprintln!(
             "corvid-registry: first start: created administrator '{}'; its password is in {}",
             daemon::FIRST_ADMIN,
             path.display()
         );
     }
-    let metrics_listener = TcpListener::bind(config.metrics.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding metrics listener {}: {e}", config.metrics.listen))?;
-    let metrics_addr = metrics_listener.local_addr()?;
-    let running = daemon::start(&config).await?;
     tokio::spawn(metrics::serve(metrics_listener, prometheus));
     tracing::info!(mupdate = %running.mupdate_addr, metrics = %metrics_addr, data = %config.node.data_dir.display(), "registry ready");
     // One machine-readable line on stdout for scripts and tests.

@@ -76,6 +76,89 @@ pub fn cyrus_mailbox_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     a.len().cmp(&b.len())
 }
 
+/// Longest accepted user name, in bytes.
+pub const MAX_USER_NAME_LEN: usize = 256;
+/// Longest accepted SCRAM salt, in bytes.
+pub const MAX_SALT_LEN: usize = 256;
+/// Most PBKDF2 iterations accepted for a stored credential: more would let
+/// one record cost every login on every node seconds of CPU.
+pub const MAX_ITERATIONS: u32 = 1 << 20;
+/// Size of `stored_key` and `server_key` (SHA-256).
+pub const SCRAM_KEY_LEN: usize = 32;
+
+/// Checks a user name: non-empty, at most [`MAX_USER_NAME_LEN`] bytes,
+/// printable ASCII without spaces (SASLprep leaves exactly those unchanged,
+/// see [`crate::auth`]). The error says why, for messages.
+pub fn check_user_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("empty");
+    }
+    if name.len() > MAX_USER_NAME_LEN {
+        return Err("longer than 256 bytes");
+    }
+    if !name.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("only printable ASCII without spaces is allowed");
+    }
+    Ok(())
+}
+
+/// A MUPDATE user's credential as the registry replicates it: the admin
+/// flag and the salted SCRAM-SHA-256 keys of RFC 5802 (which also verify
+/// PLAIN logins: PBKDF2 of the offered password must give `stored_key`).
+/// The password itself is never stored nor sent.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserCredential {
+    /// Whether the user may run writes and administrative commands.
+    pub admin: bool,
+    /// PBKDF2 salt.
+    pub salt: Vec<u8>,
+    /// PBKDF2 iterations.
+    pub iterations: u32,
+    /// `H(ClientKey)`.
+    pub stored_key: [u8; SCRAM_KEY_LEN],
+    /// `HMAC(SaltedPassword, "Server Key")`.
+    pub server_key: [u8; SCRAM_KEY_LEN],
+}
+
+/// Keeps the keys out of logs and panic messages.
+impl fmt::Debug for UserCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserCredential")
+            .field("admin", &self.admin)
+            .field("iterations", &self.iterations)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UserCredential {
+    /// Whether the secrets are plausible (see [`Refusal::InvalidCredential`]).
+    pub fn is_valid(&self) -> bool {
+        !self.salt.is_empty()
+            && self.salt.len() <= MAX_SALT_LEN
+            && (1..=MAX_ITERATIONS).contains(&self.iterations)
+    }
+}
+
+/// What the registry holds under a user name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredUser {
+    /// A user that can log in.
+    Active(UserCredential),
+    /// A deleted user. The registry decides about every name it has ever
+    /// held, so a deletion also overrides a node's users file.
+    Deleted,
+}
+
+impl StoredUser {
+    /// The credential, unless the user was deleted.
+    pub fn active(&self) -> Option<&UserCredential> {
+        match self {
+            StoredUser::Active(c) => Some(c),
+            StoredUser::Deleted => None,
+        }
+    }
+}
+
 /// A registry command: one Raft log entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RegistryCommand {
@@ -108,8 +191,30 @@ pub enum RegistryCommand {
         name: String,
     },
     /// Several commands applied in order in one log entry, each with its own
-    /// outcome (a backend's full push).
+    /// outcome (a backend's full push, a user import).
     Batch(Vec<RegistryCommand>),
+    /// Add a MUPDATE user; refused if the name is taken.
+    AddUser {
+        /// User name.
+        name: String,
+        /// Its admin flag and SCRAM-SHA-256 secrets (never the password).
+        credential: UserCredential,
+    },
+    /// Replace a user's secrets (a password change); the admin flag stays.
+    SetUserPassword {
+        /// User name.
+        name: String,
+        /// The new secrets; its `admin` field is ignored.
+        credential: UserCredential,
+    },
+    /// Remove a user. The name is remembered as deleted, so that a users
+    /// file that still lists it cannot bring it back (see [`StoredUser`]);
+    /// a name the registry never held is marked so too (it may be in a
+    /// node's users file). Refused only for a name already deleted.
+    DeleteUser {
+        /// User name.
+        name: String,
+    },
 }
 
 impl RegistryCommand {
@@ -120,7 +225,10 @@ impl RegistryCommand {
             | Self::Activate { name, .. }
             | Self::Deactivate { name, .. }
             | Self::Delete { name } => Some(name),
-            Self::Batch(_) => None,
+            Self::Batch(_)
+            | Self::AddUser { .. }
+            | Self::SetUserPassword { .. }
+            | Self::DeleteUser { .. } => None,
         }
     }
 
@@ -145,6 +253,16 @@ impl fmt::Display for RegistryCommand {
             Self::Deactivate { name, location } => write!(f, "DEACTIVATE {name} {location}"),
             Self::Delete { name } => write!(f, "DELETE {name}"),
             Self::Batch(commands) => write!(f, "BATCH of {}", commands.len()),
+            // Never the secrets: this text goes to logs.
+            Self::AddUser { name, credential } => {
+                write!(
+                    f,
+                    "ADD USER {name}{}",
+                    if credential.admin { " (admin)" } else { "" }
+                )
+            }
+            Self::SetUserPassword { name, .. } => write!(f, "SET PASSWORD OF USER {name}"),
+            Self::DeleteUser { name } => write!(f, "DELETE USER {name}"),
         }
     }
 }
@@ -166,6 +284,16 @@ pub enum Refusal {
     /// A request older than one its session already completed: a delayed
     /// copy of a retried request, whose client has moved on.
     Superseded,
+    /// ADD USER of a name that is taken.
+    UserExists,
+    /// A password change of an unknown or deleted user, or the deletion
+    /// of a deleted one.
+    NoSuchUser,
+    /// A user name outside the accepted character set or length.
+    InvalidUserName,
+    /// Secrets that cannot be right: empty or oversized salt, iterations
+    /// out of range.
+    InvalidCredential,
 }
 
 impl fmt::Display for Refusal {
@@ -177,6 +305,10 @@ impl fmt::Display for Refusal {
             Self::InvalidName => "invalid mailbox name",
             Self::InvalidLocation => "invalid mailbox location",
             Self::Superseded => "request superseded by a later one of the same session",
+            Self::UserExists => "user already exists",
+            Self::NoSuchUser => "no such user",
+            Self::InvalidUserName => "invalid user name",
+            Self::InvalidCredential => "invalid credential",
         })
     }
 }
@@ -237,6 +369,12 @@ impl MailboxLookup for std::collections::BTreeMap<String, MailboxEntry> {
     fn mailbox(&self, name: &str) -> Result<Option<MailboxEntry>, Self::Error> {
         Ok(self.get(name).cloned())
     }
+}
+
+/// Read access to the replicated users, for [`apply`].
+pub trait UserLookup: MailboxLookup {
+    /// What the registry holds under `name`, if it ever held it.
+    fn user(&self, name: &str) -> Result<Option<StoredUser>, Self::Error>;
 }
 
 /// How long a client session is remembered after its last request, in the
@@ -342,7 +480,7 @@ impl SessionRecord {
 
 /// Read access to the whole replicated state: mailboxes, client sessions
 /// and the registry clock (the largest leader stamp applied so far).
-pub trait RegistryState: MailboxLookup {
+pub trait RegistryState: UserLookup {
     /// The session `id`'s record, expired or not.
     fn session(&self, id: u64) -> Result<Option<SessionRecord>, Self::Error>;
     /// The registry clock, in milliseconds since the epoch.
@@ -375,6 +513,7 @@ pub fn apply_proposal<L: RegistryState>(
         applied: Applied {
             outcome,
             changes: Vec::new(),
+            users: Vec::new(),
         },
         session: None,
         clock_ms,
@@ -416,13 +555,16 @@ pub struct Applied {
     pub outcome: Outcome,
     /// The changes, in order; a name may appear more than once in a batch.
     pub changes: Vec<Change>,
+    /// The users written, in order. Kept apart from `changes`: UPDATE
+    /// streams and proxies follow mailboxes only.
+    pub users: Vec<(String, StoredUser)>,
 }
 
 /// Applies `command` at log `index` against `state`.
 ///
 /// Pure: it reads through `state` and returns the changes without writing
 /// them. Later commands of a batch see the changes of earlier ones.
-pub fn apply<L: MailboxLookup>(
+pub fn apply<L: UserLookup>(
     state: &L,
     index: u64,
     command: &RegistryCommand,
@@ -430,10 +572,15 @@ pub fn apply<L: MailboxLookup>(
     let mut overlay = Overlay {
         base: state,
         pending: HashMap::new(),
+        users: Vec::new(),
     };
     let mut changes = Vec::new();
     let outcome = apply_one(&mut overlay, index, command, &mut changes)?;
-    Ok(Applied { outcome, changes })
+    Ok(Applied {
+        outcome,
+        changes,
+        users: overlay.users,
+    })
 }
 
 /// The state as seen by the commands of one batch: the store plus the changes
@@ -441,9 +588,18 @@ pub fn apply<L: MailboxLookup>(
 struct Overlay<'a, L> {
     base: &'a L,
     pending: HashMap<String, Option<MailboxEntry>>,
+    /// Users written so far, in order (the last write of a name wins).
+    users: Vec<(String, StoredUser)>,
 }
 
-impl<L: MailboxLookup> Overlay<'_, L> {
+impl<L: UserLookup> Overlay<'_, L> {
+    fn user(&self, name: &str) -> Result<Option<StoredUser>, L::Error> {
+        match self.users.iter().rev().find(|(n, _)| n == name) {
+            Some((_, u)) => Ok(Some(u.clone())),
+            None => self.base.user(name),
+        }
+    }
+
     fn get(&self, name: &str) -> Result<Option<MailboxEntry>, L::Error> {
         match self.pending.get(name) {
             Some(e) => Ok(e.clone()),
@@ -462,7 +618,7 @@ impl<L: MailboxLookup> Overlay<'_, L> {
     }
 }
 
-fn apply_one<L: MailboxLookup>(
+fn apply_one<L: UserLookup>(
     st: &mut Overlay<'_, L>,
     index: u64,
     command: &RegistryCommand,
@@ -557,6 +713,51 @@ fn apply_one<L: MailboxLookup>(
             }
             Outcome::Batch(outcomes)
         }
+        RegistryCommand::AddUser { name, credential } => {
+            if check_user_name(name).is_err() {
+                return Ok(Outcome::Refused(Refusal::InvalidUserName));
+            }
+            if !credential.is_valid() {
+                return Ok(Outcome::Refused(Refusal::InvalidCredential));
+            }
+            match st.user(name)? {
+                Some(StoredUser::Active(_)) => Outcome::Refused(Refusal::UserExists),
+                // A deleted name may be added again.
+                None | Some(StoredUser::Deleted) => {
+                    st.users
+                        .push((name.clone(), StoredUser::Active(credential.clone())));
+                    Outcome::Done
+                }
+            }
+        }
+        RegistryCommand::SetUserPassword { name, credential } => {
+            if !credential.is_valid() {
+                return Ok(Outcome::Refused(Refusal::InvalidCredential));
+            }
+            match st.user(name)? {
+                Some(StoredUser::Active(old)) => {
+                    let new = UserCredential {
+                        admin: old.admin,
+                        ..credential.clone()
+                    };
+                    st.users.push((name.clone(), StoredUser::Active(new)));
+                    Outcome::Done
+                }
+                None | Some(StoredUser::Deleted) => Outcome::Refused(Refusal::NoSuchUser),
+            }
+        }
+        RegistryCommand::DeleteUser { name } => match st.user(name)? {
+            // A name the registry never held may still be in some node's
+            // users file: the mark refuses it there too.
+            Some(StoredUser::Active(_)) | None => {
+                if check_user_name(name).is_err() {
+                    return Ok(Outcome::Refused(Refusal::InvalidUserName));
+                }
+                st.users.push((name.clone(), StoredUser::Deleted));
+                Outcome::Done
+            }
+            Some(StoredUser::Deleted) => Outcome::Refused(Refusal::NoSuchUser),
+        },
     };
     Ok(outcome)
 }
@@ -567,6 +768,13 @@ mod tests {
     use std::collections::BTreeMap;
 
     type State = BTreeMap<String, MailboxEntry>;
+
+    /// The mailbox-only test state holds no users.
+    impl UserLookup for State {
+        fn user(&self, _name: &str) -> Result<Option<StoredUser>, Self::Error> {
+            Ok(None)
+        }
+    }
 
     /// The states a mailbox can be in before a command.
     #[derive(Debug, Clone, Copy)]
@@ -872,8 +1080,15 @@ mod tests {
     #[derive(Default)]
     struct Full {
         mailboxes: State,
+        users: HashMap<String, StoredUser>,
         sessions: HashMap<u64, SessionRecord>,
         clock: u64,
+    }
+
+    impl UserLookup for Full {
+        fn user(&self, name: &str) -> Result<Option<StoredUser>, Self::Error> {
+            Ok(self.users.get(name).cloned())
+        }
     }
 
     impl MailboxLookup for Full {
@@ -909,6 +1124,9 @@ mod tests {
                         self.mailboxes.remove(&name);
                     }
                 }
+            }
+            for (name, user) in r.applied.users {
+                self.users.insert(name, user);
             }
             if let Some((id, rec)) = r.session {
                 self.sessions.insert(id, rec);
@@ -994,6 +1212,137 @@ mod tests {
         let (a, b) = (c.next_request(), c.next_request());
         assert_eq!((a.session, a.seq + 1), (b.session, b.seq));
         assert_ne!(ClientTag::once().session, ClientTag::once().session);
+    }
+
+    fn credential(admin: bool, key: u8) -> UserCredential {
+        UserCredential {
+            admin,
+            salt: vec![key; 16],
+            iterations: 4096,
+            stored_key: [key; SCRAM_KEY_LEN],
+            server_key: [key; SCRAM_KEY_LEN],
+        }
+    }
+
+    #[test]
+    fn users_are_added_changed_and_deleted_once() {
+        let mut s = Full::default();
+        let add = |admin, key| RegistryCommand::AddUser {
+            name: "be1".into(),
+            credential: credential(admin, key),
+        };
+        assert_eq!(s.propose(1, 1, 1, add(false, 1)), Outcome::Done);
+        assert_eq!(
+            s.propose(2, 2, 1, add(true, 2)),
+            Outcome::Refused(Refusal::UserExists)
+        );
+        assert_eq!(s.users["be1"], StoredUser::Active(credential(false, 1)));
+        // A password change keeps the admin flag, whatever the request says.
+        let passwd = RegistryCommand::SetUserPassword {
+            name: "be1".into(),
+            credential: credential(true, 3),
+        };
+        assert_eq!(s.propose(3, 3, 1, passwd.clone()), Outcome::Done);
+        assert_eq!(s.users["be1"], StoredUser::Active(credential(false, 3)));
+        let delete = RegistryCommand::DeleteUser { name: "be1".into() };
+        assert_eq!(s.propose(4, 4, 1, delete.clone()), Outcome::Done);
+        assert_eq!(s.users["be1"], StoredUser::Deleted);
+        assert_eq!(
+            s.propose(5, 5, 1, delete),
+            Outcome::Refused(Refusal::NoSuchUser)
+        );
+        assert_eq!(
+            s.propose(6, 6, 1, passwd),
+            Outcome::Refused(Refusal::NoSuchUser)
+        );
+        // A deleted name can be added again.
+        assert_eq!(s.propose(7, 7, 1, add(true, 4)), Outcome::Done);
+        assert_eq!(s.users["be1"], StoredUser::Active(credential(true, 4)));
+        // A name only some users file may hold is marked deleted too.
+        let file_only = RegistryCommand::DeleteUser {
+            name: "from-file".into(),
+        };
+        assert_eq!(s.propose(8, 8, 1, file_only), Outcome::Done);
+        assert_eq!(s.users["from-file"], StoredUser::Deleted);
+        // User commands touch no mailbox.
+        assert!(s.mailboxes.is_empty());
+    }
+
+    #[test]
+    fn bad_user_names_and_secrets_are_refused() {
+        let mut s = Full::default();
+        for name in ["", "has space", "tab\t", "\u{e9}t\u{e9}", &"x".repeat(257)] {
+            assert_eq!(
+                s.propose(
+                    1,
+                    1,
+                    1,
+                    RegistryCommand::AddUser {
+                        name: name.into(),
+                        credential: credential(false, 1),
+                    }
+                ),
+                Outcome::Refused(Refusal::InvalidUserName),
+                "{name:?}"
+            );
+            s.sessions.clear();
+        }
+        let mut bad = vec![];
+        for (salt, iterations) in [(0, 4096), (257, 4096), (16, 0), (16, MAX_ITERATIONS + 1)] {
+            bad.push(UserCredential {
+                salt: vec![1; salt],
+                iterations,
+                ..credential(false, 1)
+            });
+        }
+        for (i, c) in bad.into_iter().enumerate() {
+            let i = i as u64 + 1;
+            let add = RegistryCommand::AddUser {
+                name: "be1".into(),
+                credential: c,
+            };
+            assert_eq!(
+                s.propose(i, i, 1, add),
+                Outcome::Refused(Refusal::InvalidCredential)
+            );
+        }
+        assert!(s.users.is_empty());
+    }
+
+    #[test]
+    fn an_import_batch_sees_its_own_users() {
+        let mut s = Full::default();
+        let add = |name: &str, key| RegistryCommand::AddUser {
+            name: name.into(),
+            credential: credential(false, key),
+        };
+        let out = s.propose(
+            1,
+            1,
+            1,
+            RegistryCommand::Batch(vec![add("a", 1), add("b", 2), add("a", 3)]),
+        );
+        assert_eq!(
+            out,
+            Outcome::Batch(vec![
+                Outcome::Done,
+                Outcome::Done,
+                Outcome::Refused(Refusal::UserExists)
+            ])
+        );
+        assert_eq!(s.users["a"], StoredUser::Active(credential(false, 1)));
+    }
+
+    #[test]
+    fn user_commands_never_show_secrets() {
+        let c = RegistryCommand::AddUser {
+            name: "be1".into(),
+            credential: credential(true, 0xAB),
+        };
+        for text in [format!("{c}"), format!("{c:?}")] {
+            assert!(text.contains("be1"), "{text}");
+            assert!(!text.contains("171") && !text.contains("ab,"), "{text}");
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::model::{ClientTag, Outcome, Proposal, RegistryCommand};
 use crate::raft::{Registry, TypeConfig};
+use crate::users::{AdminLogin, UserAdmin, UserRequest, UserResponse};
 
 /// Largest frame accepted (a snapshot travels in one frame).
 pub const MAX_FRAME_BYTES: usize = 1 << 30;
@@ -70,6 +71,15 @@ pub enum PeerRequest {
         /// The last index the follower applied (0 for none).
         after: u64,
     },
+    /// User administration (`corvidctl user`, see [`crate::users`]).
+    Users {
+        /// The request's session and number; retries reuse it.
+        client: ClientTag,
+        /// An administrator's login; not needed over peer mutual TLS.
+        login: Option<AdminLogin>,
+        /// What to do.
+        request: UserRequest,
+    },
 }
 
 impl PeerRequest {
@@ -104,6 +114,8 @@ pub enum PeerResponse {
     ReadIndex(u64),
     /// Answer to `Admin`.
     Admin(AdminResponse),
+    /// Answer to `Users`.
+    Users(UserResponse),
     /// The request failed; the text says why.
     Error(String),
 }
@@ -459,12 +471,14 @@ impl PeerClient {
 /// Serves peer requests on `listener` for as long as the task runs; with
 /// `tls`, only peers presenting a certificate of the cluster's CA get past
 /// the handshake. At most `max_connections` at once: more are closed at
-/// once. `accept()` errors are counted and retried after a pause.
+/// once. `accept()` errors are counted and retried after a pause. User
+/// administration requests are answered by `users`.
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
     tls: Option<Arc<rustls::ServerConfig>>,
     max_connections: usize,
+    users: Arc<UserAdmin>,
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
@@ -480,15 +494,17 @@ pub async fn serve(
         let _ = socket.set_nodelay(true);
         let registry = registry.clone();
         let acceptor = acceptor.clone();
+        let users = users.clone();
         tokio::spawn(async move {
             let _permit = permit;
             metrics::gauge!("corvid_peer_connections_open").increment(1.0);
             let _open = OnDrop(|| metrics::gauge!("corvid_peer_connections_open").decrement(1.0));
             let res = match acceptor {
-                None => serve_connection(socket, peer, registry).await,
+                None => serve_connection(socket, peer, registry, users, false).await,
                 Some(a) => {
                     match tokio::time::timeout(Duration::from_secs(10), a.accept(socket)).await {
-                        Ok(Ok(tls)) => serve_connection(tls, peer, registry).await,
+                        // The handshake verified the peer's certificate.
+                        Ok(Ok(tls)) => serve_connection(tls, peer, registry, users, true).await,
                         Ok(Err(e)) => {
                             metrics::counter!("corvid_peer_tls_refused_total").increment(1);
                             tracing::warn!(%peer, "peer TLS handshake refused: {e}");
@@ -518,6 +534,8 @@ async fn serve_connection<S>(
     mut socket: S,
     peer: SocketAddr,
     registry: Registry,
+    users: Arc<UserAdmin>,
+    peer_verified: bool,
 ) -> std::io::Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -542,7 +560,18 @@ where
                 return Ok(());
             }
         };
-        let response = registry.handle_peer(request).await;
+        let response = match request {
+            PeerRequest::Users {
+                client,
+                login,
+                request,
+            } => {
+                users
+                    .handle(&registry, peer_verified, client, login, request)
+                    .await
+            }
+            request => registry.handle_peer(request).await,
+        };
         let mut out = Vec::new();
         if let Err(e) = write_frame(&mut out, &response) {
             out.clear();

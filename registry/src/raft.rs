@@ -881,6 +881,9 @@ impl Registry {
             }
             // Served by the connection loop, which hands the socket over.
             PeerRequest::Follow { .. } => err(&"a log stream needs its own connection"),
+            // Served by the connection loop, which knows how the peer
+            // authenticated.
+            PeerRequest::Users { .. } => err(&"user administration goes to the peer port"),
         }
     }
 

@@ -8,8 +8,8 @@
 //! the state machine is a prefix of the log that openraft re-applies from.
 //!
 //! The replicated state lives in one column family: mailboxes keyed by name
-//! (UTF-8, so below 0xFF), then the client sessions (`0xFF 's' id`) and the
-//! registry clock (`0xFF 'c'`). There are two such families; `state` says
+//! (UTF-8, so below 0xFF), then the client sessions (`0xFF 's' id`), the
+//! registry clock (`0xFF 'c'`) and the MUPDATE users (`0xFF 'u' name`). There are two such families; `state` says
 //! which one is live. A replica stages a master's snapshot in the other one
 //! and swaps it in with one write, so readers never see a half-written state.
 //!
@@ -38,7 +38,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::model::{
     apply_proposal, Change, MailboxEntry, MailboxLookup, Outcome, Proposal, RegistryState,
-    SessionRecord,
+    SessionRecord, StoredUser, UserLookup,
 };
 use crate::raft::TypeConfig;
 
@@ -66,6 +66,10 @@ const MAILBOX_KEY_END: &[u8] = &[0xFF];
 const SESSION_PREFIX: &[u8] = &[0xFF, b's'];
 /// Key of the registry clock.
 const KEY_CLOCK: &[u8] = &[0xFF, b'c'];
+/// Prefix of the user keys (followed by the name).
+const USER_PREFIX: &[u8] = &[0xFF, b'u'];
+/// Above every user key (names are ASCII).
+const USER_KEY_END: &[u8] = &[0xFF, b'u', 0xFF];
 /// Above every key of a state family.
 const STATE_KEY_END: &[u8] = &[0xFF, 0xFF];
 /// Expired sessions are swept when the registry clock enters a new period
@@ -111,6 +115,8 @@ pub enum StateItem {
     Session(u64, SessionRecord),
     /// The registry clock.
     Clock(u64),
+    /// A MUPDATE user, or the mark of a deleted one.
+    User(String, StoredUser),
 }
 
 impl StateItem {
@@ -119,6 +125,7 @@ impl StateItem {
             StateItem::Mailbox(e) => e.name.as_bytes().to_vec(),
             StateItem::Session(id, _) => session_key(*id).to_vec(),
             StateItem::Clock(_) => KEY_CLOCK.to_vec(),
+            StateItem::User(name, _) => user_key(name),
         }
     }
 
@@ -127,6 +134,7 @@ impl StateItem {
             StateItem::Mailbox(e) => encode(e),
             StateItem::Session(_, r) => encode(r),
             StateItem::Clock(c) => encode(c),
+            StateItem::User(_, u) => encode(u),
         }
     }
 
@@ -138,8 +146,16 @@ impl StateItem {
             let id = u64::from_be_bytes(id.try_into().map_err(codec_err)?);
             return Ok(StateItem::Session(id, decode(value)?));
         }
+        if let Some(name) = key.strip_prefix(USER_PREFIX) {
+            let name = String::from_utf8(name.to_vec()).map_err(codec_err)?;
+            return Ok(StateItem::User(name, decode(value)?));
+        }
         Ok(StateItem::Mailbox(decode(value)?))
     }
+}
+
+fn user_key(name: &str) -> Vec<u8> {
+    [USER_PREFIX, name.as_bytes()].concat()
 }
 
 fn session_key(id: u64) -> [u8; 10] {
@@ -334,6 +350,30 @@ impl Store {
     /// sees every change up to it).
     pub fn applied_at_least(&self, index: u64) -> bool {
         *self.applied.borrow() >= index
+    }
+
+    /// What the registry holds under the user name `name`.
+    pub fn user(&self, name: &str) -> io::Result<Option<StoredUser>> {
+        self.get_state(&user_key(name))
+    }
+
+    /// Every user name the registry holds, deleted ones included, in name
+    /// order. Users are few (backends, frontends, administrators).
+    pub fn users(&self) -> io::Result<Vec<(String, StoredUser)>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.state_cf(),
+            IteratorMode::From(USER_PREFIX, Direction::Forward),
+        ) {
+            let (k, v) = item.map_err(db_err)?;
+            if k.as_ref() >= USER_KEY_END {
+                break;
+            }
+            if let StateItem::User(name, user) = StateItem::decode(&k, &v)? {
+                out.push((name, user));
+            }
+        }
+        Ok(out)
     }
 
     /// Whether this store holds a state at all: anything applied, or a
@@ -645,6 +685,12 @@ impl MailboxLookup for Store {
     }
 }
 
+impl UserLookup for Store {
+    fn user(&self, name: &str) -> io::Result<Option<StoredUser>> {
+        Store::user(self, name)
+    }
+}
+
 impl RegistryState for Store {
     fn session(&self, id: u64) -> io::Result<Option<SessionRecord>> {
         self.get_state(&session_key(id))
@@ -925,6 +971,7 @@ impl StateMachine {
 pub struct ApplyBatch<'a> {
     store: &'a Store,
     overlay: std::collections::HashMap<String, Option<MailboxEntry>>,
+    users: std::collections::HashMap<String, StoredUser>,
     sessions: std::collections::HashMap<u64, SessionRecord>,
     /// The registry clock when the batch started, and now.
     clock_at_start: u64,
@@ -941,6 +988,15 @@ impl MailboxLookup for ApplyBatch<'_> {
         match self.overlay.get(name) {
             Some(e) => Ok(e.clone()),
             None => self.store.mailbox(name),
+        }
+    }
+}
+
+impl UserLookup for ApplyBatch<'_> {
+    fn user(&self, name: &str) -> io::Result<Option<StoredUser>> {
+        match self.users.get(name) {
+            Some(u) => Ok(Some(u.clone())),
+            None => self.store.user(name),
         }
     }
 }
@@ -965,6 +1021,7 @@ impl<'a> ApplyBatch<'a> {
         Ok(ApplyBatch {
             store,
             overlay: Default::default(),
+            users: Default::default(),
             sessions: Default::default(),
             clock_at_start: clock,
             clock,
@@ -1009,6 +1066,10 @@ impl<'a> ApplyBatch<'a> {
                     self.overlay.insert(name.clone(), None);
                 }
             }
+        }
+        for (name, user) in &applied.users {
+            self.batch.put_cf(cf, user_key(name), encode(user)?);
+            self.users.insert(name.clone(), user.clone());
         }
         if !applied.changes.is_empty() {
             self.committed.push(CommittedChanges {
@@ -1293,6 +1354,20 @@ mod tests {
         }
     }
 
+    /// A new store in `dir` with `from`'s Raft snapshot installed.
+    async fn snapshot_into(from: &Store, dir: &Path) -> Store {
+        let snapshot = StateMachine::new(from.clone())
+            .build_snapshot()
+            .await
+            .unwrap();
+        let to = Store::open(dir).unwrap();
+        StateMachine::new(to.clone())
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        to
+    }
+
     fn apply_one(store: &Store, index: u64, p: &Proposal) -> Outcome {
         let mut batch = ApplyBatch::new(store).unwrap();
         let outcome = batch.entry(log_id(index), Some(p)).unwrap();
@@ -1312,13 +1387,7 @@ mod tests {
             apply_one(&a, 2, &proposal(2, activate("user.x"))),
             Outcome::Done
         );
-        let snapshot = StateMachine::new(a.clone()).build_snapshot().await.unwrap();
-
-        let b = Store::open(&dir.path().join("b")).unwrap();
-        StateMachine::new(b.clone())
-            .install_snapshot(&snapshot.meta, snapshot.snapshot)
-            .await
-            .unwrap();
+        let b = snapshot_into(&a, &dir.path().join("b")).await;
         // The RESERVE retried after the snapshot: answered, not applied.
         assert_eq!(
             apply_one(&b, 3, &proposal(1, reserve("user.x"))),
@@ -1337,6 +1406,65 @@ mod tests {
         assert_eq!(b.session(42).unwrap().unwrap().seq, 2);
         // Only mailboxes are listed, never the sessions beside them.
         assert_eq!(b.scan(|_| true).unwrap().1.len(), 1);
+    }
+
+    fn credential(key: u8) -> crate::model::UserCredential {
+        crate::model::UserCredential {
+            admin: key.is_multiple_of(2),
+            salt: vec![key; 16],
+            iterations: 4096,
+            stored_key: [key; 32],
+            server_key: [key; 32],
+        }
+    }
+
+    #[tokio::test]
+    async fn users_are_stored_apart_from_mailboxes_and_carried_by_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(&dir.path().join("a")).unwrap();
+        let add = |name: &str, key| RegistryCommand::AddUser {
+            name: name.into(),
+            credential: credential(key),
+        };
+        assert_eq!(apply_one(&a, 1, &proposal(1, add("be1", 1))), Outcome::Done);
+        assert_eq!(apply_one(&a, 2, &proposal(2, add("zed", 2))), Outcome::Done);
+        let del = RegistryCommand::DeleteUser { name: "zed".into() };
+        assert_eq!(apply_one(&a, 3, &proposal(3, del)), Outcome::Done);
+        assert_eq!(
+            apply_one(&a, 4, &proposal(4, activate("user.x"))),
+            Outcome::Done
+        );
+        let expected = vec![
+            ("be1".to_string(), StoredUser::Active(credential(1))),
+            ("zed".to_string(), StoredUser::Deleted),
+        ];
+        assert_eq!(a.users().unwrap(), expected);
+        // Mailbox scans and UPDATE never see users.
+        assert_eq!(a.scan(|_| true).unwrap().1.len(), 1);
+
+        // The Raft snapshot carries them.
+        let b = snapshot_into(&a, &dir.path().join("b")).await;
+        assert_eq!(b.users().unwrap(), expected);
+
+        // So does the replica stream's chunked snapshot (the same walk).
+        let mut items = Vec::new();
+        a.scan_chunks(2, false, |part| {
+            if let Err(chunk) = part {
+                items.extend(chunk);
+            }
+            true
+        })
+        .unwrap();
+        let c = Store::open(&dir.path().join("c")).unwrap();
+        c.begin_reset().unwrap();
+        c.put_entries(&items).unwrap();
+        c.finish_reset(Some(log_id(4))).unwrap();
+        assert_eq!(c.users().unwrap(), expected);
+        assert_eq!(
+            c.user("be1").unwrap(),
+            Some(StoredUser::Active(credential(1)))
+        );
+        assert_eq!(c.user("nobody").unwrap(), None);
     }
 
     #[test]

@@ -211,17 +211,7 @@ async fn membership_changes_under_load_and_snapshot_install_to_a_new_node() {
 
     // Node 4 joins as a learner: the log it needs is compacted, so it gets
     // the leader's snapshot, then becomes a voter.
-    let new = cluster.add_node();
-    cluster
-        .admin(
-            1,
-            AdminRequest::AddLearner {
-                id: new,
-                addr: cluster.spec(new).peer.clone(),
-            },
-        )
-        .await
-        .unwrap();
+    let new = cluster.add_learner(1).await;
     cluster
         .admin(2, AdminRequest::Promote { id: new })
         .await
@@ -390,6 +380,42 @@ async fn peers_use_mutual_tls_and_refuse_strangers() {
         .unwrap();
     let mut c = cluster.client(leader).await;
     assert!(c.find("user.tls").await.unwrap().is_some());
+
+    // `corvidctl user` over mutual TLS: the certificate authenticates, no
+    // administrator login is needed.
+    let mut admin = PeerClient::with_tls(
+        cluster.spec(follower).peer.clone(),
+        cluster.peer_tls.clone(),
+    );
+    let add = PeerRequest::Users {
+        client: corvid_registry::model::ClientTag::once(),
+        login: None,
+        request: corvid_registry::users::UserRequest::Add {
+            name: "be-tls".into(),
+            credential: corvid_registry::auth::derive_credential("tls-pw", false).unwrap(),
+        },
+    };
+    let answer = admin.call(&add, Duration::from_secs(10)).await.unwrap();
+    assert!(
+        matches!(
+            answer,
+            corvid_registry::peer::PeerResponse::Users(
+                corvid_registry::users::UserResponse::Outcome(
+                    corvid_registry::model::Outcome::Done
+                )
+            )
+        ),
+        "{answer:?}"
+    );
+    let logged_in = wait_for(Duration::from_secs(1), || async {
+        let mut c = Client::connect(&cluster.spec(leader).mupdate).await.ok()?;
+        c.authenticate_plain("be-tls", "tls-pw").await.ok()
+    })
+    .await;
+    assert!(
+        logged_in.is_some(),
+        "the user added over mutual TLS cannot log in"
+    );
 
     // Without TLS, or with a certificate from another CA: no way in.
     let peer = cluster.spec(leader).peer.clone();

@@ -842,6 +842,73 @@ start_saslauthd() {
   export SASLAUTHD_SOCKET
 }
 
+## start_postfix DIR DOMAIN LMTP_SOCKET: a private Postfix (Debian's, run as
+## `postfix start-fg` with its own config, queue and log in DIR) that takes
+## mail for DOMAIN by SMTP on 127.0.0.1:$POSTFIX_SMTP_PORT and hands it to
+## lmtp:unix:LMTP_SOCKET (virtual_transport), its lmtp client running as
+## user postfix; nothing else is delivered or relayed. Log: DIR/maillog.
+start_postfix() {
+  local dir=$1 domain=$2 socket=$3
+  require_bin postfix /usr/lib/postfix/sbin/master
+  id postfix >/dev/null 2>&1 || die "user postfix does not exist (is postfix installed?)"
+  POSTFIX_SMTP_PORT=$(free_port)
+  mkdir -p "$dir/etc" "$dir/queue" "$dir/data"
+  chmod 755 "$dir"
+  chown postfix "$dir/data"
+  cat >"$dir/etc/main.cf" <<EOC
+compatibility_level = 3.6
+queue_directory = $dir/queue
+data_directory = $dir/data
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file = $dir/maillog
+maillog_file_prefixes = $dir
+myhostname = mx.corvid.test
+mydomain = corvid.test
+myorigin = corvid.test
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relay_domains =
+alias_maps =
+alias_database =
+smtputf8_enable = no
+virtual_mailbox_domains = $domain
+virtual_transport = lmtp:unix:$socket
+smtpd_reject_unlisted_recipient = no
+smtpd_recipient_restrictions = permit_mynetworks, reject
+EOC
+  # Only what SMTP in, the queue and LMTP out need; nothing chrooted.
+  cat >"$dir/etc/master.cf" <<EOC
+127.0.0.1:$POSTFIX_SMTP_PORT inet n - n - - smtpd
+cleanup   unix n - n - 0 cleanup
+qmgr      unix n - n 300 1 qmgr
+rewrite   unix - - n - - trivial-rewrite
+bounce    unix - - n - 0 bounce
+defer     unix - - n - 0 bounce
+trace     unix - - n - 0 bounce
+verify    unix - - n - 1 verify
+proxymap  unix - - n - - proxymap
+error     unix - - n - - error
+retry     unix - - n - - error
+discard   unix - - n - - discard
+lmtp      unix - - n - - lmtp
+anvil     unix - - n - 1 anvil
+scache    unix - - n - 1 scache
+postlog   unix-dgram n - n - 1 postlogd
+EOC
+  postfix -c "$dir/etc" check >"$dir/check.log" 2>&1 || {
+    cat "$dir/check.log" >&2
+    return 1
+  }
+  spawn "$dir/postfix.log" postfix -c "$dir/etc" start-fg
+  interop_log "$dir/maillog"
+  wait_for "Postfix greeting on 127.0.0.1:$POSTFIX_SMTP_PORT" python3 -c \
+    'import smtplib, sys; smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=2).quit()' \
+    "$POSTFIX_SMTP_PORT"
+}
+
 ## start_corvid_proxy DIR PROXY_PASS LOGIN_CHECK CREATE_SERVERS NAME=HOST:PORT...:
 ## start corvid-proxy (${CORVID_PROXY_BIN:-$CORVID_BIN_DIR/corvid-proxy}) with
 ## DIR/proxy.toml: its embedded replica follows the Corvid node at
@@ -900,6 +967,8 @@ EOC
 [lmtp]
 listen = "127.0.0.1:0"
 unix_socket = "$dir/lmtp.sock"
+# Postfix's lmtp client runs as user postfix (start_postfix).
+unix_socket_mode = "0666"
 backend_port = ${CYRUS_LMTP_PORT:-24}
 [create]
 servers = [$servers]

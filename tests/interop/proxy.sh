@@ -646,6 +646,22 @@ if [[ $UNIXSEP != 1 ]]; then
     lmtp_send corvid "unix:$CORVID_PROXY_LMTP_SOCKET" lmtp-big 20480 "$D_A"
     assert_eq "9 corvid: a 20 MB message over the UNIX socket is accepted" 2 "$LMTP_CLASSES"
     assert_eq "9 corvid: ... and is in alice's INBOX on be1" 1 "$(count_on "$BE1_IP" alice "$ALICE_PASS" lmtp-big)"
+    # Debian's Postfix delivering through lmtp:unix: (virtual_transport), its
+    # lmtp client running as user postfix.
+    if start_postfix "$WORK/postfix" example.org "$CORVID_PROXY_LMTP_SOCKET"; then
+      out=$(timeout 60 swaks --silent 1 --server 127.0.0.1 --port "$POSTFIX_SMTP_PORT" \
+        --from interop@example.org --to "$D_A,$D_B" --header "Subject: lmtp-postfix" 2>&1)
+      rc=$?
+      assert_eq "9 corvid: Postfix takes a message for alice and bob by SMTP (swaks exit status)" 0 "$rc"
+      postfix_sent_both() { [[ $(grep -c 'relay=.*lmtp.sock.*status=sent' "$WORK/postfix/maillog") -ge 2 ]]; }
+      wait_for "Postfix's two LMTP deliveries through corvid-proxy" postfix_sent_both || true
+      assert_eq "9 corvid: Postfix's lmtp:unix: deliveries through the proxy report status=sent" 2 \
+        "$(grep -c 'relay=.*lmtp.sock.*status=sent' "$WORK/postfix/maillog")"
+      assert_eq "9 corvid: ... Postfix's message is in alice's INBOX on be1" 1 "$(count_on "$BE1_IP" alice "$ALICE_PASS" lmtp-postfix)"
+      assert_eq "9 corvid: ... and in bob's INBOX on be2" 1 "$(count_on "$BE2_IP" bob "$BOB_PASS" lmtp-postfix)"
+    else
+      fail "9 corvid: a private Postfix starts"
+    fi
   fi
 fi
 

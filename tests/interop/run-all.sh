@@ -18,6 +18,10 @@ trap 'rm -f "$out"' EXIT
 # SERVER=cyrus).
 scripts+=(replica_snapshot.sh)
 
+# Users managed through the cluster, checked with mupdatetest on every node
+# and a replica (skips itself with SERVER=cyrus).
+scripts+=(users.sh)
+
 for script in "${scripts[@]}"; do
   echo "======== $script (SERVER=${SERVER:-corvid})"
   rc=0

@@ -48,17 +48,25 @@ type Conn = BufReader<TcpStream>;
 /// itself drops idle clients after a while; older ones are closed).
 const POOL_MAX_IDLE: Duration = Duration::from_secs(30);
 
-/// Most idle connections kept per backend.
-const POOL_MAX_PER_SERVER: usize = 16;
-
 /// Idle, logged-in connections to backends' lmtpd, so that a delivery
 /// does not pay a TCP connect, LHLO and a password check on the backend.
-#[derive(Default)]
 pub struct Pool {
     idle: Mutex<HashMap<String, Vec<(Conn, Instant)>>>,
+    max_per_server: usize,
 }
 
 impl Pool {
+    /// A pool keeping at most `max_per_server` idle connections per
+    /// backend. It should cover the MTA's concurrent deliveries: a
+    /// connection that does not fit is closed, and the next delivery then
+    /// pays a new lmtpd process and a password check on the backend.
+    pub fn new(max_per_server: usize) -> Pool {
+        Pool {
+            idle: Mutex::new(HashMap::new()),
+            max_per_server,
+        }
+    }
+
     fn take(&self, server: &str) -> Option<Conn> {
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.get_mut(server)?;
@@ -73,7 +81,7 @@ impl Pool {
     fn put(&self, server: &str, conn: Conn) {
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.entry(server.to_string()).or_default();
-        if list.len() < POOL_MAX_PER_SERVER {
+        if list.len() < self.max_per_server {
             list.push((conn, Instant::now()));
         }
     }
@@ -111,6 +119,8 @@ pub async fn deliver(
                 Err((e, true)) => return Err(e),
             }
         }
+        metrics::counter!("corvid_proxy_lmtp_backend_logins_total", "server" => server.to_string())
+            .increment(1);
         let conn = open(addr, settings).await?;
         match transaction(conn, envelope, rcpts, message).await {
             Ok((replies, conn)) => {

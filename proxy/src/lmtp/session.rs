@@ -201,7 +201,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                         envelope.size = spool.len();
                         metrics::counter!("corvid_proxy_lmtp_spool_bytes_total")
                             .increment(spool.len());
-                        deliver_all(shared, &envelope, &txn.rcpts, &spool).await
+                        deliver_all(shared, &envelope, &txn.rcpts, &mut spool).await
                     };
                     for a in &answers {
                         reply(&mut out, a);
@@ -345,7 +345,7 @@ async fn deliver_all(
     shared: &Shared,
     envelope: &Envelope,
     rcpts: &[Accepted],
-    spool: &Spool,
+    spool: &mut Spool,
 ) -> Vec<String> {
     let mut by_server: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, r) in rcpts.iter().enumerate() {

@@ -85,10 +85,12 @@ impl Spool {
         self.len = 0;
     }
 
-    /// A read-only view for the deliveries (cheap to clone).
-    pub fn reader(&self) -> SpoolReader {
+    /// A read-only view for the deliveries (cheap to clone). The message
+    /// held in memory moves into it without a copy; the spool is then
+    /// only good for [`Spool::clear`].
+    pub fn reader(&mut self) -> SpoolReader {
         SpoolReader {
-            memory: Arc::from(self.memory.as_slice()),
+            memory: bytes::Bytes::from(std::mem::take(&mut self.memory)),
             file: self.file.clone(),
             len: self.len,
         }
@@ -98,7 +100,7 @@ impl Spool {
 /// What every backend delivery reads: the whole spooled message.
 #[derive(Clone)]
 pub struct SpoolReader {
-    memory: Arc<[u8]>,
+    memory: bytes::Bytes,
     file: Option<Arc<std::fs::File>>,
     len: u64,
 }

@@ -204,6 +204,16 @@ pub async fn metric(addr: &str, name: &str) -> Option<f64> {
         .and_then(|l| l.split_whitespace().last()?.parse().ok())
 }
 
+/// Waits up to `limit` until the unlabelled metric `name` at `addr` is at
+/// least `min`; whether it got there.
+pub async fn metric_reaches(addr: &str, name: &str, min: f64, limit: Duration) -> bool {
+    wait_for(limit, || async {
+        metric(addr, name).await.filter(|&v| v >= min)
+    })
+    .await
+    .is_some()
+}
+
 /// A port that is free now (the OS picks it; the node keeps it across restarts).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -270,6 +280,16 @@ impl TestCluster {
         self.nodes.push(None);
         self.restart(id);
         id
+    }
+
+    /// Starts one more node and adds it as a learner through node `via`.
+    pub async fn add_learner(&mut self, via: u64) -> u64 {
+        let new = self.add_node();
+        let addr = self.spec(new).peer.clone();
+        self.admin(via, AdminRequest::AddLearner { id: new, addr })
+            .await
+            .unwrap();
+        new
     }
 
     /// The credentials file every node reads (re-read when it changes).
