@@ -21,6 +21,11 @@ PASS=bench-secret
 cyrus_port=$(free_port)
 cyrus_mupdate_master "$WORK/cyrus" "$cyrus_port" admin "$PASS"
 start_corvid "$WORK/corvid" admin "$PASS"
+# Server CPU per operation is read from /proc/PID/stat of these processes
+# (Cyrus's threaded mupdate is one process; so is corvid-registry).
+corvid_pid=$SPAWNED_PID
+cyrus_pid=$(pgrep -f -- "mupdate -C $WORK/cyrus/imapd.conf -m" | head -n 1)
+[[ -n $cyrus_pid ]] || die "no Cyrus mupdate process to measure"
 # Each master has a real Cyrus frontend's mupdate slave attached, as in a
 # murder: it holds an UPDATE stream open and receives every change.
 cyrus_slave_port=$(free_port)
@@ -40,16 +45,18 @@ bench() {
     --label "$label" --json "$RESULTS" --quiet "$@" | grep -v '^{'
 }
 
-for target in "cyrus-3.6.1 $cyrus_port" "corvid-1-node $CORVID_MUPDATE_PORT"; do
-  read -r label port <<<"$target"
+for target in "cyrus-3.6.1 $cyrus_port --server-pid $cyrus_pid" \
+  "corvid-1-node $CORVID_MUPDATE_PORT --server-pid $corvid_pid --metrics 127.0.0.1:$CORVID_METRICS_PORT"; do
+  read -r label port measure <<<"$target"
+  read -r -a measure <<<"$measure"
   echo "== $label"
   for c in 1 8 32; do
-    bench "$label" "$port" --workload reserve-activate -C "$c" -n "$OPS" --prefix "ra$c"
+    bench "$label" "$port" --workload reserve-activate -C "$c" -n "$OPS" --prefix "ra$c" "${measure[@]}"
   done
-  bench "$label" "$port" --workload find -C 32 -n $((OPS * 3)) --prefix ra32 --keyspace "$OPS"
-  bench "$label" "$port" --workload backend -C 8 -n $((OPS / 4)) --prefix backend
-  bench "$label" "$port" --workload mix -C 32 -n "$OPS" --prefix ra32 --keyspace "$OPS"
-  bench "$label" "$port" --workload delete -C 32 -n "$OPS" --prefix ra8
+  bench "$label" "$port" --workload find -C 32 -n $((OPS * 3)) --prefix ra32 --keyspace "$OPS" "${measure[@]}"
+  bench "$label" "$port" --workload backend -C 8 -n $((OPS / 4)) --prefix backend "${measure[@]}"
+  bench "$label" "$port" --workload mix -C 32 -n "$OPS" --prefix ra32 --keyspace "$OPS" "${measure[@]}"
+  bench "$label" "$port" --workload delete -C 32 -n "$OPS" --prefix ra8 "${measure[@]}"
 done
 # The slaves followed their masters through all of it.
 wait_for "Cyrus slave has ra32.0" slave_has "$cyrus_slave_port" ra32.0 ||
@@ -67,11 +74,16 @@ cyrus_mupdate_slave "$WORK/cluster-slave" frontend3 "$cluster_slave_port" "${nod
 leader_id=$("$CTL" cluster --peer "$CORVID_CLUSTER_PEER" status | awk '$3 == "Leader" {print $1}')
 leader=${nodes[$((leader_id - 1))]}
 follower=${nodes[$((leader_id % 3))]}
+# CPU of the whole cluster (all three nodes) per operation; WAL counters
+# of the leader.
+cluster_measure=(--metrics "$(sed -n 's/^corvid-registry ready .*metrics=\([^ ]*\).*/\1/p' \
+  "${_CORVID_CLUSTER_LOGS[$((leader_id - 1))]}" | tail -n 1)")
+for pid in "${CORVID_CLUSTER_PGIDS[@]}"; do cluster_measure+=(--server-pid "$pid"); done
 echo "== corvid-3-node (leader ${leader}, follower ${follower})"
-bench corvid-3-node "${leader##*:}" --workload reserve-activate -C 32 -n "$OPS" --prefix ra32
-bench corvid-3-node-via-follower "${follower##*:}" --workload reserve-activate -C 32 -n "$OPS" --prefix raf32
-bench corvid-3-node-follower "${follower##*:}" --workload find -C 32 -n $((OPS * 3)) --prefix ra32 --keyspace "$OPS"
-bench corvid-3-node-via-follower "${follower##*:}" --workload backend -C 8 -n $((OPS / 4)) --prefix backend
+bench corvid-3-node "${leader##*:}" --workload reserve-activate -C 32 -n "$OPS" --prefix ra32 "${cluster_measure[@]}"
+bench corvid-3-node-via-follower "${follower##*:}" --workload reserve-activate -C 32 -n "$OPS" --prefix raf32 "${cluster_measure[@]}"
+bench corvid-3-node-follower "${follower##*:}" --workload find -C 32 -n $((OPS * 3)) --prefix ra32 --keyspace "$OPS" "${cluster_measure[@]}"
+bench corvid-3-node-via-follower "${follower##*:}" --workload backend -C 8 -n $((OPS / 4)) --prefix backend "${cluster_measure[@]}"
 
 wait_for "the cluster's Cyrus slave has raf32.0" slave_has "$cluster_slave_port" raf32.0 ||
   die "the Cyrus slave of the cluster fell behind"
@@ -82,6 +94,12 @@ wait_for "the cluster's Cyrus slave has raf32.0" slave_has "$cluster_slave_port"
 # its slaves every 5 s, hence far fewer samples there, each after a random
 # pause so that writes fall anywhere in its push cycle).
 start_corvid_replica "$WORK/replica" "$CORVID_CLUSTER_PEERS" "$WORK/cluster/users.toml"
+replica_pid=$SPAWNED_PID
+wait_for "the replica has ra32.0" slave_has "$CORVID_REPLICA_MUPDATE_PORT" ra32.0 ||
+  die "the replica did not sync"
+echo "== corvid-replica"
+bench corvid-replica "$CORVID_REPLICA_MUPDATE_PORT" --workload find -C 32 -n $((OPS * 3)) --prefix ra32 \
+  --keyspace "$OPS" --server-pid "$replica_pid"
 propagation() {
   local label=$1 server=$2 watch=$3 via=$4 n=$5
   shift 5

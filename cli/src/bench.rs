@@ -18,6 +18,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::conn::ConnectArgs;
+use crate::probe;
 
 /// What each operation does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -71,6 +72,15 @@ pub struct BenchArgs {
     /// Location of created mailboxes.
     #[arg(long, default_value = "bench!default")]
     location: String,
+    /// A process of the server under test (repeat for several): its user
+    /// and system CPU time from /proc is read before and after the run and
+    /// reported per operation.
+    #[arg(long)]
+    server_pid: Vec<u32>,
+    /// Metrics address (host:port) of the Corvid node under test: its WAL
+    /// counters are read before and after the run (entries per fsync).
+    #[arg(long)]
+    metrics: Option<String>,
     #[command(flatten)]
     report: ReportArgs,
 }
@@ -108,6 +118,45 @@ pub struct BenchResult {
     /// Workload-specific count: mailboxes received per UPDATE dump; for
     /// propagation, changes visible before the master's OK arrived.
     pub entries: u64,
+    /// Server CPU per operation in microseconds (with `--server-pid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_user_us_per_op: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_sys_us_per_op: Option<f64>,
+    /// Log entries made durable and WAL fsyncs during the run (with
+    /// `--metrics`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_entries: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wal_fsyncs: Option<u64>,
+}
+
+/// What a run reads from the server before and after: CPU ticks (user,
+/// system) summed over `--server-pid`, and the WAL counters.
+#[derive(Debug, Default, Clone, Copy)]
+struct ServerSample {
+    user_ticks: u64,
+    sys_ticks: u64,
+    log_entries: f64,
+    wal_fsyncs: f64,
+}
+
+impl ServerSample {
+    async fn take(args: &BenchArgs) -> anyhow::Result<ServerSample> {
+        let mut s = ServerSample::default();
+        for pid in &args.server_pid {
+            let t = probe::proc_times(&pid.to_string())
+                .with_context(|| format!("no process {pid} to measure"))?;
+            s.user_ticks += t.user_ticks;
+            s.sys_ticks += t.sys_ticks;
+        }
+        if let Some(addr) = &args.metrics {
+            let text = probe::fetch_metrics(addr).await?;
+            s.log_entries = probe::metric_sum(&text, "corvid_raft_log_entries_appended_total");
+            s.wal_fsyncs = probe::metric_sum(&text, "corvid_disk_wal_fsync_duration_seconds_count");
+        }
+        Ok(s)
+    }
 }
 
 /// Latency percentiles of microsecond samples.
@@ -167,6 +216,15 @@ pub fn write_result(result: &BenchResult, json: Option<&std::path::Path>) -> any
         result.p99_ms,
         result.max_ms
     );
+    if let (Some(user), Some(sys)) = (result.server_user_us_per_op, result.server_sys_us_per_op) {
+        println!("server CPU per operation: {user:.1} µs user + {sys:.1} µs system");
+    }
+    if let (Some(entries), Some(fsyncs)) = (result.log_entries, result.wal_fsyncs) {
+        println!(
+            "WAL: {entries} log entries in {fsyncs} fsyncs ({:.1} per fsync)",
+            entries as f64 / fsyncs.max(1) as f64
+        );
+    }
     let line = serde_json::to_string(result)?;
     println!("{line}");
     if let Some(path) = json {
@@ -225,6 +283,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         entries: AtomicU64::new(0),
         progress,
     });
+    let before = ServerSample::take(&shared.args).await?;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..shared.args.connections {
@@ -236,9 +295,15 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         latencies.extend(t.await.context("worker panicked")??);
     }
     let seconds = started.elapsed().as_secs_f64();
+    let after = ServerSample::take(&shared.args).await?;
     shared.progress.finish_and_clear();
     let p = Percentiles::of(latencies);
     let args = &shared.args;
+    let per_op_us = |ticks: u64| {
+        (!args.server_pid.is_empty())
+            .then(|| ticks as f64 / probe::TICKS_PER_SEC * 1e6 / p.count.max(1) as f64)
+    };
+    let counted = |v: f64| args.metrics.is_some().then_some(v.max(0.0) as u64);
     let writes = shared.writes.load(Ordering::Relaxed);
     let workload = args
         .workload
@@ -263,6 +328,10 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         p99_ms: p.p99_ms,
         max_ms: p.max_ms,
         entries: shared.entries.load(Ordering::Relaxed) / p.count.max(1),
+        server_user_us_per_op: per_op_us(after.user_ticks.saturating_sub(before.user_ticks)),
+        server_sys_us_per_op: per_op_us(after.sys_ticks.saturating_sub(before.sys_ticks)),
+        log_entries: counted(after.log_entries - before.log_entries),
+        wal_fsyncs: counted(after.wal_fsyncs - before.wal_fsyncs),
     };
     write_result(&result, args.report.json.as_deref())
 }

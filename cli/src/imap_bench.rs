@@ -23,6 +23,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use crate::bench::{Percentiles, ReportArgs};
+use crate::probe;
 
 mod mail;
 
@@ -529,21 +530,6 @@ struct TreeSample {
     procs: usize,
 }
 
-/// Linux reports times in USER_HZ, which is 100 on every architecture
-/// Corvid runs on.
-const TICKS_PER_SEC: f64 = 100.0;
-
-fn stat_fields(pid: &str) -> Option<(i32, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ppid = f.get(1)?.parse().ok()?;
-    let ticks = (11..=14)
-        .map(|i| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
-        .sum();
-    Some((ppid, ticks))
-}
-
 fn status_kib(path: &str, key: &str) -> u64 {
     std::fs::read_to_string(path)
         .ok()
@@ -566,8 +552,8 @@ fn sample_tree(root: i32) -> TreeSample {
             let Ok(pid) = name.parse::<i32>() else {
                 continue;
             };
-            if let Some(f) = stat_fields(name) {
-                procs.insert(pid, f);
+            if let Some(t) = probe::proc_times(name) {
+                procs.insert(pid, (t.ppid, t.user_ticks + t.sys_ticks));
             }
         }
     }
@@ -622,7 +608,7 @@ impl Watch {
 }
 
 fn cpu_s(a: Option<TreeSample>, b: Option<TreeSample>) -> Option<f64> {
-    Some(b?.ticks.saturating_sub(a?.ticks) as f64 / TICKS_PER_SEC)
+    Some(b?.ticks.saturating_sub(a?.ticks) as f64 / probe::TICKS_PER_SEC)
 }
 
 // ---------------------------------------------------------------- runs

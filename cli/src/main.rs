@@ -7,6 +7,7 @@ mod conn;
 mod imap_bench;
 mod mboxlist;
 mod migrate;
+mod probe;
 mod propagation;
 mod users;
 

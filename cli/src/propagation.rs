@@ -167,6 +167,10 @@ pub async fn run(mut args: PropagationArgs) -> anyhow::Result<()> {
         p99_ms: p.p99_ms,
         max_ms: p.max_ms,
         entries: early,
+        server_user_us_per_op: None,
+        server_sys_us_per_op: None,
+        log_entries: None,
+        wal_fsyncs: None,
     };
     write_result(&result, args.report.json.as_deref())
 }

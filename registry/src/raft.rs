@@ -720,6 +720,10 @@ impl Registry {
         }
         let deadline = Instant::now() + self.write_timeout;
         let index = self.read_index(deadline).await?;
+        // Usually there already: no need to watch Raft's metrics for it.
+        if self.store.applied_at_least(index) {
+            return Ok(());
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
         self.raft
             .wait(Some(remaining))

@@ -192,6 +192,28 @@ fn decode<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
         .map_err(codec_err)
 }
 
+/// Block cache shared by the two state families (index and filter blocks
+/// included, so their memory stays bounded whatever the registry's size).
+const STATE_BLOCK_CACHE_BYTES: usize = 64 << 20;
+
+/// Options of the state families, tuned for point lookups (FIND, and the
+/// mailbox and session lookups of every apply): a Bloom filter on every
+/// SST file and on the memtable, so a lookup of a name that is not there
+/// (every new mailbox, every new client session) skips the skip-list and
+/// the files; and a block cache for the rest.
+fn state_family_options() -> Options {
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    table.set_block_cache(&rocksdb::Cache::new_lru_cache(STATE_BLOCK_CACHE_BYTES));
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    let mut opts = Options::default();
+    opts.set_block_based_table_factory(&table);
+    opts.set_memtable_whole_key_filtering(true);
+    opts.set_memtable_prefix_bloom_ratio(0.05);
+    opts
+}
+
 /// The registry's RocksDB database and its change broadcaster.
 #[derive(Clone)]
 pub struct Store {
@@ -218,10 +240,15 @@ impl Store {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
+        let state_opts = state_family_options();
         let cfs = [CF_LOGS, CF_RAFT, CF_STATE]
             .into_iter()
-            .chain(CF_STATE_FAMILIES)
-            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()))
+            .chain(
+                CF_STATE_FAMILIES
+                    .into_iter()
+                    .map(|n| ColumnFamilyDescriptor::new(n, state_opts.clone())),
+            );
         let db = DB::open_cf_descriptors(&opts, dir.join("db"), cfs).map_err(db_err)?;
         let (events, _) = broadcast::channel(4096);
         let store = Store {
@@ -268,7 +295,12 @@ impl Store {
     }
 
     fn get_state<T: DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
-        match self.db.get_cf(self.state_cf(), key).map_err(db_err)? {
+        // Pinned: decoded straight from RocksDB's buffer, not copied first.
+        match self
+            .db
+            .get_pinned_cf(self.state_cf(), key)
+            .map_err(db_err)?
+        {
             Some(b) => decode(&b).map(Some),
             None => Ok(None),
         }
@@ -312,6 +344,12 @@ impl Store {
             return Ok(None);
         }
         self.get_state(name.as_bytes())
+    }
+
+    /// Whether the local state has applied log index `index` (so a read now
+    /// sees every change up to it).
+    pub fn applied_at_least(&self, index: u64) -> bool {
+        *self.applied.borrow() >= index
     }
 
     /// What the registry holds under the user name `name`.
@@ -671,6 +709,8 @@ fn index_key(index: u64) -> [u8; 8] {
 #[derive(Debug, Clone)]
 pub struct LogStore {
     store: Store,
+    /// Makes appends durable, one fsync at a time (group commit).
+    syncer: Arc<WalSyncer>,
     /// TEST ONLY (see [`crate::raft::RaftSettings::unsafe_test_ack_before_fsync`]).
     unsafe_ack_before_fsync: bool,
 }
@@ -679,9 +719,15 @@ impl LogStore {
     /// The log of `store`.
     pub fn new(store: Store) -> Self {
         LogStore {
+            syncer: Arc::new(WalSyncer::start(store.clone())),
             store,
             unsafe_ack_before_fsync: false,
         }
+    }
+
+    /// WAL fsyncs this log has done for its appends so far.
+    pub fn wal_fsyncs(&self) -> u64 {
+        self.syncer.syncs.load(Ordering::Relaxed)
     }
 
     /// TEST ONLY, BREAKS DURABILITY: appends are reported durable to
@@ -690,6 +736,92 @@ impl LogStore {
     pub fn with_unsafe_ack_before_fsync(mut self, on: bool) -> Self {
         self.unsafe_ack_before_fsync = on;
         self
+    }
+}
+
+/// An append written to the WAL and waiting for its fsync.
+struct PendingSync {
+    entries: u64,
+    callback: IOFlushed<TypeConfig>,
+}
+
+/// Group commit: a thread that keeps one WAL fsync in flight at a time.
+/// An append writes its entries without syncing and queues its callback;
+/// the thread takes everything queued, syncs once (which covers every
+/// write made before the sync started, so all of the taken appends), then
+/// completes the callbacks in append order. While one sync runs, the next
+/// appends queue up behind it and share the next one, so concurrent writes
+/// cost one fsync per round instead of one each, and fsyncs never overlap.
+struct WalSyncer {
+    queue: Option<std::sync::mpsc::Sender<PendingSync>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Fsyncs done so far (the metric is global; tests read this one).
+    syncs: Arc<AtomicU64>,
+}
+
+impl Debug for WalSyncer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalSyncer").finish_non_exhaustive()
+    }
+}
+
+impl WalSyncer {
+    fn start(store: Store) -> WalSyncer {
+        let (tx, rx) = std::sync::mpsc::channel::<PendingSync>();
+        let syncs = Arc::new(AtomicU64::new(0));
+        let counted = syncs.clone();
+        let thread = std::thread::Builder::new()
+            .name("corvid-wal-sync".into())
+            .spawn(move || {
+                let mut round = Vec::new();
+                // Ends when the last LogStore is dropped, after syncing
+                // what was queued before.
+                while let Ok(first) = rx.recv() {
+                    round.push(first);
+                    round.extend(rx.try_iter());
+                    let started = std::time::Instant::now();
+                    let res = store.sync_wal();
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    metrics::histogram!("corvid_disk_wal_fsync_duration_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    let entries: u64 = round.iter().map(|p| p.entries).sum();
+                    metrics::counter!("corvid_raft_log_entries_appended_total").increment(entries);
+                    for p in round.drain(..) {
+                        let r = match &res {
+                            Ok(()) => Ok(()),
+                            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                        };
+                        p.callback.io_completed(r);
+                    }
+                }
+            })
+            .expect("spawning the WAL sync thread");
+        WalSyncer {
+            queue: Some(tx),
+            thread: Some(thread),
+            syncs,
+        }
+    }
+
+    /// Queues `callback` for the next fsync; the append's entries must
+    /// already be written.
+    fn push(&self, entries: u64, callback: IOFlushed<TypeConfig>) -> io::Result<()> {
+        let queue = self.queue.as_ref().expect("set until drop");
+        queue
+            .send(PendingSync { entries, callback })
+            .map_err(|_| io::Error::other("the WAL sync thread is gone"))
+    }
+}
+
+impl Drop for WalSyncer {
+    fn drop(&mut self) {
+        // Closing the queue stops the thread once it has synced what was
+        // queued; waiting for it means the database is closed once the
+        // last handle is gone, so it can be reopened at once.
+        self.queue.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -788,18 +920,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.io_completed(Ok(()));
             return Ok(());
         }
-        // Group commit: one fsync covers every entry openraft batched into
-        // this append; it runs off the Raft task so the next batch can form.
-        let s = s.clone();
-        tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            let res = s.sync_wal();
-            metrics::histogram!("corvid_disk_wal_fsync_duration_seconds")
-                .record(started.elapsed().as_secs_f64());
-            metrics::counter!("corvid_raft_log_entries_appended_total").increment(count);
-            callback.io_completed(res);
-        });
-        Ok(())
+        self.syncer.push(count, callback)
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<TypeConfig>>) -> io::Result<()> {
@@ -1473,6 +1594,51 @@ mod tests {
             "the stream must send a snapshot instead"
         );
         assert!(b.committed_records(2, 2, 10).unwrap().is_some());
+    }
+
+    /// Appends from many writers at once share fsyncs (group commit), and
+    /// every one is told durable only after the fsync that covers it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_appends_share_fsyncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let log = LogStore::new(s.clone());
+        const WRITERS: u64 = 32;
+        const ROUNDS: u64 = 8;
+        let mut tasks = Vec::new();
+        for w in 0..WRITERS {
+            let mut log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                for r in 0..ROUNDS {
+                    let index = 1 + r * WRITERS + w;
+                    let entry = EntryOf::<TypeConfig>::new_normal(
+                        log_id(index),
+                        proposal(index, reserve(&format!("user.u{index}"))),
+                    );
+                    let (tx, rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
+                    log.append([entry], IOFlushed::signal(tx)).await.unwrap();
+                    rx.await.unwrap().unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            tokio::time::timeout(std::time::Duration::from_secs(60), t)
+                .await
+                .expect("appends completed in time")
+                .unwrap();
+        }
+        let syncs = log.wal_fsyncs();
+        let appends = WRITERS * ROUNDS;
+        assert!(syncs >= 1);
+        assert!(
+            syncs * 2 <= appends,
+            "{appends} concurrent appends took {syncs} fsyncs: not grouped"
+        );
+        let read = LogStore::new(s).try_get_log_entries(1..=appends).await;
+        assert_eq!(read.unwrap().len() as u64, appends);
+        // The last handle waits for the sync thread: the database reopens.
+        drop(log);
+        Store::open(dir.path()).expect("reopens once every handle is gone");
     }
 
     #[test]

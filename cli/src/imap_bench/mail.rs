@@ -26,6 +26,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::net::{TcpStream, UnixStream};
 
 use super::{Shared, Workload};
+use crate::probe;
 
 /// A byte stream to a server: TCP or a UNIX socket.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -442,50 +443,14 @@ pub(super) async fn worker(shared: Arc<Shared>, i: u64) -> Vec<u32> {
 
 // ---------------------------------------------------------------- masters
 
-/// The sum of `corvid_mupdate_commands_total` (every command and result) in
-/// a Prometheus text exposition.
-pub(super) fn mupdate_commands(text: &str) -> u64 {
-    text.lines()
-        .filter(|l| {
-            l.starts_with("corvid_mupdate_commands_total")
-                && matches!(
-                    l.as_bytes().get("corvid_mupdate_commands_total".len()),
-                    Some(b'{' | b' ')
-                )
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
-}
-
-/// GET http://ADDR/metrics (bounded).
-async fn fetch_metrics(addr: &str) -> anyhow::Result<String> {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        let mut s = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("metrics at {addr}"))?;
-        s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
-        let mut body = Vec::new();
-        s.take(16 << 20).read_to_end(&mut body).await?;
-        let text = String::from_utf8_lossy(&body).into_owned();
-        if !text.starts_with("HTTP/1.") || text.split(' ').nth(1).is_none_or(|c| c != "200") {
-            bail!(
-                "metrics at {addr}: {}",
-                text.lines().next().unwrap_or_default()
-            );
-        }
-        Ok(text)
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("metrics at {addr}: no answer in 10 s"))?
-}
-
 /// The masters' MUPDATE commands so far, summed over `addrs`.
 pub(super) async fn master_commands(addrs: &[String]) -> anyhow::Result<u64> {
     let mut total = 0;
     for a in addrs {
-        total += mupdate_commands(&fetch_metrics(a).await?);
+        total += probe::metric_sum(
+            &probe::fetch_metrics(a).await?,
+            "corvid_mupdate_commands_total",
+        ) as u64;
     }
     Ok(total)
 }
@@ -548,16 +513,6 @@ mod tests {
         assert_eq!(reply_code("250 2.1.5 ok").unwrap(), (250, false));
         assert_eq!(reply_code("550").unwrap(), (550, false));
         assert!(reply_code("+OK").is_err());
-    }
-
-    #[test]
-    fn counts_mupdate_commands() {
-        let text = "HTTP/1.0 200 OK\r\n\r\n# TYPE corvid_mupdate_commands_total counter\n\
-corvid_mupdate_commands_total{command=\"FIND\",result=\"ok\"} 3\n\
-corvid_mupdate_commands_total{command=\"UPDATE\",result=\"ok\"} 2\n\
-corvid_mupdate_commands_total_other 100\n\
-corvid_other 7\n";
-        assert_eq!(mupdate_commands(text), 5);
     }
 
     /// A scripted LMTP server: LHLO, AUTH, then one transaction with a
