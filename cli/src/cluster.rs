@@ -23,7 +23,8 @@ pub struct PeerTlsArgs {
 }
 
 impl PeerTlsArgs {
-    fn client(&self) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+    /// The client side of mutual TLS, when the three options are set.
+    pub fn client(&self) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
         match (&self.peer_cert, &self.peer_key, &self.peer_ca) {
             (Some(c), Some(k), Some(a)) => {
                 Ok(Some(corvid_registry::tls::peer_tls(c, k, a)?.client))

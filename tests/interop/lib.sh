@@ -612,6 +612,7 @@ start_server_under_test() {
 ## CORVID_CLUSTER_MUPDATE (space-separated host:port per node, node 1 first),
 ## CORVID_CLUSTER_PEER (node 1's peer address) and CORVID_CLUSTER_PEERS
 ## (every node's peer address, comma-separated, as --masters takes them).
+## With CORVID_CLUSTER_CONFIG set, every node reads that config file.
 start_corvid_cluster() {
   local n=$1 dir=$2 admin=$3 pass=$4 i mport pport members=() mupdates=()
   mkdir -p "$dir"
@@ -645,7 +646,8 @@ _corvid_cluster_node() {
   read -r mport pport <<<"${_CORVID_CLUSTER_PORTS[i - 1]}"
   spawn "$log" "$CORVID_BIN_DIR/corvid-registry" --data-dir "$CORVID_CLUSTER_DIR/node$i" \
     --node-id "$i" --no-bootstrap --listen "127.0.0.1:$mport" --peer-listen "127.0.0.1:$pport" \
-    --metrics-listen 127.0.0.1:0 --server-name "corvid-node$i" --users-file "$CORVID_CLUSTER_DIR/users.toml"
+    --metrics-listen 127.0.0.1:0 --server-name "corvid-node$i" --users-file "$CORVID_CLUSTER_DIR/users.toml" \
+    ${CORVID_CLUSTER_CONFIG:+--config "$CORVID_CLUSTER_CONFIG"}
   CORVID_CLUSTER_PGIDS[i - 1]=$SPAWNED_PID
   _CORVID_CLUSTER_LOGS[i - 1]=$log
   wait_for "node $i ready line" _corvid_ready "$log" "$SPAWNED_PID" || true
