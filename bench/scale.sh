@@ -2,7 +2,7 @@
 # make bench-scale: a registry of SCALE_MAILBOXES mailboxes (default
 # 10,000,000; SCALE_MAILBOXES=100000 for a quick look), loaded in bulk
 # (corvidctl bench-load: 1,000 ACTIVATEs per log entry) over 100 backends
-# be00..be99 into a 3-node cluster that snapshots every 1,000 entries. Then:
+# be00..be99 into a 3-node cluster that snapshots every 50 entries. Then:
 # a 4th node joins by snapshot (time, learner peak RSS), an empty replica
 # cold-syncs (time, peak RSS), a classic UPDATE client takes the whole list
 # (time), LIST of one backend's 1% (time), and the leader's steady-state
@@ -22,8 +22,8 @@ export INTEROP_TIMEOUT=${SCALE_TIMEOUT:-900}
 
 cat >"$WORK/corvid.toml" <<TOML
 [raft]
-snapshot_after_entries = 1000
-keep_log_entries = 100
+snapshot_after_entries = 50
+keep_log_entries = 10
 TOML
 export CORVID_CLUSTER_CONFIG=$WORK/corvid.toml
 start_corvid_cluster 3 "$WORK/cluster" admin "$PASS"
@@ -128,7 +128,7 @@ heads = [
     ("leader RSS after dump and LIST, MiB", 9, "< 1024"),
 ]
 print("## Ten million mailboxes (`make bench-scale`)\n")
-print("A 3-node cluster on 127.0.0.1 (snapshot every 1,000 entries, 100 kept behind it) is")
+print("A 3-node cluster on 127.0.0.1 (snapshot every 50 entries, 10 kept behind it) is")
 print("bulk-loaded through the peer port (`corvidctl bench-load`, 1,000 ACTIVATEs per log entry,")
 print("4 entries in flight) with mailboxes spread over 100 backends. Then an empty 4th node")
 print("joins as a learner and receives the leader's snapshot, streamed in chunks from a")

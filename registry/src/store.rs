@@ -11,8 +11,9 @@
 //! mapped so that byte order is Cyrus's mailbox order
 //! ([`crate::model::cyrus_order_key`]; below 0xFF), then the registry clock
 //! (`0xFF 'c'`), the location index (`0xFF 'l' location 0x00 name-key`,
-//! written with every mailbox change in the same batch, never in
-//! snapshots: a follower derives it) and the client sessions
+//! holding a copy of the entry so that LIST is one range read; written
+//! with every mailbox change in the same batch, never in snapshots: a
+//! follower derives it) and the client sessions
 //! (`0xFF 's' id`). There are two such families; `state` says
 //! which one is live. A replica stages a master's snapshot in the other one
 //! and swaps it in with one write, so readers never see a half-written state.
@@ -422,9 +423,9 @@ impl Store {
         let family = self.live_family_in(&snap)?;
         let mut start = LOCATION_PREFIX.to_vec();
         start.extend_from_slice(prefix.as_bytes());
-        let mut keys = Vec::new();
+        let mut found = Vec::new();
         for item in snap.iterator_cf(family, IteratorMode::From(&start, Direction::Forward)) {
-            let (k, _) = item.map_err(db_err)?;
+            let (k, v) = item.map_err(db_err)?;
             if !k.starts_with(&start) {
                 break;
             }
@@ -432,18 +433,11 @@ impl Store {
                 .iter()
                 .position(|&b| b == 0)
                 .ok_or_else(|| codec_err("bad location index key"))?;
-            keys.push(k[start.len() + at + 1..].to_vec());
+            found.push((k[start.len() + at + 1..].to_vec(), decode(&v)?));
         }
         // Several locations may match: their names merge in key order.
-        keys.sort_unstable();
-        let mut out = Vec::with_capacity(keys.len());
-        for value in snap.multi_get_cf(keys.iter().map(|k| (family, k))) {
-            match value.map_err(db_err)? {
-                Some(v) => out.push(decode(&v)?),
-                None => return Err(codec_err("location index names a missing mailbox")),
-            }
-        }
-        Ok(out)
+        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(found.into_iter().map(|(_, e)| e).collect())
     }
 
     /// The mailboxes whose name starts with `prefix`, in Cyrus's order: a
@@ -643,10 +637,11 @@ impl Store {
         let mut batch = WriteBatch::default();
         let cf = self.staging_cf();
         for i in items {
-            batch.put_cf(cf, i.key(), i.value()?);
+            let value = i.value()?;
             if let StateItem::Mailbox(e) = i {
-                batch.put_cf(cf, location_key(&e.location, &e.name), []);
+                batch.put_cf(cf, location_key(&e.location, &e.name), &value);
             }
+            batch.put_cf(cf, i.key(), value);
         }
         self.db.write(batch).map_err(db_err)
     }
@@ -1044,12 +1039,13 @@ impl<'a> ApplyBatch<'a> {
                     entry: e,
                     previous_location,
                 } => {
-                    self.batch.put_cf(cf, cyrus_order_key(&e.name), encode(e)?);
+                    let value = encode(e)?;
                     if let Some(old) = previous_location.as_ref().filter(|l| **l != e.location) {
                         self.batch.delete_cf(cf, location_key(old, &e.name));
                     }
                     self.batch
-                        .put_cf(cf, location_key(&e.location, &e.name), []);
+                        .put_cf(cf, location_key(&e.location, &e.name), &value);
+                    self.batch.put_cf(cf, cyrus_order_key(&e.name), value);
                     self.overlay.insert(e.name.clone(), Some(e.clone()));
                 }
                 Change::Removed {
@@ -1597,5 +1593,83 @@ mod tests {
         assert_eq!(names.len(), 5001);
         assert!(b.mailbox("user.old").unwrap().is_none());
         assert_eq!(b.mailbox("user.m04999").unwrap().unwrap().acl, big_acl);
+    }
+
+    /// LIST by location reads the location index, which the apply batch
+    /// keeps in step with every change (moves and deletes included) and a
+    /// follower derives from a snapshot's mailboxes.
+    #[tokio::test]
+    async fn list_by_location_reads_an_index_kept_in_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(&dir.path().join("a")).unwrap();
+        let at = |seq: u64, name: &str, location: &str| {
+            proposal(
+                seq,
+                RegistryCommand::Activate {
+                    name: name.into(),
+                    location: location.into(),
+                    acl: String::new(),
+                },
+            )
+        };
+        let mut batch = ApplyBatch::new(&a).unwrap();
+        let ops = [
+            at(1, "user.b", "be1!default"),
+            at(2, "user.a-b", "be1!default"),
+            at(3, "user.a.b", "be1!other"),
+            at(4, "user.c", "be2!default"),
+            at(5, "user.d", "be1!default"),
+            // A move from be1 to be2, and a delete.
+            at(6, "user.b", "be2!default"),
+            proposal(
+                7,
+                RegistryCommand::Delete {
+                    name: "user.d".into(),
+                },
+            ),
+        ];
+        for (i, p) in ops.iter().enumerate() {
+            assert_eq!(
+                batch.entry(log_id(i as u64 + 1), Some(p)).unwrap(),
+                Outcome::Done
+            );
+        }
+        batch.commit().unwrap();
+        let names = |s: &Store, prefix: &str| -> Vec<String> {
+            s.list_location(prefix)
+                .unwrap()
+                .into_iter()
+                .map(|e| format!("{}@{}", e.name, e.location))
+                .collect()
+        };
+        // Two partitions of be1 merge in Cyrus's order ('.' first).
+        let be1 = ["user.a.b@be1!other", "user.a-b@be1!default"];
+        let be2 = ["user.b@be2!default", "user.c@be2!default"];
+        assert_eq!(names(&a, "be1!"), be1);
+        assert_eq!(names(&a, "be2!default"), be2);
+        assert_eq!(names(&a, "be3!"), Vec::<String>::new());
+        assert_eq!(names(&a, "").len(), 4);
+        // The moved and the deleted names left no index key behind.
+        let cf = a.state_cf();
+        for (location, name) in [("be1!default", "user.b"), ("be1!default", "user.d")] {
+            assert!(a
+                .db
+                .get_cf(cf, location_key(location, name))
+                .unwrap()
+                .is_none());
+        }
+        // A follower derives the same index from a snapshot.
+        let b = Store::open(&dir.path().join("b")).unwrap();
+        transfer(&a, &b).await;
+        assert_eq!(names(&b, "be1!"), be1);
+        assert_eq!(names(&b, "be2!"), be2);
+        // LIST by name prefix is a key range in the same order.
+        let by_name: Vec<String> = b
+            .list_names("user.a")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(by_name, ["user.a.b", "user.a-b"]);
     }
 }
