@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make bench-scale: a registry of SCALE_MAILBOXES mailboxes (default
 # 10,000,000; SCALE_MAILBOXES=100000 for a quick look), loaded in bulk
-# (corvidctl bench-load: 1,000 ACTIVATEs per log entry) over 100 backends
+# (corvidctl bench-load: 500 ACTIVATEs per log entry) over 100 backends
 # be00..be99 into a 3-node cluster that snapshots every 50 entries. Then:
 # a 4th node joins by snapshot (time, learner peak RSS), an empty replica
 # cold-syncs (time, peak RSS), a classic UPDATE client takes the whole list
@@ -37,7 +37,7 @@ secs() { python3 -c "print(f'{$2 - $1:.1f}')"; }
 
 echo "== bulk-loading $N mailboxes"
 t0=$(now)
-"$CTL" bench-load --peer "$CORVID_CLUSTER_PEER" -n "$N" --locations "${locations%,}" --prefix user.scale
+"$CTL" bench-load --peer "$CORVID_CLUSTER_PEER" -n "$N" --per-entry 500 --in-flight 2 --locations "${locations%,}" --prefix user.scale
 t1=$(now)
 load_s=$(secs "$t0" "$t1")
 
@@ -117,7 +117,7 @@ python3 - "$rows" >"$ROOT/bench/scale-results.md" <<'PY'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 heads = [
-    ("bulk load (1,000 per log entry) s", 1, None),
+    ("bulk load (500 per log entry), s", 1, None),
     ("a 4th node joins by snapshot, s", 2, "< 60"),
     ("its peak RSS, MiB", 3, "< 300"),
     ("a new replica cold-syncs, s", 4, "< 60"),
@@ -129,8 +129,8 @@ heads = [
 ]
 print("## Ten million mailboxes (`make bench-scale`)\n")
 print("A 3-node cluster on 127.0.0.1 (snapshot every 50 entries, 10 kept behind it) is")
-print("bulk-loaded through the peer port (`corvidctl bench-load`, 1,000 ACTIVATEs per log entry,")
-print("4 entries in flight) with mailboxes spread over 100 backends. Then an empty 4th node")
+print("bulk-loaded through the peer port (`corvidctl bench-load`, 500 ACTIVATEs per log entry,")
+print("2 entries in flight) with mailboxes spread over 100 backends. Then an empty 4th node")
 print("joins as a learner and receives the leader's snapshot, streamed in chunks from a")
 print("point-in-time view; an empty replica follows the cluster; a classic UPDATE client")
 print("(`corvidctl bench --workload update-dump`) takes the whole list from the leader; and")

@@ -26,6 +26,10 @@ pub struct BulkOptions {
     pub timeout: Duration,
 }
 
+fn tracing_retry(peer: &str, e: &dyn std::fmt::Display) {
+    eprintln!("bulk write to {peer} failed, retrying: {e}");
+}
+
 /// What [`bulk_write`] did.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct BulkReport {
@@ -41,9 +45,11 @@ pub struct BulkReport {
 /// Commits `commands` in order of entries (commands of one entry apply in
 /// order; entries in flight together may commit in any order), `per_entry`
 /// to a [`RegistryCommand::Batch`]. Each entry carries its own client tag,
-/// so a retry after a lost answer is never applied twice. Stops at the
-/// first entry that fails to commit. `progress` is called with the
-/// commands committed so far.
+/// kept across retries, so an entry retried after a lost answer or a
+/// leader change is never applied twice. An entry is retried while the
+/// cluster is between leaders, for up to `timeout`; the load stops at the
+/// first entry that fails for good. `progress` is called with the commands
+/// committed so far.
 pub async fn bulk_write(
     opts: &BulkOptions,
     commands: impl Iterator<Item = RegistryCommand>,
@@ -72,10 +78,16 @@ pub async fn bulk_write(
                     client: ClientTag::once(),
                     command: RegistryCommand::Batch(batch),
                 };
-                let answer = pool
-                    .call(&peer, &request, timeout)
-                    .await
-                    .with_context(|| format!("bulk write to {peer}"))?;
+                let deadline = tokio::time::Instant::now() + timeout;
+                let answer = loop {
+                    match pool.call(&peer, &request, timeout).await {
+                        Err(e) if tokio::time::Instant::now() < deadline => {
+                            tracing_retry(&peer, &e);
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        res => break res.with_context(|| format!("bulk write to {peer}"))?,
+                    }
+                };
                 committed.fetch_add(n, Ordering::Relaxed);
                 match answer {
                     PeerResponse::Write(Outcome::Batch(outcomes)) => Ok(outcomes),
