@@ -53,25 +53,13 @@ node4_pid=$SPAWNED_PID
 wait_for "node 4 ready" _corvid_ready "$WORK/node4.log" "$node4_pid"
 t0=$(now)
 "$CTL" cluster --peer "$CORVID_CLUSTER_PEER" add-learner 4 "127.0.0.1:$pport"
-_learner_caught_up() {
-  "$CTL" cluster --peer "$CORVID_CLUSTER_PEER" status |
-    awk '$3 == "Leader" {l = $7} $1 == 4 {a = $8} END {exit !(l > 0 && a >= l)}'
-}
-wait_for "learner caught up" _learner_caught_up
+wait_for "learner caught up" corvid_cluster_caught_up 4
 t1=$(now)
 join_s=$(secs "$t0" "$t1")
 join_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$node4_pid/status")
 grep -q "received a snapshot from the leader" "$WORK/node4.log" ||
   echo "note: node 4 caught up without a snapshot (log not compacted?)"
 
-# metric_of HOSTPORT NAME: the value of an unlabelled metric.
-metric_of() {
-  python3 - "$1" "$2" <<'PY'
-import sys, urllib.request
-text = urllib.request.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode()
-print(next((l.split()[-1] for l in text.splitlines() if l.split(" ")[0] == sys.argv[2]), "0"))
-PY
-}
 target=$("$CTL" cluster --peer "$CORVID_CLUSTER_PEER" status | awk '$3 == "Leader" {print $8}')
 echo "== a replica cold-syncs to index $target"
 t0=$(now)
@@ -85,7 +73,7 @@ replica_metrics=${line#*metrics=}
 replica_metrics=${replica_metrics%% *}
 _replica_synced() {
   local a
-  a=$(metric_of "$replica_metrics" corvid_replica_applied_index)
+  a=$(corvid_metric "$replica_metrics" corvid_replica_applied_index)
   python3 -c "import sys; sys.exit(0 if float('$a') >= $target else 1)"
 }
 wait_for "replica synced" _replica_synced

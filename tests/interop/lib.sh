@@ -654,6 +654,23 @@ _corvid_cluster_node() {
   grep -q '^corvid-registry ready' "$log" || die "cluster node $i did not start"
 }
 
+## corvid_metric HOSTPORT NAME: the value of an unlabelled metric on a
+## node's metrics port (0 when absent).
+corvid_metric() {
+  python3 - "$1" "$2" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode()
+print(next((l.split()[-1] for l in text.splitlines() if l.split(" ")[0] == sys.argv[2]), "0"))
+PY
+}
+
+## corvid_cluster_caught_up ID: whether node ID has applied everything the
+## leader has (as `corvidctl cluster status` on CORVID_CLUSTER_PEER shows).
+corvid_cluster_caught_up() {
+  "$CORVID_BIN_DIR/corvidctl" cluster --peer "$CORVID_CLUSTER_PEER" status |
+    awk -v id="$1" '$3 == "Leader" {l = $7} $1 == id {a = $8} END {exit !(l > 0 && a >= l)}'
+}
+
 ## corvid_cluster_stop: SIGKILL every node of the cluster and wait until
 ## they are gone.
 corvid_cluster_stop() {
