@@ -7,7 +7,7 @@ CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/release
 ARGS ?=
 
-.PHONY: run build test lint unit monitoring interop jepsen-short jepsen bench bench-proxy bench-failover bench-join docs deps-build deps-test clean-data fuzz
+.PHONY: run build test lint unit monitoring interop jepsen-short jepsen bench bench-proxy bench-failover bench-join bench-scale docs deps-build deps-test clean-data fuzz
 
 deps-build:
 	@bash scripts/install-deps.sh build
@@ -76,6 +76,12 @@ bench-proxy: build deps-test
 ## A node and a replica join a cluster of 1,000,000 mailboxes; UPDATE dump time.
 bench-join: build deps-test
 	CORVID_BIN_DIR=$(BIN) bash bench/join.sh
+
+## 10,000,000 mailboxes (SCALE_MAILBOXES=N for another size): bulk load, a
+## node joining by snapshot, a replica's cold sync, the UPDATE dump, LIST of
+## one backend, node RSS; writes bench/scale-results.md (docs/src/benchmarks.md).
+bench-scale: build deps-test
+	CORVID_BIN_DIR=$(BIN) bash bench/scale.sh
 
 ## Kill -9 the leader of a 3-node cluster 20 times; writes docs/src/failover.md.
 bench-failover: deps-build

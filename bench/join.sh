@@ -38,11 +38,7 @@ join_start=$(date +%s.%N)
 "$CTL" cluster --peer "$CORVID_CLUSTER_PEER" add-learner 4 "127.0.0.1:$pport"
 # add-learner returns once the learner is within openraft's lag threshold;
 # the join is done when it has applied everything the leader has.
-_learner_caught_up() {
-  "$CTL" cluster --peer "$CORVID_CLUSTER_PEER" status |
-    awk '$3 == "Leader" {l = $7} $1 == 4 {a = $8} END {exit !(l > 0 && a >= l)}'
-}
-wait_for "learner caught up" _learner_caught_up
+wait_for "learner caught up" corvid_cluster_caught_up 4
 join_end=$(date +%s.%N)
 "$CTL" cluster --peer "$CORVID_CLUSTER_PEER" status
 rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$(pgrep -f -- "--data-dir $WORK/node4" | head -1)/status")
@@ -51,14 +47,6 @@ join_s=$(python3 -c "print(f'{$join_end - $join_start:.1f}')")
 load_s=$(python3 -c "print(f'{$load_end - $load_start:.1f}')")
 echo "join of a node to a cluster of $N mailboxes: ${join_s}s (peak RSS $((rss_kb / 1024)) MiB, data ${db_mb} MiB)"
 
-# metric_of HOSTPORT NAME: the value of an unlabelled metric.
-metric_of() {
-  python3 - "$1" "$2" <<'PY'
-import sys, urllib.request
-text = urllib.request.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode()
-print(next((l.split()[-1] for l in text.splitlines() if l.split(" ")[0] == sys.argv[2]), "0"))
-PY
-}
 target=$("$CTL" cluster --peer "$CORVID_CLUSTER_PEER" status | awk '$3 == "Leader" {print $8}')
 echo "== cold sync of a replica to index $target"
 sync_start=$(date +%s.%N)
@@ -74,7 +62,7 @@ replica_metrics=${line#*metrics=}
 replica_metrics=${replica_metrics%% *}
 _replica_synced() {
   local a
-  a=$(metric_of "$replica_metrics" corvid_replica_applied_index)
+  a=$(corvid_metric "$replica_metrics" corvid_replica_applied_index)
   python3 -c "import sys; sys.exit(0 if float('$a') >= $target else 1)"
 }
 INTEROP_TIMEOUT=300 wait_for "replica synced" _replica_synced

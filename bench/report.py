@@ -141,7 +141,7 @@ if dumps:
 # by proxy_report.py) and the hand-written analysis live beside
 # this script, so a new run of `make bench` keeps them.
 here = os.path.dirname(os.path.abspath(__file__))
-for extra in ("join-results.md", "proxy-results.md", "perf-notes.md", "notes.md"):
+for extra in ("join-results.md", "scale-results.md", "scale-notes.md", "proxy-results.md", "perf-notes.md", "notes.md"):
     path = os.path.join(here, extra)
     if os.path.exists(path):
         out.append("")

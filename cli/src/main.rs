@@ -5,6 +5,7 @@ mod bench;
 mod cluster;
 mod conn;
 mod imap_bench;
+pub mod load;
 mod mboxlist;
 mod migrate;
 mod probe;
@@ -72,6 +73,31 @@ enum Cmd {
     /// Shadow a live Cyrus master while backends are cut over.
     #[command(subcommand)]
     Migrate(migrate::MigrateCmd),
+    /// Bulk-load COUNT mailboxes (ACTIVATE PREFIX.NNNNNNNNN, spread over
+    /// LOCATIONS in turn), many per Raft log entry, through a node's peer
+    /// port: millions of mailboxes in minutes.
+    BenchLoad {
+        /// Peer address of any master node.
+        #[arg(long, default_value = "127.0.0.1:3906")]
+        peer: String,
+        #[command(flatten)]
+        tls: cluster::PeerTlsArgs,
+        /// Mailboxes to create.
+        #[arg(long, short = 'n', default_value_t = 1_000_000)]
+        count: u64,
+        /// Name prefix.
+        #[arg(long, default_value = "user.load")]
+        prefix: String,
+        /// Locations, comma-separated; mailbox i goes to the (i mod k)-th.
+        #[arg(long, value_delimiter = ',', default_value = "bench!default")]
+        locations: Vec<String>,
+        /// Commands per log entry.
+        #[arg(long, default_value_t = 1000)]
+        per_entry: usize,
+        /// Log entries in flight.
+        #[arg(long, default_value_t = 4)]
+        in_flight: usize,
+    },
     /// Cluster membership and status (talks to a node's peer port).
     Cluster {
         /// Peer address of any node.
@@ -121,6 +147,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::User(cmd) => users::run(cmd).await,
         Cmd::Bench(args) => bench::run(args).await,
+        Cmd::BenchLoad {
+            peer,
+            tls,
+            count,
+            prefix,
+            locations,
+            per_entry,
+            in_flight,
+        } => {
+            if locations.is_empty() {
+                anyhow::bail!("--locations needs at least one location");
+            }
+            let opts = load::BulkOptions {
+                peer,
+                tls: tls.client()?,
+                per_entry,
+                in_flight,
+                timeout: std::time::Duration::from_secs(60),
+            };
+            let commands = (0..count).map(|i| corvid_registry::model::RegistryCommand::Activate {
+                name: format!("{prefix}.{i:09}"),
+                location: locations[(i % locations.len() as u64) as usize].clone(),
+                acl: "anyone\tlrs\t".into(),
+            });
+            let started = std::time::Instant::now();
+            let report = load::bulk_write(&opts, commands, |_| {}).await?;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "loaded {} mailboxes ({} refused) in {} log entries in {secs:.1} s ({:.0}/s)",
+                report.done,
+                report.refused,
+                report.entries,
+                report.done as f64 / secs.max(1e-9)
+            );
+            Ok(())
+        }
         Cmd::ImapBench(args) => imap_bench::run(args).await,
         Cmd::Propagation(args) => propagation::run(args).await,
         Cmd::Cluster { peer, tls, command } => cluster::run(&peer, &tls, command).await,

@@ -159,6 +159,35 @@ impl StoredUser {
     }
 }
 
+/// A byte permutation whose byte order is [`cyrus_mailbox_cmp`]'s rank
+/// order: NUL, tab, newline, `.`, then 1..=8, then every other byte in its
+/// place (tab and newline, equal for Cyrus, get an order of their own).
+const CYRUS_ORDER: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        t[c] = match c as u8 {
+            0 => 0,
+            b'\t' => 1,
+            b'\n' => 2,
+            b'.' => 3,
+            x @ 1..=8 => x + 3,
+            x @ 11..=45 => x + 1,
+            x => x,
+        };
+        c += 1;
+    }
+    t
+};
+
+/// The storage key of the mailbox `name`: its bytes mapped so that plain
+/// byte order is Cyrus's mailbox order ([`cyrus_mailbox_cmp`]), so that a
+/// walk of the keys lists mailboxes the way Cyrus expects, and a name
+/// prefix is a key prefix. Never holds 0xFF (UTF-8 does not).
+pub fn cyrus_order_key(name: &str) -> Vec<u8> {
+    name.bytes().map(|b| CYRUS_ORDER[b as usize]).collect()
+}
+
 /// A registry command: one Raft log entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RegistryCommand {
@@ -1517,5 +1546,46 @@ mod tests {
             run(&mut s, 3, &conditional(None, placed("", "", Active))),
             Outcome::Refused(Refusal::InvalidLocation)
         );
+    }
+
+    #[test]
+    fn key_byte_order_is_cyrus_mailbox_order() {
+        let names = [
+            "user.a",
+            "user.a.b",
+            "user.a-b",
+            "user.a b",
+            "user.a\u{1}x",
+            "user.ab",
+            "user.a\tz",
+            "user.a/b",
+            "user.a_b",
+            "user.A",
+            "user.é",
+            "user.a.b.c",
+            "user",
+            "user.a\u{8}",
+            "user.a0",
+            "example.com!user.x",
+            "DELETED.user.a",
+            "user.a,b",
+            "user.a\u{b}",
+            "user.a-",
+        ];
+        // The table is a permutation: distinct names, distinct keys.
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..=255u8 {
+            assert!(seen.insert(CYRUS_ORDER[i as usize]));
+        }
+        for a in names {
+            for b in names {
+                assert_eq!(
+                    cyrus_order_key(a).cmp(&cyrus_order_key(b)),
+                    cyrus_mailbox_cmp(a, b),
+                    "{a:?} vs {b:?}"
+                );
+            }
+        }
+        assert!(!cyrus_order_key("user.é").contains(&0xFF));
     }
 }

@@ -26,7 +26,9 @@ use crate::model::{ClientTag, Outcome, Proposal, RegistryCommand};
 use crate::raft::{Registry, TypeConfig};
 use crate::users::{AdminLogin, UserAdmin, UserRequest, UserResponse};
 
-/// Largest frame accepted (a snapshot travels in one frame).
+/// Largest frame accepted. Snapshots travel in chunks of about
+/// [`crate::store::SNAPSHOT_CHUNK_BYTES`], far below it, so no registry size
+/// needs a larger frame.
 pub const MAX_FRAME_BYTES: usize = 1 << 30;
 
 /// A request from one node (or `corvidctl`) to another.
@@ -38,14 +40,16 @@ pub enum PeerRequest {
     Vote(VoteRequest<TypeConfig>),
     /// Raft pre-vote.
     PreVote(VoteRequest<TypeConfig>),
-    /// A whole snapshot from the leader.
-    Snapshot {
+    /// Turn this connection into a snapshot transfer from the leader: the
+    /// state follows as [`crate::stream::StreamFrame::SnapshotChunk`]s, then
+    /// [`crate::stream::StreamFrame::SnapshotEnd`]; the follower answers
+    /// [`PeerResponse::Snapshot`] once it installed it (see
+    /// [`crate::stream::receive_raft_snapshot`]).
+    InstallSnapshot {
         /// The leader's vote.
         vote: VoteOf<TypeConfig>,
         /// What the snapshot covers.
         meta: SnapshotMetaOf<TypeConfig>,
-        /// The snapshot's data.
-        data: Vec<u8>,
     },
     /// A write forwarded by a node that is not the leader (the leader
     /// re-stamps it with its own clock).
@@ -106,7 +110,7 @@ pub enum PeerResponse {
     AppendEntries(AppendEntriesResponse<TypeConfig>),
     /// Answer to `Vote` and `PreVote`.
     Vote(VoteResponse<TypeConfig>),
-    /// Answer to `Snapshot`.
+    /// Answer to `InstallSnapshot`.
     Snapshot(SnapshotResponse<TypeConfig>),
     /// The outcome of a forwarded write.
     Write(Outcome),
@@ -218,6 +222,22 @@ pub enum PeerError {
     },
 }
 
+impl PeerError {
+    /// The error of a failed [`read_frame`] from `addr`.
+    pub fn from_read(addr: &str, e: std::io::Error) -> PeerError {
+        match e.kind() {
+            std::io::ErrorKind::InvalidData => PeerError::Frame {
+                addr: addr.to_owned(),
+                reason: e.to_string(),
+            },
+            _ => PeerError::Io {
+                addr: addr.to_owned(),
+                source: e,
+            },
+        }
+    }
+}
+
 /// Appends `value` as one frame: a 4-byte big-endian length, then bincode.
 pub fn write_frame<T: Serialize>(out: &mut Vec<u8>, value: &T) -> Result<(), String> {
     let body = bincode::serde::encode_to_vec(value, bincode::config::standard())
@@ -277,6 +297,31 @@ fn decode_body<T: DeserializeOwned, const LIMIT: usize>(body: &[u8]) -> Result<T
     bincode::serde::decode_from_slice(body, config)
         .map(|(v, _)| v)
         .map_err(|e| e.to_string())
+}
+
+/// Reads one frame of at most [`MAX_FRAME_BYTES`] from `socket`, `buf`
+/// holding what was read before (and keeping what follows the frame). A bad
+/// frame is `InvalidData`; a peer that closes first, `UnexpectedEof`.
+pub async fn read_frame<T, S>(socket: &mut S, buf: &mut BytesMut) -> std::io::Result<T>
+where
+    T: DeserializeOwned,
+    S: tokio::io::AsyncRead + Unpin,
+{
+    loop {
+        match decode_frame::<T>(buf, MAX_FRAME_BYTES) {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(reason) => {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, reason))
+            }
+        }
+        if socket.read_buf(buf).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "peer closed the connection",
+            ));
+        }
+    }
 }
 
 /// Opens a connection to the peer at `addr`, with mutual TLS when `tls` is
@@ -447,24 +492,9 @@ impl PeerClient {
             reason,
         })?;
         stream.write_all(&out).await.map_err(io)?;
-        loop {
-            match decode_frame::<PeerResponse>(buf, MAX_FRAME_BYTES) {
-                Ok(Some(r)) => return Ok(r),
-                Ok(None) => {}
-                Err(reason) => {
-                    return Err(PeerError::Frame {
-                        addr: addr.clone(),
-                        reason,
-                    })
-                }
-            }
-            if stream.read_buf(buf).await.map_err(io)? == 0 {
-                return Err(io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "peer closed the connection",
-                )));
-            }
-        }
+        read_frame(stream, buf)
+            .await
+            .map_err(|e| PeerError::from_read(&addr, e))
     }
 }
 
@@ -548,6 +578,17 @@ where
                 Ok(Some(PeerRequest::Follow { after })) => {
                     tracing::info!(%peer, after, "a follower opened a log stream");
                     return crate::stream::serve_follower(&mut socket, &registry, after).await;
+                }
+                Ok(Some(PeerRequest::InstallSnapshot { vote, meta })) => {
+                    tracing::info!(%peer, "receiving a snapshot from the leader");
+                    return crate::stream::receive_raft_snapshot(
+                        &mut socket,
+                        &mut buf,
+                        &registry,
+                        vote,
+                        meta,
+                    )
+                    .await;
                 }
                 Ok(Some(r)) => break r,
                 Ok(None) => {}

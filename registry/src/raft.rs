@@ -5,7 +5,6 @@
 //! the registry's event log and a single node can later grow into a cluster.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +29,7 @@ use crate::peer::{
     AdminRequest, AdminResponse, NodeStatus, PeerClient, PeerError, PeerPool, PeerRequest,
     PeerResponse,
 };
-use crate::store::{LogStore, StateMachine, Store};
+use crate::store::{LogStore, SnapshotData, StateMachine, Store};
 use crate::tls::PeerTls;
 
 openraft::declare_raft_types!(
@@ -278,6 +277,7 @@ impl Registry {
             Arc::new(config),
             Network {
                 tls: client_tls.clone(),
+                chunk_delay: Duration::from_millis(settings.unsafe_test_stream_frame_delay_ms),
             },
             LogStore::new(store.clone())
                 .with_unsafe_ack_before_fsync(settings.unsafe_test_ack_before_fsync),
@@ -333,7 +333,7 @@ impl Registry {
         if settings.unsafe_test_stream_frame_delay_ms > 0 {
             tracing::error!(
                 delay_ms = settings.unsafe_test_stream_frame_delay_ms,
-                "unsafe_test_stream_frame_delay_ms is on: snapshots sent to replicas are slowed on purpose; never use this outside tests"
+                "unsafe_test_stream_frame_delay_ms is on: snapshots sent from this node are slowed on purpose; never use this outside tests"
             );
         }
         registry.spawn_recovery();
@@ -831,8 +831,7 @@ impl Registry {
     /// Linearizable list of the mailboxes whose location starts with `prefix`.
     pub async fn list(&self, prefix: Option<&str>) -> Result<Vec<MailboxEntry>, RegistryError> {
         self.read_barrier().await?;
-        let prefix = prefix.unwrap_or("");
-        Ok(self.store.scan(|e| e.location.starts_with(prefix))?.1)
+        Ok(self.store.list_location(prefix.unwrap_or(""))?)
     }
 
     /// Answers a request from another node or from `corvidctl`.
@@ -857,25 +856,9 @@ impl Registry {
                 Ok(r) => PeerResponse::Vote(r),
                 Err(e) => err(&e),
             },
-            PeerRequest::Snapshot { vote, meta, data } => {
-                let started = Instant::now();
-                let snapshot = openraft::alias::SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> {
-                    meta,
-                    snapshot: Cursor::new(data),
-                };
-                let res = self.raft.install_full_snapshot(vote, snapshot).await;
-                metrics::histogram!("corvid_snapshot_install_duration_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                match res {
-                    Ok(r) => {
-                        self.note_leader_contact();
-                        PeerResponse::Snapshot(r)
-                    }
-                    Err(e) => {
-                        crate::metrics::snapshot_failed("install");
-                        err(&e)
-                    }
-                }
+            // Served by the connection loop, which hands the socket over.
+            PeerRequest::InstallSnapshot { .. } => {
+                err(&"a snapshot transfer needs its own connection")
             }
             PeerRequest::Write(mut proposal) => {
                 // Only the leader appends; no second hop, so a write is
@@ -928,6 +911,35 @@ impl Registry {
             // Served by the connection loop, which knows how the peer
             // authenticated.
             PeerRequest::Users { .. } => err(&"user administration goes to the peer port"),
+        }
+    }
+
+    /// Has Raft install the snapshot `meta` that the transfer `generation`
+    /// staged (see [`crate::stream::receive_raft_snapshot`]), and answers
+    /// the leader.
+    pub async fn install_staged_snapshot(
+        &self,
+        vote: openraft::alias::VoteOf<TypeConfig>,
+        meta: openraft::alias::SnapshotMetaOf<TypeConfig>,
+        generation: u64,
+    ) -> PeerResponse {
+        let started = Instant::now();
+        let snapshot = openraft::alias::SnapshotOf::<TypeConfig, SnapshotData> {
+            meta,
+            snapshot: SnapshotData::Staged(generation),
+        };
+        let res = self.raft.install_full_snapshot(vote, snapshot).await;
+        metrics::histogram!("corvid_snapshot_install_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match res {
+            Ok(r) => {
+                self.note_leader_contact();
+                PeerResponse::Snapshot(r)
+            }
+            Err(e) => {
+                crate::metrics::snapshot_failed("install");
+                PeerResponse::Error(e.to_string())
+            }
         }
     }
 
@@ -1155,10 +1167,13 @@ where
 }
 
 /// Raft's peer network: one [`PeerClient`] per target, bincode frames over
-/// TCP.
+/// TCP; snapshots on a connection of their own, in chunks.
 #[derive(Debug, Clone, Default)]
 pub struct Network {
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// TEST ONLY: pause before each snapshot chunk sent (see
+    /// [`RaftSettings::unsafe_test_stream_frame_delay_ms`]).
+    chunk_delay: Duration,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -1167,6 +1182,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, _target: u64, node: &BasicNode) -> Self::Network {
         PeerLink {
             client: PeerClient::with_tls(node.addr.clone(), self.tls.clone()),
+            tls: self.tls.clone(),
+            chunk_delay: self.chunk_delay,
         }
     }
 }
@@ -1174,6 +1191,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// The connection to one peer, as Raft uses it.
 pub struct PeerLink {
     client: PeerClient,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    chunk_delay: Duration,
 }
 
 fn vote_response(r: PeerResponse) -> Result<VoteResponse<TypeConfig>, Box<PeerResponse>> {
@@ -1208,7 +1227,7 @@ fn rpc_error(e: PeerError) -> RPCError<TypeConfig> {
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerLink {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotData;
 
     async fn append_entries(
         &mut self,
@@ -1248,28 +1267,31 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let started = Instant::now();
-        let request = PeerRequest::Snapshot {
-            vote,
-            meta: snapshot.meta,
-            data: snapshot.snapshot.into_inner(),
+        let SnapshotData::View(view) = snapshot.snapshot else {
+            return Err(StreamingError::Network(NetworkError::new(
+                &std::io::Error::other("only a view of this node's state can be sent"),
+            )));
         };
-        let send = self
-            .client
-            .call(&request, option.hard_ttl().max(Duration::from_secs(60)));
+        let send = crate::stream::send_raft_snapshot(
+            self.client.addr(),
+            self.tls.as_ref(),
+            vote,
+            snapshot.meta,
+            view,
+            option.hard_ttl().max(Duration::from_secs(10)),
+            self.chunk_delay,
+        );
         let res = tokio::select! {
             closed = cancel => return Err(StreamingError::Closed(closed)),
             res = send => res,
         };
         metrics::histogram!("corvid_snapshot_send_duration_seconds")
             .record(started.elapsed().as_secs_f64());
-        if !matches!(res, Ok(PeerResponse::Snapshot(_))) {
+        if res.is_err() {
             crate::metrics::snapshot_failed("send");
         }
         match res {
-            Ok(PeerResponse::Snapshot(r)) => Ok(r),
-            Ok(other) => Err(StreamingError::Network(NetworkError::new(&unexpected(
-                other,
-            )))),
+            Ok(r) => Ok(r),
             Err(e @ PeerError::Io { .. }) => Err(StreamingError::Unreachable(Unreachable::new(&e))),
             Err(e) => Err(StreamingError::Network(NetworkError::new(&e))),
         }

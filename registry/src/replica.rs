@@ -165,13 +165,13 @@ impl Replica {
     /// the local copy.
     pub fn list_names(&self, prefix: &str) -> Result<Vec<MailboxEntry>, RegistryError> {
         self.ready()?;
-        Ok(self.store.scan(|e| e.name.starts_with(prefix))?.1)
+        Ok(self.store.list_names(prefix)?)
     }
 
     /// The mailboxes whose location starts with `prefix` (MUPDATE's LIST).
     pub fn list_locations(&self, prefix: &str) -> Result<Vec<MailboxEntry>, RegistryError> {
         self.ready()?;
-        Ok(self.store.scan(|e| e.location.starts_with(prefix))?.1)
+        Ok(self.store.list_location(prefix)?)
     }
 
     /// Waits, up to `timeout`, until this replica has applied everything the

@@ -8,21 +8,30 @@
 //! the state machine is a prefix of the log that openraft re-applies from.
 //!
 //! The replicated state lives in one column family: mailboxes keyed by name
-//! (UTF-8, so below 0xFF), then the client sessions (`0xFF 's' id`), the
-//! registry clock (`0xFF 'c'`) and the MUPDATE users (`0xFF 'u' name`). There are two such families; `state` says
+//! mapped so that byte order is Cyrus's mailbox order
+//! ([`crate::model::cyrus_order_key`]; below 0xFF), then the registry clock
+//! (`0xFF 'c'`), the location index (`0xFF 'l' location 0x00 name-key`,
+//! holding a copy of the entry so that LIST is one range read; written
+//! with every mailbox change in the same batch, never in snapshots: a
+//! follower derives it), the client sessions
+//! (`0xFF 's' id`) and the MUPDATE users (`0xFF 'u' name`). There are two such families; `state` says
 //! which one is live. A replica stages a master's snapshot in the other one
 //! and swaps it in with one write, so readers never see a half-written state.
 //!
-//! Snapshots are built from a RocksDB point-in-time view of the state and
-//! kept as one file, `snapshot.bin`, replaced atomically and only by a newer
-//! one.
+//! A Raft snapshot is never the state's bytes: it is a RocksDB point-in-time
+//! view of the live family ([`SnapshotData::View`]), read in chunks while it
+//! is sent, so building one costs nothing and serves any registry size. A
+//! follower writes the chunks it receives into the staging family and swaps
+//! it in with one write at the end ([`SnapshotData::Staged`]), exactly as a
+//! replica does with the log stream's snapshot: a transfer cut short leaves
+//! the old state whole.
 
 use std::fmt::Debug;
-use std::io::{self, Cursor};
+use std::io;
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures::{Stream, TryStreamExt};
 use openraft::alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf, VoteOf};
@@ -34,11 +43,11 @@ use rocksdb::{
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::model::{
-    apply_proposal, Change, MailboxEntry, MailboxLookup, Outcome, Proposal, RegistryState,
-    SessionRecord, StoredUser, UserLookup,
+    apply_proposal, cyrus_order_key, Change, MailboxEntry, MailboxLookup, Outcome, Proposal,
+    RegistryState, SessionRecord, StoredUser, UserLookup,
 };
 use crate::raft::TypeConfig;
 
@@ -62,6 +71,14 @@ const KEY_ACTIVE: &[u8] = b"active_state";
 
 /// Upper bound of every mailbox key: names are UTF-8, which never holds 0xFF.
 const MAILBOX_KEY_END: &[u8] = &[0xFF];
+/// Prefix of the location index keys (see the module notes).
+const LOCATION_PREFIX: &[u8] = &[0xFF, b'l'];
+/// Above every location index key.
+const LOCATION_END: &[u8] = &[0xFF, b'l' + 1];
+/// Marks a state whose mailbox keys are in Cyrus's order and indexed by
+/// location (absent: an older store, re-keyed at open).
+const KEY_STATE_FORMAT: &[u8] = b"state_format";
+const STATE_FORMAT: u32 = 2;
 /// Prefix of the client session keys (followed by the id, big-endian).
 const SESSION_PREFIX: &[u8] = &[0xFF, b's'];
 /// Key of the registry clock.
@@ -81,8 +98,14 @@ const SESSION_SWEEP_MS: u64 = 60 * 1000;
 /// subscriber that falls behind can catch up instead of resyncing whole.
 pub const REPLICA_RECENT_RECORDS: u64 = 100_000;
 
-/// Largest snapshot this node accepts from a leader.
-pub const MAX_SNAPSHOT_BYTES: usize = 2 << 30;
+/// Most state items in one snapshot chunk (Raft and log stream alike).
+pub const SNAPSHOT_CHUNK_ITEMS: usize = 2048;
+/// A snapshot chunk is closed once its items' encoded size reaches this, so
+/// that a chunk's frame stays far below [`crate::peer::MAX_FRAME_BYTES`]
+/// whatever the items (one item is bounded by the MUPDATE literal limits).
+/// Snapshots have no total size limit: any registry size can be sent.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+const _: () = assert!(64 * SNAPSHOT_CHUNK_BYTES <= crate::peer::MAX_FRAME_BYTES);
 
 /// Changes committed at one log index, as UPDATE streams and replicas see them.
 #[derive(Debug, Clone)]
@@ -122,7 +145,7 @@ pub enum StateItem {
 impl StateItem {
     fn key(&self) -> Vec<u8> {
         match self {
-            StateItem::Mailbox(e) => e.name.as_bytes().to_vec(),
+            StateItem::Mailbox(e) => cyrus_order_key(&e.name),
             StateItem::Session(id, _) => session_key(*id).to_vec(),
             StateItem::Clock(_) => KEY_CLOCK.to_vec(),
             StateItem::User(name, _) => user_key(name),
@@ -158,6 +181,16 @@ fn user_key(name: &str) -> Vec<u8> {
     [USER_PREFIX, name.as_bytes()].concat()
 }
 
+/// The location index key of mailbox `name` at `location`.
+fn location_key(location: &str, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(LOCATION_PREFIX.len() + location.len() + 1 + name.len());
+    k.extend_from_slice(LOCATION_PREFIX);
+    k.extend_from_slice(location.as_bytes());
+    k.push(0);
+    k.extend(cyrus_order_key(name));
+    k
+}
+
 fn session_key(id: u64) -> [u8; 10] {
     let mut k = [0u8; 10];
     k[..2].copy_from_slice(SESSION_PREFIX);
@@ -172,6 +205,10 @@ pub enum StateEvent {
     Changes(Arc<CommittedChanges>),
     /// The whole state was replaced by a snapshot: followers must resync.
     Reset,
+}
+
+fn superseded() -> io::Error {
+    io::Error::other("a newer snapshot transfer took over the staging family")
 }
 
 fn codec_err(e: impl std::fmt::Display) -> io::Error {
@@ -223,8 +260,10 @@ pub struct Store {
     applied: Arc<watch::Sender<u64>>,
     /// Which state family is live (mirrors `KEY_ACTIVE`).
     active: Arc<AtomicBool>,
-    /// Held while the snapshot file is replaced.
-    snapshot_file: Arc<Mutex<()>>,
+    /// The transfer that owns the staging family (Raft snapshots): a newer
+    /// one takes it over, and an older one still open finds out at its
+    /// next chunk.
+    staging: Arc<tokio::sync::Mutex<u64>>,
 }
 
 impl Debug for Store {
@@ -250,6 +289,9 @@ impl Store {
                     .map(|n| ColumnFamilyDescriptor::new(n, state_opts.clone())),
             );
         let db = DB::open_cf_descriptors(&opts, dir.join("db"), cfs).map_err(db_err)?;
+        // Earlier builds kept a serialised snapshot here; the live state is
+        // the snapshot now (see the module notes).
+        let _ = std::fs::remove_file(dir.join("snapshot.bin"));
         let (events, _) = broadcast::channel(4096);
         let store = Store {
             db: Arc::new(db),
@@ -257,14 +299,51 @@ impl Store {
             events,
             applied: Arc::new(watch::channel(0).0),
             active: Arc::default(),
-            snapshot_file: Arc::default(),
+            staging: Arc::default(),
         };
         let active: Option<bool> = store.get(CF_STATE, KEY_ACTIVE)?;
         store
             .active
             .store(active.unwrap_or(false), Ordering::Release);
+        store.migrate_state_format()?;
         store.applied.send_replace(store.applied_index()?);
         Ok(store)
+    }
+
+    /// Re-keys a state written by an older build (mailboxes keyed by their
+    /// name's bytes, no location index): staged and swapped in whole like a
+    /// snapshot, so a crash half-way leaves the old state to start over from.
+    fn migrate_state_format(&self) -> io::Result<()> {
+        if self.get::<u32>(CF_STATE, KEY_STATE_FORMAT)? == Some(STATE_FORMAT) {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        let has_mailboxes = self
+            .db
+            .iterator_cf(self.state_cf(), IteratorMode::Start)
+            .next()
+            .transpose()
+            .map_err(db_err)?
+            .is_some_and(|(k, _)| k.as_ref() < MAILBOX_KEY_END);
+        if has_mailboxes {
+            tracing::info!("re-keying the registry state in Cyrus's order with a location index");
+            self.begin_reset()?;
+            let mut res = Ok(());
+            self.scan_chunks(false, |part| match part {
+                Ok(_) => true,
+                Err(items) => {
+                    res = self.put_entries(&items);
+                    res.is_ok()
+                }
+            })?;
+            res?;
+            let staged = !self.active.load(Ordering::Acquire);
+            batch.put_cf(self.cf(CF_STATE), KEY_ACTIVE, encode(&staged)?);
+            self.active.store(staged, Ordering::Release);
+        }
+        batch.put_cf(self.cf(CF_STATE), KEY_STATE_FORMAT, encode(&STATE_FORMAT)?);
+        self.db.write(batch).map_err(db_err)?;
+        self.sync_wal()
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -340,10 +419,11 @@ impl Store {
 
     /// The mailbox named `name`.
     pub fn mailbox(&self, name: &str) -> io::Result<Option<MailboxEntry>> {
-        if name.as_bytes() >= MAILBOX_KEY_END {
+        let key = cyrus_order_key(name);
+        if key.as_slice() >= MAILBOX_KEY_END {
             return Ok(None);
         }
-        self.get_state(name.as_bytes())
+        self.get_state(&key)
     }
 
     /// Whether the local state has applied log index `index` (so a read now
@@ -397,9 +477,9 @@ impl Store {
     ) -> io::Result<(u64, Vec<MailboxEntry>)> {
         let mut applied = 0;
         let mut out = Vec::new();
-        self.scan_chunks(4096, true, |part| {
+        self.scan_chunks(true, |part| {
             match part {
-                Ok(log_id) => applied = log_id.map_or(0, |l| l.index()),
+                Ok(meta) => applied = meta.last_log_id.map_or(0, |l| l.index()),
                 Err(items) => out.extend(items.into_iter().filter_map(|i| match i {
                     StateItem::Mailbox(e) if keep(&e) => Some(e),
                     _ => None,
@@ -407,21 +487,65 @@ impl Store {
             }
             true
         })?;
-        // Stored in byte order; peers expect Cyrus's mailbox order.
-        out.sort_by(|a, b| crate::model::cyrus_mailbox_cmp(&a.name, &b.name));
         Ok((applied, out))
     }
 
-    /// Walks the state of one point-in-time view in chunks of `chunk`, in
+    /// The mailboxes whose location starts with `prefix` (MUPDATE's LIST),
+    /// in Cyrus's mailbox order: read through the location index, so the
+    /// cost follows the answer, not the registry.
+    pub fn list_location(&self, prefix: &str) -> io::Result<Vec<MailboxEntry>> {
+        if prefix.is_empty() {
+            return Ok(self.scan(|_| true)?.1);
+        }
+        let snap = self.db.snapshot();
+        let family = self.live_family_in(&snap)?;
+        let mut start = LOCATION_PREFIX.to_vec();
+        start.extend_from_slice(prefix.as_bytes());
+        let mut found = Vec::new();
+        for item in snap.iterator_cf(family, IteratorMode::From(&start, Direction::Forward)) {
+            let (k, v) = item.map_err(db_err)?;
+            if !k.starts_with(&start) {
+                break;
+            }
+            let at = k[start.len()..]
+                .iter()
+                .position(|&b| b == 0)
+                .ok_or_else(|| codec_err("bad location index key"))?;
+            found.push((k[start.len() + at + 1..].to_vec(), decode(&v)?));
+        }
+        // Several locations may match: their names merge in key order.
+        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(found.into_iter().map(|(_, e)| e).collect())
+    }
+
+    /// The mailboxes whose name starts with `prefix`, in Cyrus's order: a
+    /// name prefix is a key prefix, so the cost follows the answer.
+    pub fn list_names(&self, prefix: &str) -> io::Result<Vec<MailboxEntry>> {
+        let start = cyrus_order_key(prefix);
+        let snap = self.db.snapshot();
+        let family = self.live_family_in(&snap)?;
+        let mut out = Vec::new();
+        for item in snap.iterator_cf(family, IteratorMode::From(&start, Direction::Forward)) {
+            let (k, v) = item.map_err(db_err)?;
+            if !k.starts_with(&start) || k.as_ref() >= MAILBOX_KEY_END {
+                break;
+            }
+            out.push(decode(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// Walks the state of one point-in-time view in chunks of at most
+    /// [`SNAPSHOT_CHUNK_ITEMS`] items and about [`SNAPSHOT_CHUNK_BYTES`], in
     /// key order (only the mailboxes with `mailboxes_only`, else sessions
-    /// and the clock too): `each` gets the applied log id of the view first
-    /// (`Ok(id)`), then the chunks (`Err(items)`), and stops the walk by
-    /// returning `false`. Memory stays bounded by one chunk.
+    /// and the clock too): `each` gets the view's applied log id and
+    /// membership first (`Ok(meta)`), then the chunks (`Err(items)`), and
+    /// stops the walk by returning `false`. Memory stays bounded by one
+    /// chunk.
     pub fn scan_chunks(
         &self,
-        chunk: usize,
         mailboxes_only: bool,
-        mut each: impl FnMut(Result<Option<LogIdOf<TypeConfig>>, Vec<StateItem>>) -> bool,
+        mut each: impl FnMut(Result<SnapshotMetaOf<TypeConfig>, Vec<StateItem>>) -> bool,
     ) -> io::Result<()> {
         let snap = self.db.snapshot();
         let family = self.live_family_in(&snap)?;
@@ -430,33 +554,79 @@ impl Store {
         } else {
             STATE_KEY_END
         };
-        let applied: Option<LogIdOf<TypeConfig>> = match snap
-            .get_cf(self.cf(CF_STATE), KEY_APPLIED)
-            .map_err(db_err)?
-        {
-            Some(b) => decode(&b)?,
-            None => None,
+        let read = |key: &[u8]| snap.get_cf(self.cf(CF_STATE), key).map_err(db_err);
+        let meta = SnapshotMetaOf::<TypeConfig> {
+            last_log_id: match read(KEY_APPLIED)? {
+                Some(b) => decode(&b)?,
+                None => None,
+            },
+            last_membership: match read(KEY_MEMBERSHIP)? {
+                Some(b) => decode(&b)?,
+                None => Default::default(),
+            },
         };
-        if !each(Ok(applied)) {
+        if !each(Ok(meta)) {
             return Ok(());
         }
-        let mut out = Vec::with_capacity(chunk);
-        for item in snap.iterator_cf(family, IteratorMode::Start) {
-            let (k, v) = item.map_err(db_err)?;
-            if k.as_ref() >= end {
+        let mut out = Vec::with_capacity(SNAPSHOT_CHUNK_ITEMS);
+        let mut bytes = 0;
+        let mut it = snap.raw_iterator_cf(family);
+        it.seek_to_first();
+        loop {
+            let Some((k, v)) = it.item() else {
+                it.status().map_err(db_err)?;
+                break;
+            };
+            if k >= end {
                 break;
             }
-            out.push(StateItem::decode(&k, &v)?);
-            if out.len() >= chunk
-                && !each(Err(std::mem::replace(&mut out, Vec::with_capacity(chunk))))
-            {
-                return Ok(());
+            // The index is derived, never sent: jump over it.
+            if k.starts_with(LOCATION_PREFIX) {
+                it.seek(LOCATION_END);
+                continue;
+            }
+            out.push(StateItem::decode(k, v)?);
+            bytes += k.len() + v.len();
+            it.next();
+            if out.len() >= SNAPSHOT_CHUNK_ITEMS || bytes >= SNAPSHOT_CHUNK_BYTES {
+                bytes = 0;
+                let full = std::mem::replace(&mut out, Vec::with_capacity(SNAPSHOT_CHUNK_ITEMS));
+                if !each(Err(full)) {
+                    return Ok(());
+                }
             }
         }
         if !out.is_empty() {
             each(Err(out));
         }
         Ok(())
+    }
+
+    /// Opens a point-in-time view of the whole state as a Raft snapshot:
+    /// its metadata now, its chunks as [`StateView::next_chunk`] asks for
+    /// them. A blocking thread holds the view and stays at most one chunk
+    /// ahead of the reader; dropping the [`StateView`] ends it.
+    pub async fn open_view(&self) -> io::Result<(SnapshotMetaOf<TypeConfig>, StateView)> {
+        let (meta_tx, meta_rx) = oneshot::channel();
+        let (tx, rx) = mpsc::channel(1);
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut meta_tx = Some(meta_tx);
+            let res = s.scan_chunks(false, |part| match part {
+                Ok(meta) => meta_tx.take().is_some_and(|t| t.send(Ok(meta)).is_ok()),
+                Err(items) => tx.blocking_send(Ok(items)).is_ok(),
+            });
+            if let Err(e) = res {
+                match meta_tx.take() {
+                    Some(t) => drop(t.send(Err(e))),
+                    None => drop(tx.blocking_send(Err(e))),
+                }
+            }
+        });
+        let meta = meta_rx
+            .await
+            .map_err(|_| io::Error::other("the snapshot view ended early"))??;
+        Ok((meta, StateView { chunks: rx }))
     }
 
     /// Committed log entries from index `from` up to `to` (inclusive), at
@@ -545,26 +715,90 @@ impl Store {
         let mut batch = WriteBatch::default();
         let cf = self.staging_cf();
         for i in items {
-            batch.put_cf(cf, i.key(), i.value()?);
+            let value = i.value()?;
+            if let StateItem::Mailbox(e) = i {
+                batch.put_cf(cf, location_key(&e.location, &e.name), &value);
+            }
+            batch.put_cf(cf, i.key(), value);
         }
         self.db.write(batch).map_err(db_err)
+    }
+
+    /// Starts receiving a Raft snapshot into the staging family, taking it
+    /// over from any older transfer; returns this transfer's generation.
+    pub async fn begin_staging(&self) -> io::Result<u64> {
+        let mut owner = self.staging.clone().lock_owned().await;
+        *owner += 1;
+        let generation = *owner;
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _owner = owner;
+            s.begin_reset()
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(generation)
+    }
+
+    /// Writes one chunk of the Raft snapshot transfer `generation`; an
+    /// error once a newer transfer took the staging family over.
+    pub async fn stage_chunk(&self, generation: u64, items: Vec<StateItem>) -> io::Result<()> {
+        let owner = self.staging.clone().lock_owned().await;
+        if *owner != generation {
+            return Err(superseded());
+        }
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _owner = owner;
+            s.put_entries(&items)
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     /// Completes a snapshot: in one write, the staged state becomes the live
     /// one, as of the master's `log_id`, and the recent records kept before
     /// it are dropped. Subscribers get [`StateEvent::Reset`].
     pub fn finish_reset(&self, log_id: Option<LogIdOf<TypeConfig>>) -> io::Result<()> {
+        self.swap_in_staged(log_id, |batch| {
+            batch.delete_range_cf(self.cf(CF_LOGS), index_key(0), index_key(u64::MAX));
+            Ok(())
+        })
+    }
+
+    /// Completes a Raft snapshot received from a leader (see
+    /// [`SnapshotData::Staged`]): the staged state becomes the live one, in
+    /// one write with the snapshot's membership. The Raft log is openraft's
+    /// to purge or keep.
+    fn install_staged(&self, meta: &SnapshotMetaOf<TypeConfig>) -> io::Result<()> {
+        self.swap_in_staged(meta.last_log_id, |batch| {
+            batch.put_cf(
+                self.cf(CF_STATE),
+                KEY_MEMBERSHIP,
+                encode(&meta.last_membership)?,
+            );
+            Ok(())
+        })
+    }
+
+    /// The one atomic swap of the staged family into the live one, as of
+    /// `log_id`, with whatever `more` adds to the same write; fsynced.
+    fn swap_in_staged(
+        &self,
+        log_id: Option<LogIdOf<TypeConfig>>,
+        more: impl FnOnce(&mut WriteBatch) -> io::Result<()>,
+    ) -> io::Result<()> {
         let staged = !self.active.load(Ordering::Acquire);
         let index = log_id.as_ref().map_or(0, |l| l.index());
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_STATE), KEY_APPLIED, encode(&log_id)?);
         batch.put_cf(self.cf(CF_STATE), KEY_ACTIVE, encode(&staged)?);
         batch.put_cf(self.cf(CF_STATE), KEY_INSTALLED_SNAPSHOT, encode(&index)?);
-        batch.delete_range_cf(self.cf(CF_LOGS), index_key(0), index_key(u64::MAX));
+        more(&mut batch)?;
         self.db.write(batch).map_err(db_err)?;
         self.sync_wal()?;
         self.active.store(staged, Ordering::Release);
-        self.applied.send_replace(log_id.map_or(0, |l| l.index()));
+        self.applied.send_replace(index);
         let _ = self.events.send(StateEvent::Reset);
         Ok(())
     }
@@ -597,84 +831,6 @@ impl Store {
             .ok()
             .flatten()
             .unwrap_or(0)
-    }
-
-    fn snapshot_path(&self) -> PathBuf {
-        self.dir.join("snapshot.bin")
-    }
-
-    /// Writes `data` as the current snapshot, atomically, unless the file
-    /// already holds a newer one (a build and an install may race).
-    fn save_snapshot_file(&self, meta: &SnapshotMetaOf<TypeConfig>, data: &[u8]) -> io::Result<()> {
-        static NEXT_TMP: AtomicU64 = AtomicU64::new(0);
-        let encoded = encode(meta)?;
-        let tmp = self.dir.join(format!(
-            "snapshot.bin.tmp.{}.{}",
-            std::process::id(),
-            NEXT_TMP.fetch_add(1, Ordering::Relaxed)
-        ));
-        let written = (|| {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&(encoded.len() as u64).to_be_bytes())?;
-            f.write_all(&encoded)?;
-            f.write_all(data)?;
-            f.sync_all()
-        })();
-        let res = written.and_then(|()| {
-            let _guard = self
-                .snapshot_file
-                .lock()
-                .map_err(|_| io::Error::other("snapshot file lock poisoned"))?;
-            let current = self.load_snapshot_meta()?;
-            if current.is_some_and(|c| c.last_log_id > meta.last_log_id) {
-                std::fs::remove_file(&tmp)?;
-                return Ok(());
-            }
-            std::fs::rename(&tmp, self.snapshot_path())?;
-            std::fs::File::open(&self.dir)?.sync_all()
-        });
-        if res.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        res
-    }
-
-    /// The metadata of the snapshot file, if there is one (its header only).
-    fn load_snapshot_meta(&self) -> io::Result<Option<SnapshotMetaOf<TypeConfig>>> {
-        use std::io::Read;
-        let mut f = match std::fs::File::open(self.snapshot_path()) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let mut len = [0u8; 8];
-        f.read_exact(&mut len)?;
-        let len = u64::from_be_bytes(len);
-        if len > MAX_SNAPSHOT_BYTES as u64 {
-            return Err(codec_err("bad snapshot header"));
-        }
-        let mut meta = Vec::new();
-        f.take(len).read_to_end(&mut meta)?;
-        decode(&meta).map(Some)
-    }
-
-    fn load_snapshot_file(&self) -> io::Result<Option<(SnapshotMetaOf<TypeConfig>, Vec<u8>)>> {
-        let bytes = match std::fs::read(self.snapshot_path()) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let len = bytes
-            .get(..8)
-            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()) as usize)
-            .ok_or_else(|| codec_err("snapshot file too short"))?;
-        let meta_end = 8usize
-            .checked_add(len)
-            .filter(|&e| e <= bytes.len())
-            .ok_or_else(|| codec_err("bad snapshot header"))?;
-        let meta = decode(&bytes[8..meta_end])?;
-        Ok(Some((meta, bytes[meta_end..].to_vec())))
     }
 }
 
@@ -1057,12 +1213,27 @@ impl<'a> ApplyBatch<'a> {
         let cf = store.state_cf();
         for change in &applied.changes {
             match change {
-                Change::Put { entry: e, .. } => {
-                    self.batch.put_cf(cf, e.name.as_bytes(), encode(e)?);
+                Change::Put {
+                    entry: e,
+                    previous_location,
+                } => {
+                    let value = encode(e)?;
+                    if let Some(old) = previous_location.as_ref().filter(|l| **l != e.location) {
+                        self.batch.delete_cf(cf, location_key(old, &e.name));
+                    }
+                    self.batch
+                        .put_cf(cf, location_key(&e.location, &e.name), &value);
+                    self.batch.put_cf(cf, cyrus_order_key(&e.name), value);
                     self.overlay.insert(e.name.clone(), Some(e.clone()));
                 }
-                Change::Removed { name, .. } => {
-                    self.batch.delete_cf(cf, name.as_bytes());
+                Change::Removed {
+                    name,
+                    previous_location,
+                    ..
+                } => {
+                    self.batch.delete_cf(cf, cyrus_order_key(name));
+                    self.batch
+                        .delete_cf(cf, location_key(previous_location, name));
                     self.overlay.insert(name.clone(), None);
                 }
             }
@@ -1165,7 +1336,7 @@ impl<'a> ApplyBatch<'a> {
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = Self;
 
     async fn applied_state(
@@ -1220,104 +1391,97 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMetaOf<TypeConfig>,
         snapshot: Self::SnapshotData,
     ) -> io::Result<()> {
-        let data = snapshot.into_inner();
-        if data.len() > MAX_SNAPSHOT_BYTES {
-            return Err(codec_err("snapshot larger than the configured maximum"));
+        let generation = match snapshot {
+            SnapshotData::Staged(generation) => generation,
+            // The state itself is the snapshot (see `get_current_snapshot`):
+            // a view of it is installed already, and nothing else can be.
+            SnapshotData::View(_) => {
+                let applied = self
+                    .store
+                    .get::<Option<LogIdOf<TypeConfig>>>(CF_STATE, KEY_APPLIED)?
+                    .flatten();
+                return if applied == meta.last_log_id {
+                    Ok(())
+                } else {
+                    Err(codec_err("a snapshot view cannot be installed elsewhere"))
+                };
+            }
+        };
+        let owner = self.store.staging.clone().lock_owned().await;
+        if *owner != generation {
+            return Err(superseded());
         }
-        let items: Vec<StateItem> = decode(&data)?;
         let s = self.store.clone();
         let meta2 = meta.clone();
-        tokio::task::spawn_blocking(move || -> io::Result<()> {
-            // The file first: once the database says "applied up to here",
-            // the snapshot that proves it must already be on disk.
-            s.save_snapshot_file(&meta2, &data)?;
-            let mut batch = WriteBatch::default();
-            let cf = s.state_cf();
-            batch.delete_range_cf(cf, b"".as_slice(), STATE_KEY_END);
-            for i in &items {
-                batch.put_cf(cf, i.key(), i.value()?);
-            }
-            batch.put_cf(s.cf(CF_STATE), KEY_APPLIED, encode(&meta2.last_log_id)?);
-            batch.put_cf(
-                s.cf(CF_STATE),
-                KEY_INSTALLED_SNAPSHOT,
-                encode(&meta2.last_log_id.as_ref().map_or(0, |l| l.index()))?,
-            );
-            batch.put_cf(
-                s.cf(CF_STATE),
-                KEY_MEMBERSHIP,
-                encode(&meta2.last_membership)?,
-            );
-            s.db.write(batch).map_err(db_err)?;
-            s.sync_wal()
+        tokio::task::spawn_blocking(move || {
+            let _owner = owner;
+            s.install_staged(&meta2)
         })
         .await
         .map_err(io::Error::other)??;
         metrics::counter!("corvid_snapshot_installs_total").increment(1);
-        self.store
-            .applied
-            .send_replace(meta.last_log_id.as_ref().map_or(0, |l| l.index()));
-        let _ = self.store.events.send(StateEvent::Reset);
         Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> io::Result<Option<SnapshotOf<TypeConfig, Self::SnapshotData>>> {
-        Ok(self
-            .store
-            .load_snapshot_file()?
-            .map(|(meta, data)| SnapshotOf::<TypeConfig, _> {
-                meta,
-                snapshot: Cursor::new(data),
-            }))
+        // The live state is always the current snapshot: a fresh view of it
+        // covers everything applied, so every compacted entry too.
+        let (meta, view) = self.store.open_view().await?;
+        if meta.last_log_id.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(SnapshotOf::<TypeConfig, _> {
+            meta,
+            snapshot: SnapshotData::View(view),
+        }))
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotData;
 
+    /// Opens a view: nothing is serialised or copied.
     async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, Self::SnapshotData>> {
-        let s = self.store.clone();
         let started = std::time::Instant::now();
-        let (meta, data) = tokio::task::spawn_blocking(move || -> io::Result<_> {
-            // One point-in-time view for the entries and the applied id.
-            let snap = s.db.snapshot();
-            let read = |key: &[u8]| -> io::Result<Option<Vec<u8>>> {
-                snap.get_cf(s.cf(CF_STATE), key).map_err(db_err)
-            };
-            let last_log_id: Option<LogIdOf<TypeConfig>> = match read(KEY_APPLIED)? {
-                Some(b) => decode(&b)?,
-                None => None,
-            };
-            let last_membership: StoredMembershipOf<TypeConfig> = match read(KEY_MEMBERSHIP)? {
-                Some(b) => decode(&b)?,
-                None => Default::default(),
-            };
-            let mut items = Vec::new();
-            for item in snap.iterator_cf(s.live_family_in(&snap)?, IteratorMode::Start) {
-                let (k, v) = item.map_err(db_err)?;
-                items.push(StateItem::decode(&k, &v)?);
-            }
-            let data = encode(&items)?;
-            let meta = SnapshotMetaOf::<TypeConfig> {
-                last_log_id,
-                last_membership,
-            };
-            s.save_snapshot_file(&meta, &data)?;
-            Ok((meta, data))
-        })
-        .await
-        .map_err(io::Error::other)
-        .and_then(|built| built)
-        .inspect_err(|_| crate::metrics::snapshot_failed("build"))?;
+        let (meta, view) = self
+            .store
+            .open_view()
+            .await
+            .inspect_err(|_| crate::metrics::snapshot_failed("build"))?;
         metrics::counter!("corvid_snapshot_builds_total").increment(1);
         metrics::histogram!("corvid_snapshot_build_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         Ok(SnapshotOf::<TypeConfig, _> {
             meta,
-            snapshot: Cursor::new(data),
+            snapshot: SnapshotData::View(view),
         })
+    }
+}
+
+/// A Raft snapshot as a node holds it: never the state's bytes in memory.
+#[derive(Debug)]
+pub enum SnapshotData {
+    /// A point-in-time view of this node's state, read chunk by chunk as it
+    /// is sent to a follower.
+    View(StateView),
+    /// Received from a leader into the staging family by the transfer of
+    /// this generation (see [`Store::begin_staging`]); installing it swaps
+    /// it in.
+    Staged(u64),
+}
+
+/// A point-in-time view of the state being read (see [`Store::open_view`]).
+#[derive(Debug)]
+pub struct StateView {
+    chunks: mpsc::Receiver<io::Result<Vec<StateItem>>>,
+}
+
+impl StateView {
+    /// The next chunk, `None` at the end.
+    pub async fn next_chunk(&mut self) -> io::Result<Option<Vec<StateItem>>> {
+        self.chunks.recv().await.transpose()
     }
 }
 
@@ -1358,15 +1522,8 @@ mod tests {
 
     /// A new store in `dir` with `from`'s Raft snapshot installed.
     async fn snapshot_into(from: &Store, dir: &Path) -> Store {
-        let snapshot = StateMachine::new(from.clone())
-            .build_snapshot()
-            .await
-            .unwrap();
         let to = Store::open(dir).unwrap();
-        StateMachine::new(to.clone())
-            .install_snapshot(&snapshot.meta, snapshot.snapshot)
-            .await
-            .unwrap();
+        transfer(from, &to).await;
         to
     }
 
@@ -1375,6 +1532,29 @@ mod tests {
         let outcome = batch.entry(log_id(index), Some(p)).unwrap();
         batch.commit().unwrap();
         outcome
+    }
+
+    /// Sends `from`'s state to `to` as a Raft snapshot transfer does, chunk
+    /// by chunk into staging, then installs it; returns the chunk count.
+    async fn transfer(from: &Store, to: &Store) -> usize {
+        let mut snapshot = StateMachine::new(from.clone())
+            .build_snapshot()
+            .await
+            .unwrap();
+        let SnapshotData::View(view) = &mut snapshot.snapshot else {
+            panic!("a built snapshot is a view");
+        };
+        let generation = to.begin_staging().await.unwrap();
+        let mut chunks = 0;
+        while let Some(items) = view.next_chunk().await.unwrap() {
+            to.stage_chunk(generation, items).await.unwrap();
+            chunks += 1;
+        }
+        StateMachine::new(to.clone())
+            .install_snapshot(&snapshot.meta, SnapshotData::Staged(generation))
+            .await
+            .unwrap();
+        chunks
     }
 
     #[tokio::test]
@@ -1389,7 +1569,8 @@ mod tests {
             apply_one(&a, 2, &proposal(2, activate("user.x"))),
             Outcome::Done
         );
-        let b = snapshot_into(&a, &dir.path().join("b")).await;
+        let b = Store::open(&dir.path().join("b")).unwrap();
+        transfer(&a, &b).await;
         // The RESERVE retried after the snapshot: answered, not applied.
         assert_eq!(
             apply_one(&b, 3, &proposal(1, reserve("user.x"))),
@@ -1450,7 +1631,7 @@ mod tests {
 
         // So does the replica stream's chunked snapshot (the same walk).
         let mut items = Vec::new();
-        a.scan_chunks(2, false, |part| {
+        a.scan_chunks(false, |part| {
             if let Err(chunk) = part {
                 items.extend(chunk);
             }
@@ -1575,7 +1756,6 @@ mod tests {
             apply_one(&a, 1, &proposal(1, reserve("user.x"))),
             Outcome::Done
         );
-        let snapshot = StateMachine::new(a.clone()).build_snapshot().await.unwrap();
         // A follower whose log holds entries (perhaps never committed) at
         // and after the snapshot's index when the snapshot is installed.
         let b = Store::open(&dir.path().join("b")).unwrap();
@@ -1585,10 +1765,7 @@ mod tests {
         ])
         .unwrap();
         assert!(b.committed_records(1, 2, 10).unwrap().is_some());
-        StateMachine::new(b.clone())
-            .install_snapshot(&snapshot.meta, snapshot.snapshot)
-            .await
-            .unwrap();
+        transfer(&a, &b).await;
         assert!(
             b.committed_records(1, 2, 10).unwrap().is_none(),
             "the stream must send a snapshot instead"
@@ -1641,27 +1818,155 @@ mod tests {
         Store::open(dir.path()).expect("reopens once every handle is gone");
     }
 
-    #[test]
-    fn an_older_snapshot_never_replaces_a_newer_file() {
+    /// A Raft snapshot is read from a point-in-time view in bounded chunks
+    /// (by count and by bytes, so every frame stays far below the frame
+    /// limit whatever the registry's size), staged and swapped in whole; a
+    /// newer transfer takes the staging family over from an older one.
+    #[tokio::test]
+    async fn a_snapshot_travels_in_bounded_chunks_and_installs_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        let meta = |i| SnapshotMetaOf::<TypeConfig> {
-            last_log_id: Some(log_id(i)),
-            last_membership: Default::default(),
+        let a = Store::open(&dir.path().join("a")).unwrap();
+        let mut batch = ApplyBatch::new(&a).unwrap();
+        // Small entries (chunks closed by count), then entries with the
+        // largest ACL a MUPDATE literal carries by default (closed by bytes).
+        let big_acl = format!("{}\tlrs\t", "u".repeat(64 * 1024 - 8));
+        for i in 0..5000u64 {
+            let acl = if i >= 4900 {
+                big_acl.clone()
+            } else {
+                "anyone\tlrs\t".into()
+            };
+            let p = proposal(
+                i + 1,
+                RegistryCommand::Activate {
+                    name: format!("user.m{i:05}"),
+                    location: "be1!default".into(),
+                    acl,
+                },
+            );
+            assert_eq!(batch.entry(log_id(i + 1), Some(&p)).unwrap(), Outcome::Done);
+        }
+        batch.commit().unwrap();
+
+        let (meta, mut view) = a.open_view().await.unwrap();
+        assert_eq!(meta.last_log_id, Some(log_id(5000)));
+        // Writes after the view was opened are not in it.
+        apply_one(&a, 5001, &proposal(5001, activate("user.later")));
+        let mut chunks = 0;
+        let mut items = 0;
+        while let Some(c) = view.next_chunk().await.unwrap() {
+            let mut frame = Vec::new();
+            crate::peer::write_frame(
+                &mut frame,
+                &crate::stream::StreamFrame::SnapshotChunk(c.clone()),
+            )
+            .unwrap();
+            assert!(
+                frame.len() <= SNAPSHOT_CHUNK_BYTES + 3 * 64 * 1024,
+                "a chunk of {} bytes",
+                frame.len()
+            );
+            assert!(c.len() <= SNAPSHOT_CHUNK_ITEMS);
+            items += c.len();
+            chunks += 1;
+        }
+        // 5000 mailboxes, one session and the clock.
+        assert_eq!(items, 5002);
+        assert!(chunks >= 5, "only {chunks} chunks");
+
+        let b = Store::open(&dir.path().join("b")).unwrap();
+        apply_one(&b, 1, &proposal(1, activate("user.old")));
+        // An older transfer, taken over by a newer one, can no longer write.
+        let old = b.begin_staging().await.unwrap();
+        b.stage_chunk(old, vec![StateItem::Clock(7)]).await.unwrap();
+        assert!(transfer(&a, &b).await >= 5);
+        assert!(b.stage_chunk(old, vec![StateItem::Clock(7)]).await.is_err());
+        assert!(StateMachine::new(b.clone())
+            .install_snapshot(&meta, SnapshotData::Staged(old))
+            .await
+            .is_err());
+        let (applied, names) = b.scan(|_| true).unwrap();
+        assert_eq!(applied, 5001);
+        assert_eq!(names.len(), 5001);
+        assert!(b.mailbox("user.old").unwrap().is_none());
+        assert_eq!(b.mailbox("user.m04999").unwrap().unwrap().acl, big_acl);
+    }
+
+    /// LIST by location reads the location index, which the apply batch
+    /// keeps in step with every change (moves and deletes included) and a
+    /// follower derives from a snapshot's mailboxes.
+    #[tokio::test]
+    async fn list_by_location_reads_an_index_kept_in_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(&dir.path().join("a")).unwrap();
+        let at = |seq: u64, name: &str, location: &str| {
+            proposal(
+                seq,
+                RegistryCommand::Activate {
+                    name: name.into(),
+                    location: location.into(),
+                    acl: String::new(),
+                },
+            )
         };
-        s.save_snapshot_file(&meta(10), b"ten").unwrap();
-        s.save_snapshot_file(&meta(5), b"five").unwrap();
-        let (m, data) = s.load_snapshot_file().unwrap().unwrap();
-        assert_eq!(
-            (m.last_log_id, data.as_slice()),
-            (Some(log_id(10)), &b"ten"[..])
-        );
-        // No temporary file is left behind.
-        let left: Vec<_> = std::fs::read_dir(dir.path())
+        let mut batch = ApplyBatch::new(&a).unwrap();
+        let ops = [
+            at(1, "user.b", "be1!default"),
+            at(2, "user.a-b", "be1!default"),
+            at(3, "user.a.b", "be1!other"),
+            at(4, "user.c", "be2!default"),
+            at(5, "user.d", "be1!default"),
+            // A move from be1 to be2, and a delete.
+            at(6, "user.b", "be2!default"),
+            proposal(
+                7,
+                RegistryCommand::Delete {
+                    name: "user.d".into(),
+                },
+            ),
+        ];
+        for (i, p) in ops.iter().enumerate() {
+            assert_eq!(
+                batch.entry(log_id(i as u64 + 1), Some(p)).unwrap(),
+                Outcome::Done
+            );
+        }
+        batch.commit().unwrap();
+        let names = |s: &Store, prefix: &str| -> Vec<String> {
+            s.list_location(prefix)
+                .unwrap()
+                .into_iter()
+                .map(|e| format!("{}@{}", e.name, e.location))
+                .collect()
+        };
+        // Two partitions of be1 merge in Cyrus's order ('.' first).
+        let be1 = ["user.a.b@be1!other", "user.a-b@be1!default"];
+        let be2 = ["user.b@be2!default", "user.c@be2!default"];
+        assert_eq!(names(&a, "be1!"), be1);
+        assert_eq!(names(&a, "be2!default"), be2);
+        assert_eq!(names(&a, "be3!"), Vec::<String>::new());
+        assert_eq!(names(&a, "").len(), 4);
+        // The moved and the deleted names left no index key behind.
+        let cf = a.state_cf();
+        for (location, name) in [("be1!default", "user.b"), ("be1!default", "user.d")] {
+            assert!(a
+                .db
+                .get_cf(cf, location_key(location, name))
+                .unwrap()
+                .is_none());
+        }
+        // A follower derives the same index from a snapshot.
+        let b = Store::open(&dir.path().join("b")).unwrap();
+        transfer(&a, &b).await;
+        assert_eq!(names(&b, "be1!"), be1);
+        assert_eq!(names(&b, "be2!"), be2);
+        // LIST by name prefix is a key range in the same order.
+        let by_name: Vec<String> = b
+            .list_names("user.a")
             .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+            .into_iter()
+            .map(|e| e.name)
             .collect();
-        assert!(left.is_empty());
+        assert_eq!(by_name, ["user.a.b", "user.a-b"]);
     }
 }

@@ -12,22 +12,28 @@
 //! nothing to send, a heartbeat tells the follower the master's applied
 //! index and whether it knows a leader, so a follower can measure its lag
 //! and leave a master cut off from the cluster.
+//!
+//! Raft snapshots travel the same way, leader to follower on a connection
+//! of their own ([`send_raft_snapshot`], [`receive_raft_snapshot`]): the
+//! same chunk frames, read from a point-in-time view as they are sent and
+//! staged by the follower as they arrive, then swapped in whole.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use openraft::alias::LogIdOf;
+use bytes::BytesMut;
+use openraft::alias::{LogIdOf, SnapshotMetaOf, VoteOf};
+use openraft::raft::SnapshotResponse;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::peer::write_frame;
+use crate::peer::{connect, read_frame, write_frame, PeerError, PeerRequest, PeerResponse};
 use crate::raft::{Registry, TypeConfig};
-use crate::store::{LogRecord, StateItem, Store};
+use crate::store::{LogRecord, StateItem, StateView, Store};
 
 /// Most log records in one frame.
 pub const RECORDS_PER_FRAME: usize = 1024;
-/// Most mailboxes in one snapshot frame.
-pub const ENTRIES_PER_CHUNK: usize = 2048;
 /// How often an idle stream sends a heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -64,10 +70,151 @@ pub enum StreamFrame {
     },
 }
 
-async fn send<S: AsyncWrite + Unpin>(socket: &mut S, frame: &StreamFrame) -> std::io::Result<()> {
+/// A follower gives up a Raft snapshot transfer that sends nothing for
+/// this long (its leader died or was cut off); a newer transfer may take
+/// the staging family over before that.
+pub const SNAPSHOT_SILENCE: Duration = Duration::from_secs(30);
+
+async fn send<S: AsyncWrite + Unpin, T: Serialize>(
+    socket: &mut S,
+    frame: &T,
+) -> std::io::Result<()> {
     let mut out = Vec::new();
     write_frame(&mut out, frame).map_err(std::io::Error::other)?;
     socket.write_all(&out).await
+}
+
+/// Sends a Raft snapshot (its metadata `meta` and the point-in-time `view`
+/// it was read from) to the follower at `addr` on a connection of its own,
+/// and returns the follower's answer once it installed it. Every step (a
+/// chunk written, the answer) must finish within `step_timeout`, however
+/// large the registry. `chunk_delay` (TEST ONLY, normally zero) is a pause
+/// before each chunk, so that tests can kill a follower mid-transfer.
+pub async fn send_raft_snapshot(
+    addr: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    vote: VoteOf<TypeConfig>,
+    meta: SnapshotMetaOf<TypeConfig>,
+    mut view: StateView,
+    step_timeout: Duration,
+    chunk_delay: Duration,
+) -> Result<SnapshotResponse<TypeConfig>, PeerError> {
+    let started = Instant::now();
+    let io = |source| PeerError::Io {
+        addr: addr.to_owned(),
+        source,
+    };
+    let mut socket = within(step_timeout, addr, connect(addr, tls)).await??;
+    let request = PeerRequest::InstallSnapshot { vote, meta };
+    within(step_timeout, addr, send(&mut socket, &request))
+        .await?
+        .map_err(io)?;
+    let mut chunks = 0u64;
+    while let Some(items) = view.next_chunk().await.map_err(io)? {
+        if !chunk_delay.is_zero() {
+            tokio::time::sleep(chunk_delay).await;
+        }
+        let frame = StreamFrame::SnapshotChunk(items);
+        within(step_timeout, addr, send(&mut socket, &frame))
+            .await?
+            .map_err(io)?;
+        chunks += 1;
+        metrics::counter!("corvid_snapshot_chunks_sent_total").increment(1);
+    }
+    within(
+        step_timeout,
+        addr,
+        send(&mut socket, &StreamFrame::SnapshotEnd),
+    )
+    .await?
+    .map_err(io)?;
+    let mut buf = BytesMut::with_capacity(8192);
+    let answer = within(
+        step_timeout,
+        addr,
+        read_frame::<PeerResponse, _>(&mut socket, &mut buf),
+    )
+    .await?
+    .map_err(|e| PeerError::from_read(addr, e))?;
+    tracing::info!(
+        addr,
+        chunks,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "sent a snapshot to a follower"
+    );
+    match answer {
+        PeerResponse::Snapshot(r) => Ok(r),
+        PeerResponse::Error(message) => Err(PeerError::Remote {
+            addr: addr.to_owned(),
+            message,
+        }),
+        other => Err(PeerError::Frame {
+            addr: addr.to_owned(),
+            reason: format!("unexpected answer to a snapshot: {other:?}"),
+        }),
+    }
+}
+
+/// `f`, or a timeout error from `addr` after `limit`.
+async fn within<T>(
+    limit: Duration,
+    addr: &str,
+    f: impl std::future::Future<Output = T>,
+) -> Result<T, PeerError> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| PeerError::Timeout(addr.to_owned()))
+}
+
+/// Receives a Raft snapshot on `socket` (after its
+/// [`PeerRequest::InstallSnapshot`]; `buf` holds what was read past it):
+/// stages the chunks as they arrive, then has Raft install it, which swaps
+/// it in whole, and answers. Memory stays bounded by a chunk; a transfer
+/// cut short leaves the live state untouched.
+pub async fn receive_raft_snapshot<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: &mut S,
+    buf: &mut BytesMut,
+    registry: &Registry,
+    vote: VoteOf<TypeConfig>,
+    meta: SnapshotMetaOf<TypeConfig>,
+) -> std::io::Result<()> {
+    let started = Instant::now();
+    let store = registry.store();
+    let generation = store.begin_staging().await?;
+    let mut items = 0u64;
+    loop {
+        let frame = tokio::time::timeout(SNAPSHOT_SILENCE, read_frame(socket, buf))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "snapshot transfer went silent",
+                )
+            })??;
+        match frame {
+            StreamFrame::SnapshotChunk(chunk) => {
+                items += chunk.len() as u64;
+                store.stage_chunk(generation, chunk).await?;
+                metrics::counter!("corvid_snapshot_chunks_received_total").increment(1);
+            }
+            StreamFrame::SnapshotEnd => break,
+            _ => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "unexpected frame in a snapshot transfer",
+                ))
+            }
+        }
+    }
+    let response = registry
+        .install_staged_snapshot(vote, meta, generation)
+        .await;
+    tracing::info!(
+        items,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "received a snapshot from the leader"
+    );
+    send(socket, &response).await
 }
 
 /// Serves one follower that has applied everything up to `after`, until the
@@ -148,9 +295,11 @@ async fn send_snapshot<S: AsyncWrite + Unpin>(
     let (tx, mut rx) = mpsc::channel(2);
     let s = store.clone();
     let scan = tokio::task::spawn_blocking(move || {
-        s.scan_chunks(ENTRIES_PER_CHUNK, false, |part| {
+        s.scan_chunks(false, |part| {
             let frame = match part {
-                Ok(log_id) => StreamFrame::SnapshotBegin { log_id },
+                Ok(meta) => StreamFrame::SnapshotBegin {
+                    log_id: meta.last_log_id,
+                },
                 Err(entries) => StreamFrame::SnapshotChunk(entries),
             };
             tx.blocking_send(frame).is_ok()

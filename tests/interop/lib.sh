@@ -658,6 +658,7 @@ start_server_under_test() {
 ## CORVID_CLUSTER_MUPDATE (space-separated host:port per node, node 1 first),
 ## CORVID_CLUSTER_PEER (node 1's peer address) and CORVID_CLUSTER_PEERS
 ## (every node's peer address, comma-separated, as --masters takes them).
+## With CORVID_CLUSTER_CONFIG set, every node reads that config file.
 start_corvid_cluster() {
   local n=$1 dir=$2 admin=$3 pass=$4 i mport pport members=() mupdates=()
   mkdir -p "$dir"
@@ -691,11 +692,29 @@ _corvid_cluster_node() {
   read -r mport pport <<<"${_CORVID_CLUSTER_PORTS[i - 1]}"
   spawn "$log" "$CORVID_BIN_DIR/corvid-registry" --data-dir "$CORVID_CLUSTER_DIR/node$i" \
     --node-id "$i" --no-bootstrap --listen "127.0.0.1:$mport" --peer-listen "127.0.0.1:$pport" \
-    --metrics-listen 127.0.0.1:0 --server-name "corvid-node$i" --users-file "$CORVID_CLUSTER_DIR/users.toml"
+    --metrics-listen 127.0.0.1:0 --server-name "corvid-node$i" --users-file "$CORVID_CLUSTER_DIR/users.toml" \
+    ${CORVID_CLUSTER_CONFIG:+--config "$CORVID_CLUSTER_CONFIG"}
   CORVID_CLUSTER_PGIDS[i - 1]=$SPAWNED_PID
   _CORVID_CLUSTER_LOGS[i - 1]=$log
   wait_for "node $i ready line" _corvid_ready "$log" "$SPAWNED_PID" || true
   grep -q '^corvid-registry ready' "$log" || die "cluster node $i did not start"
+}
+
+## corvid_metric HOSTPORT NAME: the value of an unlabelled metric on a
+## node's metrics port (0 when absent).
+corvid_metric() {
+  python3 - "$1" "$2" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode()
+print(next((l.split()[-1] for l in text.splitlines() if l.split(" ")[0] == sys.argv[2]), "0"))
+PY
+}
+
+## corvid_cluster_caught_up ID: whether node ID has applied everything the
+## leader has (as `corvidctl cluster status` on CORVID_CLUSTER_PEER shows).
+corvid_cluster_caught_up() {
+  "$CORVID_BIN_DIR/corvidctl" cluster --peer "$CORVID_CLUSTER_PEER" status |
+    awk -v id="$1" '$3 == "Leader" {l = $7} $1 == id {a = $8} END {exit !(l > 0 && a >= l)}'
 }
 
 ## corvid_cluster_stop: SIGKILL every node of the cluster and wait until

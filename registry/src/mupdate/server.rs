@@ -22,7 +22,7 @@ use crate::directory::Directory;
 use crate::model::{
     server_of, Change, ClientSession, MailboxEntry, MailboxState, Outcome, RegistryCommand,
 };
-use crate::store::StateEvent;
+use crate::store::{StateEvent, StateItem};
 use crate::tls::MaybeTls;
 
 /// Settings of the MUPDATE listener.
@@ -635,25 +635,49 @@ impl Session {
             self.reply(tag, "UPDATE", Status::No, &e.to_string());
             return Ok(());
         }
+        // The dump streams from one point-in-time view, in key order (which
+        // is Cyrus's order), a chunk at a time: memory stays bounded however
+        // large the registry.
         let store = self.ctx.directory.store().clone();
         let filter = servers.clone();
-        let dump = tokio::task::spawn_blocking(move || {
-            store.scan(|e| filter.is_empty() || filter.iter().any(|s| s == e.server()))
-        })
-        .await
-        .map_err(std::io::Error::other)?;
-        let (index, entries) = match dump {
-            Ok(d) => d,
-            Err(e) => {
-                self.reply(tag, "UPDATE", Status::No, &e.to_string());
-                return Ok(());
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let walk = tokio::task::spawn_blocking(move || {
+            store.scan_chunks(true, |part| {
+                let part = match part {
+                    Ok(meta) => Ok(meta.last_log_id.map_or(0, |l| l.index)),
+                    Err(items) => Err(items
+                        .into_iter()
+                        .filter_map(|i| match i {
+                            StateItem::Mailbox(e)
+                                if filter.is_empty() || filter.iter().any(|s| s == e.server()) =>
+                            {
+                                Some(e)
+                            }
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>()),
+                };
+                tx.blocking_send(part).is_ok()
+            })
+        });
+        let mut index = 0;
+        while let Some(part) = rx.recv().await {
+            match part {
+                Ok(i) => index = i,
+                Err(entries) => {
+                    for e in &entries {
+                        write_entry(&mut self.output, tag, e);
+                    }
+                    if self.output.len() > 64 * 1024 {
+                        self.flush().await?;
+                    }
+                }
             }
-        };
-        for e in &entries {
-            write_entry(&mut self.output, tag, e);
-            if self.output.len() > 64 * 1024 {
-                self.flush().await?;
-            }
+        }
+        if let Err(e) = walk.await.map_err(std::io::Error::other)? {
+            self.output.clear();
+            self.reply(tag, "UPDATE", Status::No, &e.to_string());
+            return Ok(());
         }
         self.reply(tag, "UPDATE", Status::Ok, "streaming starts");
         self.streaming = Some(Streaming {
