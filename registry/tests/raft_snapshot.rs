@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{metric, names, wait_for, TestCluster};
 use corvid_registry::model::{ClientTag, MailboxState, Outcome, RegistryCommand};
-use corvid_registry::peer::{AdminRequest, PeerClient, PeerRequest, PeerResponse};
+use corvid_registry::peer::{PeerClient, PeerRequest, PeerResponse};
 use corvid_registry::store::Store;
 
 const MAILBOXES: usize = 6000;
@@ -26,16 +26,7 @@ async fn a_learner_killed_mid_snapshot_keeps_its_old_state_and_converges() {
     assert_eq!(cluster.leader(&[1]).await, 1);
     let mut c = cluster.client(1).await;
     common::activate(&mut c, "user.old").await;
-    cluster
-        .admin(
-            1,
-            AdminRequest::AddLearner {
-                id: 2,
-                addr: cluster.spec(2).peer.clone(),
-            },
-        )
-        .await
-        .unwrap();
+    cluster.make_learner(2, 1).await;
     let old_index = learner_caught_up(&cluster).await;
     cluster.kill(2);
 

@@ -13,7 +13,6 @@ use std::time::Duration;
 use common::{free_port, metric, wait_for, TestCluster, ADMIN, READER};
 use corvid_registry::mupdate::client::Client;
 use corvid_registry::mupdate::codec::{Command, Status};
-use corvid_registry::peer::AdminRequest;
 
 async fn login(addr: &str, user: (&str, &str)) -> Client {
     wait_for(Duration::from_secs(20), || async {
@@ -43,16 +42,7 @@ async fn a_learner_forwards_at_once_after_the_leader_restarted() {
     let mut cluster = TestCluster::start(2, "");
     cluster.init(1).await;
     cluster.leader(&[1]).await;
-    cluster
-        .admin(
-            1,
-            AdminRequest::AddLearner {
-                id: 2,
-                addr: cluster.spec(2).peer.clone(),
-            },
-        )
-        .await
-        .unwrap();
+    cluster.make_learner(2, 1).await;
     // The learner's writes go to the leader over its connection pool.
     let mut c = login(&cluster.spec(2).mupdate, ADMIN).await;
     assert_eq!(try_activate(&mut c, "user.before").await.0, Status::Ok);

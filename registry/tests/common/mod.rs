@@ -285,11 +285,16 @@ impl TestCluster {
     /// Starts one more node and adds it as a learner through node `via`.
     pub async fn add_learner(&mut self, via: u64) -> u64 {
         let new = self.add_node();
-        let addr = self.spec(new).peer.clone();
-        self.admin(via, AdminRequest::AddLearner { id: new, addr })
+        self.make_learner(new, via).await;
+        new
+    }
+
+    /// Adds the running node `id` as a learner through node `via`.
+    pub async fn make_learner(&self, id: u64, via: u64) {
+        let addr = self.spec(id).peer.clone();
+        self.admin(via, AdminRequest::AddLearner { id, addr })
             .await
             .unwrap();
-        new
     }
 
     /// The credentials file every node reads (re-read when it changes).
