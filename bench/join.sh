@@ -50,22 +50,11 @@ echo "join of a node to a cluster of $N mailboxes: ${join_s}s (peak RSS $((rss_k
 target=$("$CTL" cluster --peer "$CORVID_CLUSTER_PEER" status | awk '$3 == "Leader" {print $8}')
 echo "== cold sync of a replica to index $target"
 sync_start=$(date +%s.%N)
-spawn "$WORK/replica.log" "$CORVID_BIN_DIR/corvid-registry" --role replica \
-  --masters "$CORVID_CLUSTER_PEER" --data-dir "$WORK/replica" --listen 127.0.0.1:0 \
-  --metrics-listen 127.0.0.1:0 --users-file "$WORK/cluster/users.toml"
+start_corvid_replica "$WORK" "$CORVID_CLUSTER_PEER" "$WORK/cluster/users.toml"
 replica_pid=$SPAWNED_PID
-wait_for "replica ready" _corvid_ready "$WORK/replica.log" "$replica_pid"
-line=$(grep -m1 '^corvid-registry ready' "$WORK/replica.log")
-replica_mupdate=${line#*mupdate=}
-replica_mupdate=${replica_mupdate%% *}
-replica_metrics=${line#*metrics=}
-replica_metrics=${replica_metrics%% *}
-_replica_synced() {
-  local a
-  a=$(corvid_metric "$replica_metrics" corvid_replica_applied_index)
-  python3 -c "import sys; sys.exit(0 if float('$a') >= $target else 1)"
-}
-INTEROP_TIMEOUT=300 wait_for "replica synced" _replica_synced
+replica_mupdate=127.0.0.1:$CORVID_REPLICA_MUPDATE_PORT
+replica_metrics=127.0.0.1:$CORVID_REPLICA_METRICS_PORT
+INTEROP_TIMEOUT=300 wait_for "replica synced" corvid_replica_applied "$replica_metrics" "$target"
 sync_end=$(date +%s.%N)
 sync_s=$(python3 -c "print(f'{$sync_end - $sync_start:.1f}')")
 replica_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$replica_pid/status")

@@ -599,6 +599,14 @@ start_corvid() {
   export CORVID_MUPDATE_PORT CORVID_METRICS_PORT CORVID_PEER_PORT CORVID_USERS_FILE
 }
 
+## corvid_replica_applied METRICS_HOSTPORT INDEX: done when the replica
+## whose metrics are at METRICS_HOSTPORT has applied log index INDEX.
+corvid_replica_applied() {
+  local a
+  a=$(corvid_metric "$1" corvid_replica_applied_index)
+  python3 -c "import sys; sys.exit(0 if float('$a') >= $2 else 1)"
+}
+
 ## start_corvid_replica DIR MASTER_PEER_HOSTPORT[,...] USERS_FILE: start a
 ## read-only corvid-registry replica (data in DIR/replica) that follows the
 ## node(s) at MASTER_PEER_HOSTPORT and authenticates MUPDATE clients from
