@@ -70,11 +70,24 @@ print("%-9s round %s: %7.0f FIND/s  %5.1f us CPU per FIND (%4.1f user + %4.1f sy
   fi
 }
 
+# readers_per_request METRICS_HOSTPORT LABEL: how many linearizable reads
+# shared each read-index request on that node so far.
+readers_per_request() {
+  local readers requests
+  readers=$(corvid_metric "$1" corvid_raft_read_index_readers_total)
+  requests=$(corvid_metric "$1" corvid_raft_read_index_requests_total)
+  python3 -c 'import sys; r, q = float(sys.argv[1]), float(sys.argv[2]); print("%-9s %.0f reads over %.0f read-index requests: %.1f per request" % (sys.argv[3], r, q, r / max(q, 1)))' \
+    "$readers" "$requests" "$2"
+}
+
 if [[ $TARGETS == *" node "* || $TARGETS == *" replica "* ]]; then
   start_corvid "$WORK/node" admin "$PASS"
   node_pid=$SPAWNED_PID
   bench load "$CORVID_MUPDATE_PORT" --workload reserve-activate -C 32 -n "$KEYS" --prefix k
-  [[ $TARGETS == *" node "* ]] && find_rounds node "$CORVID_MUPDATE_PORT" "$node_pid"
+  if [[ $TARGETS == *" node "* ]]; then
+    find_rounds node "$CORVID_MUPDATE_PORT" "$node_pid"
+    readers_per_request "127.0.0.1:$CORVID_METRICS_PORT" node
+  fi
   if [[ $TARGETS == *" replica "* ]]; then
     start_corvid_replica "$WORK/replica" "127.0.0.1:$CORVID_PEER_PORT" "$CORVID_USERS_FILE"
     replica_pid=$SPAWNED_PID
@@ -94,7 +107,11 @@ if [[ $TARGETS == *" leader "* || $TARGETS == *" follower "* ]]; then
   wait_for "the follower has k.$((KEYS - 1))" has "${follower##*:}" "k.$((KEYS - 1))" ||
     die "the follower did not catch up"
   # The CPU of all three nodes: a linearizable read costs the leader too.
-  [[ $TARGETS == *" leader "* ]] && find_rounds leader "${leader##*:}" "${CORVID_CLUSTER_PGIDS[@]}"
-  [[ $TARGETS == *" follower "* ]] && find_rounds follower "${follower##*:}" "${CORVID_CLUSTER_PGIDS[@]}"
+  [[ $TARGETS != *" leader "* ]] || find_rounds leader "${leader##*:}" "${CORVID_CLUSTER_PGIDS[@]}"
+  if [[ $TARGETS == *" follower "* ]]; then
+    find_rounds follower "${follower##*:}" "${CORVID_CLUSTER_PGIDS[@]}"
+    follower_log=${_CORVID_CLUSTER_LOGS[$((leader_id % 3))]}
+    readers_per_request "$(sed -n 's/^corvid-registry ready .*metrics=\([^ ]*\).*/\1/p' "$follower_log" | tail -n 1)" follower
+  fi
 fi
 echo "bench-find done (KEYS=$KEYS OPS=$OPS ROUNDS=$ROUNDS)"

@@ -281,6 +281,7 @@ impl Registry {
             tokio::time::sleep(Duration::from_millis(settings.election_timeout_max_ms)).await;
         }
         let store = Store::open(data_dir)?;
+        let peers = PeerPool::new(client_tls.clone());
         let config = Config {
             cluster_name: "corvid".into(),
             heartbeat_interval: settings.heartbeat_ms,
@@ -305,6 +306,7 @@ impl Registry {
             Arc::new(config),
             Network {
                 tls: client_tls.clone(),
+                pool: peers.clone(),
                 chunk_delay: Duration::from_millis(settings.unsafe_test_stream_frame_delay_ms),
             },
             LogStore::new(store.clone())
@@ -334,7 +336,7 @@ impl Registry {
             unsafe_leader_local_reads: settings.unsafe_test_leader_local_reads,
             lease_reads: settings.lease_reads,
             recovered: Arc::new(AtomicBool::new(false)),
-            peers: PeerPool::new(client_tls),
+            peers,
             read_batches: Arc::default(),
             peer_tls,
             leaderless_grace: Duration::from_millis(settings.election_timeout_max_ms * 2),
@@ -1225,9 +1227,12 @@ where
 
 /// Raft's peer network: one [`PeerClient`] per target, bincode frames over
 /// TCP; snapshots on a connection of their own, in chunks.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Network {
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// Idle connections for the leader's probes (see
+    /// [`RaftNetworkFactory::new_heartbeat_client`]).
+    pool: PeerPool,
     /// TEST ONLY: pause before each snapshot chunk sent (see
     /// [`RaftSettings::unsafe_test_stream_frame_delay_ms`]).
     chunk_delay: Duration,
@@ -1239,8 +1244,19 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, _target: u64, node: &BasicNode) -> Self::Network {
         PeerLink {
             client: PeerClient::with_tls(node.addr.clone(), self.tls.clone()),
+            pool: None,
             tls: self.tls.clone(),
             chunk_delay: self.chunk_delay,
+        }
+    }
+
+    /// openraft makes one of these for every leadership probe of a
+    /// ReadIndex read (one per follower per batch of reads): on pooled
+    /// connections, not a TCP (and with peer TLS, a TLS) handshake each.
+    async fn new_heartbeat_client(&mut self, target: u64, node: &BasicNode) -> Self::Network {
+        PeerLink {
+            pool: Some(self.pool.clone()),
+            ..self.new_client(target, node).await
         }
     }
 }
@@ -1248,6 +1264,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// The connection to one peer, as Raft uses it.
 pub struct PeerLink {
     client: PeerClient,
+    /// Calls go through this pool (to `client`'s address) when set.
+    pool: Option<PeerPool>,
     tls: Option<Arc<rustls::ClientConfig>>,
     chunk_delay: Duration,
 }
@@ -1267,7 +1285,14 @@ impl PeerLink {
         option: RPCOption,
         expect: impl FnOnce(PeerResponse) -> Result<T, Box<PeerResponse>>,
     ) -> Result<T, RPCError<TypeConfig>> {
-        match self.client.call(&request, option.hard_ttl()).await {
+        let res = match &self.pool {
+            Some(pool) => {
+                pool.call(self.client.addr(), &request, option.hard_ttl())
+                    .await
+            }
+            None => self.client.call(&request, option.hard_ttl()).await,
+        };
+        match res {
             Ok(r) => {
                 expect(r).map_err(|other| RPCError::Network(NetworkError::new(&unexpected(*other))))
             }
