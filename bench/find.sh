@@ -10,7 +10,8 @@
 #   BENCH_FIND_OPS      FINDs per round (default 30000)
 #   BENCH_FIND_ROUNDS   rounds per target (default 3)
 #   BENCH_FIND_TARGETS  which of: node replica leader follower
-#                       (default all four)
+#                       follower-self (default the first four;
+#                       follower-self: the follower's own CPU only)
 #   BENCH_FIND_CONFIG   a config file every master node reads (e.g. to try
 #                       [raft] read settings)
 #   BENCH_FIND_PERF     a directory: `perf record -g` the measured
@@ -58,7 +59,7 @@ find_rounds() {
 import json, sys
 r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
 u, s = r["server_user_us_per_op"], r["server_sys_us_per_op"]
-print("%-9s round %s: %7.0f FIND/s  %5.1f us CPU per FIND (%4.1f user + %4.1f sys)  p50 %.2f ms"
+print("%-13s round %s: %7.0f FIND/s  %5.1f us CPU per FIND (%4.1f user + %4.1f sys)  p50 %.2f ms"
       % (r["label"], sys.argv[2], r["ops_per_sec"], u + s, u, s, r["p50_ms"]))' "$RESULTS" "$r"
   done
   if [[ -n $perf_pid ]]; then
@@ -76,7 +77,7 @@ readers_per_request() {
   local readers requests
   readers=$(corvid_metric "$1" corvid_raft_read_index_readers_total)
   requests=$(corvid_metric "$1" corvid_raft_read_index_requests_total)
-  python3 -c 'import sys; r, q = float(sys.argv[1]), float(sys.argv[2]); print("%-9s %.0f reads over %.0f read-index requests: %.1f per request" % (sys.argv[3], r, q, r / max(q, 1)))' \
+  python3 -c 'import sys; r, q = float(sys.argv[1]), float(sys.argv[2]); print("%-13s %.0f reads over %.0f read-index requests: %.1f per request" % (sys.argv[3], r, q, r / max(q, 1)))' \
     "$readers" "$requests" "$2"
 }
 
@@ -97,7 +98,7 @@ if [[ $TARGETS == *" node "* || $TARGETS == *" replica "* ]]; then
   fi
 fi
 
-if [[ $TARGETS == *" leader "* || $TARGETS == *" follower "* ]]; then
+if [[ $TARGETS == *" leader "* || $TARGETS == *" follower"* ]]; then
   CORVID_CLUSTER_CONFIG=${BENCH_FIND_CONFIG:-} start_corvid_cluster 3 "$WORK/cluster" admin "$PASS"
   read -r -a nodes <<<"$CORVID_CLUSTER_MUPDATE"
   leader_id=$("$CTL" cluster --peer "$CORVID_CLUSTER_PEER" status | awk '$3 == "Leader" {print $1}')
@@ -113,5 +114,7 @@ if [[ $TARGETS == *" leader "* || $TARGETS == *" follower "* ]]; then
     follower_log=${_CORVID_CLUSTER_LOGS[$((leader_id % 3))]}
     readers_per_request "$(sed -n 's/^corvid-registry ready .*metrics=\([^ ]*\).*/\1/p' "$follower_log" | tail -n 1)" follower
   fi
+  [[ $TARGETS != *" follower-self "* ]] ||
+    find_rounds follower-self "${follower##*:}" "${CORVID_CLUSTER_PGIDS[$((leader_id % 3))]}"
 fi
 echo "bench-find done (KEYS=$KEYS OPS=$OPS ROUNDS=$ROUNDS)"
