@@ -7,7 +7,7 @@ CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/release
 ARGS ?=
 
-.PHONY: run build test lint unit monitoring interop jepsen-short jepsen bench bench-proxy bench-failover bench-join bench-scale docs deps-build deps-test clean-data fuzz
+.PHONY: run build test lint unit monitoring interop jepsen-short jepsen bench bench-find bench-proxy bench-failover bench-join bench-scale docs deps-build deps-test clean-data fuzz
 
 deps-build:
 	@bash scripts/install-deps.sh build
@@ -66,6 +66,11 @@ jepsen: build deps-test
 ## Benchmarks against a real Cyrus master; writes docs/src/benchmarks.md.
 bench: build deps-test
 	CORVID_BIN_DIR=$(BIN) bash bench/run.sh
+
+## Server CPU per FIND at 32 connections on a node, a replica, and a 3-node
+## cluster's leader and follower (about 2 min). Knobs: bench/find.sh.
+bench-find: build deps-test
+	CORVID_BIN_DIR=$(BIN) bash bench/find.sh
 
 ## IMAP through corvid-proxy, a real Cyrus 3.6 frontend and directly to a
 ## backend (sessions/s, FETCH and APPEND MB/s, idle sessions' memory and CPU);

@@ -42,6 +42,10 @@ run "leader-local reads, with leader partitions" "$T" --workload registry \
   --nemesis partition-leader --unsafe-leader-local-reads --expect-anomaly
 run "leader-local reads, no fault" "$T" --workload registry --nemesis none \
   --unsafe-leader-local-reads --expect-valid
+# Lease reads are not a test switch: a leader that is paused or cut off
+# while its lease runs must still never serve a stale read.
+run "lease reads, leader pauses and partitions" "$T" --workload registry \
+  --nemesis pause,partition-leader --lease-reads --expect-valid
 run "ack before fsync, with power loss" "$T" --workload registry --nemesis power-loss \
   --unsafe-ack-before-fsync --expect-anomaly
 run "ack before fsync, no fault (same disks)" "$T" --workload registry --nemesis none \

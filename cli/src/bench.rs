@@ -247,6 +247,10 @@ struct Shared {
     entries: AtomicU64,
     deadline: Instant,
     progress: ProgressBar,
+    /// Every worker with its connection open (or failed) and the caller.
+    connected: tokio::sync::Barrier,
+    /// Set once the clock and the server's CPU sample started.
+    go: tokio::sync::watch::Sender<bool>,
 }
 
 /// Runs the benchmark and prints its report.
@@ -276,6 +280,8 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     args.conn.connect().await?.logout().await.ok();
     let shared = Arc::new(Shared {
         deadline: Instant::now() + Duration::from_secs(args.max_seconds),
+        connected: tokio::sync::Barrier::new(args.connections + 1),
+        go: tokio::sync::watch::Sender::new(false),
         args,
         next: AtomicU64::new(0),
         errors: AtomicU64::new(0),
@@ -283,13 +289,19 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         entries: AtomicU64::new(0),
         progress,
     });
-    let before = ServerSample::take(&shared.args).await?;
-    let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..shared.args.connections {
         let shared = shared.clone();
         tasks.push(tokio::spawn(async move { worker(shared).await }));
     }
+    // The connections (and their logins, a password hash each on the
+    // server) are made before the clock starts: the figures are those of
+    // the workload, not of 32 logins (the backend workload, which logs in
+    // per operation, still counts them).
+    shared.connected.wait().await;
+    let before = ServerSample::take(&shared.args).await?;
+    let started = Instant::now();
+    shared.go.send_replace(true);
     let mut latencies: Vec<u32> = Vec::new();
     for t in tasks {
         latencies.extend(t.await.context("worker panicked")??);
@@ -362,11 +374,21 @@ async fn worker(shared: Arc<Shared>) -> anyhow::Result<Vec<u32>> {
         shared.args.workload,
         Workload::Backend | Workload::UpdateDump
     );
-    let mut client = if per_op_connection {
+    let client = if per_op_connection {
         None
     } else {
-        Some(shared.args.conn.connect().await?)
+        Some(shared.args.conn.connect().await)
     };
+    // Reached even by a worker whose connection failed, so that the others
+    // do not wait for it forever.
+    shared.connected.wait().await;
+    let mut client = client.transpose()?;
+    shared
+        .go
+        .subscribe()
+        .wait_for(|go| *go)
+        .await
+        .context("the benchmark stopped before it started")?;
     let mut rng = rand::rngs::StdRng::from_entropy();
     let acl = "anyone\tlrs\t".to_string();
     while let Some(k) = shared.claim() {

@@ -36,6 +36,8 @@ pub struct ClusterSpec {
     /// Test-only safety-breaking registry switches to start the masters
     /// with (`--unsafe-test-…`).
     pub unsafe_switches: Vec<String>,
+    /// Start the masters with `--lease-reads` (leader reads from its lease).
+    pub lease_reads: bool,
     /// Put each master's data directory on a [`PowerDisk`], so that the
     /// power-loss fault can drop what was never fsynced.
     pub power_disks: bool,
@@ -259,6 +261,9 @@ impl Cluster {
                 format!("{ip}:3906"),
             ]);
             args.extend(spec.unsafe_switches.iter().cloned());
+            if spec.lease_reads {
+                args.push("--lease-reads".into());
+            }
             nodes.push(Process::new(&spec.dir, (name, ip, netns), i as u64, args));
         }
         for n in &mut nodes {

@@ -82,6 +82,11 @@ pub struct RunArgs {
     /// Random seed (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Start the masters with `--lease-reads`: the leader answers read
+    /// indexes from its lease (safe under pauses and partitions, given
+    /// clocks that run at the same rate).
+    #[arg(long)]
+    pub lease_reads: bool,
     /// TEST ONLY: start the masters with `--unsafe-test-stale-reads`
     /// (every node reads its own state). Partitions catch it.
     #[arg(long)]
@@ -256,6 +261,7 @@ async fn run_inside(mut args: RunArgs, run_ns: String) -> anyhow::Result<bool> {
         run_ns,
         snapshots: (args.snapshot_after, args.keep_log),
         unsafe_switches: args.unsafe_switches(),
+        lease_reads: args.lease_reads,
         power_disks: args.power_disks || args.nemesis.contains(&Fault::PowerLoss),
     })
     .await?;

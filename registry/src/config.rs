@@ -266,6 +266,10 @@ pub struct Args {
     /// mutual TLS [raft.allow_insecure_peer].
     #[arg(long)]
     pub allow_insecure_peer: bool,
+    /// The leader answers linearizable reads from its lease, without a
+    /// quorum round, assuming bounded clock drift [raft.lease_reads].
+    #[arg(long)]
+    pub lease_reads: bool,
     /// linearizable or local [raft.read_consistency].
     #[arg(long, value_parser = parse_read_consistency)]
     pub read_consistency: Option<crate::raft::ReadConsistency>,
@@ -347,6 +351,9 @@ impl Config {
         }
         if args.allow_insecure_peer {
             config.raft.allow_insecure_peer = true;
+        }
+        if args.lease_reads {
+            config.raft.lease_reads = true;
         }
         if let Some(v) = args.read_consistency {
             config.raft.read_consistency = v;

@@ -14,7 +14,9 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::error::{
+    LinearizableReadError, NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
@@ -77,6 +79,13 @@ pub struct RaftSettings {
     /// `local`: answer from this node's state without asking the leader:
     /// faster, and served without quorum, but possibly stale.
     pub read_consistency: ReadConsistency,
+    /// With `read_consistency = "linearizable"`: the leader answers a read
+    /// index from its lease (openraft's `LeaseRead`) instead of a round to
+    /// a quorum, while a quorum acknowledged it less than
+    /// `election_timeout_max_ms` ago. Off by default. Safe only while every
+    /// node's monotonic clock runs at about the same rate (see the read
+    /// section of docs/src/cluster.md); set it on every node or none.
+    pub lease_reads: bool,
     /// Mutual TLS on the peer port: this node's PEM certificate (signed by
     /// `peer_tls_ca`). Set all three or none.
     pub peer_tls_cert: Option<std::path::PathBuf>,
@@ -149,6 +158,7 @@ impl Default for RaftSettings {
             peer_advertise: None,
             bootstrap: true,
             read_consistency: ReadConsistency::Linearizable,
+            lease_reads: false,
             peer_tls_cert: None,
             peer_tls_key: None,
             peer_tls_ca: None,
@@ -207,6 +217,8 @@ pub struct Registry {
     read_consistency: ReadConsistency,
     unsafe_stale_reads: bool,
     unsafe_leader_local_reads: bool,
+    /// Leader read indexes from the lease (see [`RaftSettings::lease_reads`]).
+    lease_reads: bool,
     /// Set once the state machine has caught up with what was committed
     /// before a restart; local reads wait for it.
     recovered: Arc<AtomicBool>,
@@ -235,7 +247,16 @@ pub struct Registry {
 #[derive(Default)]
 struct ReadBatch {
     in_flight: bool,
-    waiting: Vec<tokio::sync::oneshot::Sender<Result<u64, String>>>,
+    waiting: Vec<tokio::sync::oneshot::Sender<Result<u64, ReadIndexFailure>>>,
+}
+
+/// Why a batch of readers got no read index.
+#[derive(Debug, Clone)]
+enum ReadIndexFailure {
+    /// This node lost its fresh leader while asking: answered at once.
+    NoLeader,
+    /// Worth another try (the leader changed, a timeout, ...).
+    Retry(String),
 }
 
 /// How often to look again for a leader while none is known.
@@ -252,7 +273,15 @@ impl Registry {
     ) -> anyhow::Result<Registry> {
         let peer_tls = settings.peer_tls()?;
         let client_tls = peer_tls.as_ref().map(|t| t.client.clone());
+        if settings.lease_reads {
+            // A leader's lease holds because its followers refuse to vote
+            // for a lease after they last heard from it; a node that
+            // restarted forgot when that was, so it keeps out of elections
+            // for one lease first.
+            tokio::time::sleep(Duration::from_millis(settings.election_timeout_max_ms)).await;
+        }
         let store = Store::open(data_dir)?;
+        let peers = PeerPool::new(client_tls.clone());
         let config = Config {
             cluster_name: "corvid".into(),
             heartbeat_interval: settings.heartbeat_ms,
@@ -277,6 +306,7 @@ impl Registry {
             Arc::new(config),
             Network {
                 tls: client_tls.clone(),
+                pool: peers.clone(),
                 chunk_delay: Duration::from_millis(settings.unsafe_test_stream_frame_delay_ms),
             },
             LogStore::new(store.clone())
@@ -304,8 +334,9 @@ impl Registry {
             read_consistency: settings.read_consistency,
             unsafe_stale_reads: settings.unsafe_test_stale_reads,
             unsafe_leader_local_reads: settings.unsafe_test_leader_local_reads,
+            lease_reads: settings.lease_reads,
             recovered: Arc::new(AtomicBool::new(false)),
-            peers: PeerPool::new(client_tls),
+            peers,
             read_batches: Arc::default(),
             peer_tls,
             leaderless_grace: Duration::from_millis(settings.election_timeout_max_ms * 2),
@@ -751,15 +782,12 @@ impl Registry {
                 self.wait_for_leader(started, remaining).await?;
                 continue;
             }
-            let Some(answer) = self
-                .while_leader_fresh(self.shared_read_index(remaining))
-                .await
-            else {
-                return Err(RegistryError::Unavailable(NO_LEADER.into()));
-            };
-            match answer {
+            match self.shared_read_index(remaining).await {
                 Ok(i) => return Ok(i),
-                Err(e) => {
+                Err(ReadIndexFailure::NoLeader) => {
+                    return Err(RegistryError::Unavailable(NO_LEADER.into()));
+                }
+                Err(ReadIndexFailure::Retry(e)) => {
                     last = e;
                     tokio::time::sleep(LEADER_POLL.min(remaining)).await;
                 }
@@ -769,10 +797,13 @@ impl Registry {
 
     /// The index a linearizable read must see applied, shared by every
     /// reader that arrived before it was asked for (see [`ReadBatch`]).
-    async fn shared_read_index(&self, timeout: Duration) -> Result<u64, String> {
+    async fn shared_read_index(&self, timeout: Duration) -> Result<u64, ReadIndexFailure> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let start_sender = {
-            let mut b = self.read_batches.lock().map_err(|e| e.to_string())?;
+            let mut b = self
+                .read_batches
+                .lock()
+                .map_err(|e| ReadIndexFailure::Retry(e.to_string()))?;
             b.waiting.push(tx);
             !std::mem::replace(&mut b.in_flight, true)
         };
@@ -790,7 +821,20 @@ impl Registry {
                         }
                         std::mem::take(&mut b.waiting)
                     };
-                    let res = this.fetch_read_index(timeout).await;
+                    // Readers over requests: how well the batching works.
+                    metrics::counter!("corvid_raft_read_index_requests_total").increment(1);
+                    metrics::counter!("corvid_raft_read_index_readers_total")
+                        .increment(batch.len() as u64);
+                    // Watched once per batch, not per reader: a leader cut
+                    // off from its majority fails them all in about an
+                    // election.
+                    let res = match this
+                        .while_leader_fresh(this.fetch_read_index(timeout))
+                        .await
+                    {
+                        None => Err(ReadIndexFailure::NoLeader),
+                        Some(r) => r.map_err(ReadIndexFailure::Retry),
+                    };
                     for w in batch {
                         let _ = w.send(res.clone());
                     }
@@ -798,16 +842,15 @@ impl Registry {
             });
         }
         rx.await
-            .map_err(|_| "read-index request dropped".to_string())?
+            .map_err(|_| ReadIndexFailure::Retry("read-index request dropped".into()))?
     }
 
     /// One read index: Raft's own on the leader (it confirms its leadership
     /// with a quorum), or the leader's, asked over the peer protocol.
     async fn fetch_read_index(&self, timeout: Duration) -> Result<u64, String> {
-        let linearize = self.raft.ensure_linearizable(ReadPolicy::ReadIndex);
-        let err = match tokio::time::timeout(timeout, linearize).await {
+        let err = match tokio::time::timeout(timeout, self.leader_read_index()).await {
             Err(_) => return Err("the leader did not confirm its leadership in time".into()),
-            Ok(Ok(read)) => return Ok(read.index()),
+            Ok(Ok(index)) => return Ok(index),
             Ok(Err(e)) => e,
         };
         let addr = Self::leader_addr(&err).ok_or_else(|| err.to_string())?;
@@ -820,6 +863,27 @@ impl Registry {
             Ok(other) => Err(format!("unexpected answer from the leader: {other:?}")),
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    /// Raft's read index on this node if it leads: from its lease when
+    /// [`RaftSettings::lease_reads`] is on and the lease holds, else
+    /// confirmed by a quorum (ReadIndex). An error names the leader to ask
+    /// when this node is not it.
+    async fn leader_read_index(
+        &self,
+    ) -> Result<u64, openraft::error::RaftError<TypeConfig, LinearizableReadError<TypeConfig>>>
+    {
+        if self.lease_reads && self.raft.metrics().borrow_watched().state == ServerState::Leader {
+            // An expired lease (no quorum acknowledgement for a lease) or a
+            // lost leadership: the quorum round below decides.
+            if let Ok(read) = self.raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
+                return Ok(read.index());
+            }
+        }
+        self.raft
+            .ensure_linearizable(ReadPolicy::ReadIndex)
+            .await
+            .map(|read| read.index())
     }
 
     /// Linearizable lookup of one mailbox.
@@ -876,13 +940,8 @@ impl Registry {
                 }
             }
             PeerRequest::ReadIndex => {
-                match tokio::time::timeout(
-                    self.write_timeout,
-                    self.raft.ensure_linearizable(ReadPolicy::ReadIndex),
-                )
-                .await
-                {
-                    Ok(Ok(read)) => PeerResponse::ReadIndex(read.index()),
+                match tokio::time::timeout(self.write_timeout, self.leader_read_index()).await {
+                    Ok(Ok(index)) => PeerResponse::ReadIndex(index),
                     Ok(Err(e)) if e.forward_to_leader().is_some() => {
                         PeerResponse::Error(NOT_LEADER.into())
                     }
@@ -1168,9 +1227,12 @@ where
 
 /// Raft's peer network: one [`PeerClient`] per target, bincode frames over
 /// TCP; snapshots on a connection of their own, in chunks.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Network {
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// Idle connections for the leader's probes (see
+    /// [`RaftNetworkFactory::new_heartbeat_client`]).
+    pool: PeerPool,
     /// TEST ONLY: pause before each snapshot chunk sent (see
     /// [`RaftSettings::unsafe_test_stream_frame_delay_ms`]).
     chunk_delay: Duration,
@@ -1182,8 +1244,19 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, _target: u64, node: &BasicNode) -> Self::Network {
         PeerLink {
             client: PeerClient::with_tls(node.addr.clone(), self.tls.clone()),
+            pool: None,
             tls: self.tls.clone(),
             chunk_delay: self.chunk_delay,
+        }
+    }
+
+    /// openraft makes one of these for every leadership probe of a
+    /// ReadIndex read (one per follower per batch of reads): on pooled
+    /// connections, not a TCP (and with peer TLS, a TLS) handshake each.
+    async fn new_heartbeat_client(&mut self, target: u64, node: &BasicNode) -> Self::Network {
+        PeerLink {
+            pool: Some(self.pool.clone()),
+            ..self.new_client(target, node).await
         }
     }
 }
@@ -1191,6 +1264,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// The connection to one peer, as Raft uses it.
 pub struct PeerLink {
     client: PeerClient,
+    /// Calls go through this pool (to `client`'s address) when set.
+    pool: Option<PeerPool>,
     tls: Option<Arc<rustls::ClientConfig>>,
     chunk_delay: Duration,
 }
@@ -1210,7 +1285,14 @@ impl PeerLink {
         option: RPCOption,
         expect: impl FnOnce(PeerResponse) -> Result<T, Box<PeerResponse>>,
     ) -> Result<T, RPCError<TypeConfig>> {
-        match self.client.call(&request, option.hard_ttl()).await {
+        let res = match &self.pool {
+            Some(pool) => {
+                pool.call(self.client.addr(), &request, option.hard_ttl())
+                    .await
+            }
+            None => self.client.call(&request, option.hard_ttl()).await,
+        };
+        match res {
             Ok(r) => {
                 expect(r).map_err(|other| RPCError::Network(NetworkError::new(&unexpected(*other))))
             }

@@ -149,22 +149,69 @@ pub enum Command {
 }
 
 impl Command {
+    /// Every command word, indexed by [`Command::ordinal`].
+    pub const NAMES: [&'static str; 12] = [
+        "AUTHENTICATE",
+        "STARTTLS",
+        "COMPRESS",
+        "RESERVE",
+        "ACTIVATE",
+        "DEACTIVATE",
+        "DELETE",
+        "FIND",
+        "LIST",
+        "UPDATE",
+        "NOOP",
+        "LOGOUT",
+    ];
+
+    /// Place of `AUTHENTICATE` in [`Command::NAMES`].
+    pub const AUTHENTICATE: usize = 0;
+    /// Place of `STARTTLS` in [`Command::NAMES`].
+    pub const STARTTLS: usize = 1;
+    /// Place of `COMPRESS` in [`Command::NAMES`].
+    pub const COMPRESS: usize = 2;
+    /// Place of `RESERVE` in [`Command::NAMES`].
+    pub const RESERVE: usize = 3;
+    /// Place of `ACTIVATE` in [`Command::NAMES`].
+    pub const ACTIVATE: usize = 4;
+    /// Place of `DEACTIVATE` in [`Command::NAMES`].
+    pub const DEACTIVATE: usize = 5;
+    /// Place of `DELETE` in [`Command::NAMES`].
+    pub const DELETE: usize = 6;
+    /// Place of `FIND` in [`Command::NAMES`].
+    pub const FIND: usize = 7;
+    /// Place of `LIST` in [`Command::NAMES`].
+    pub const LIST: usize = 8;
+    /// Place of `UPDATE` in [`Command::NAMES`].
+    pub const UPDATE: usize = 9;
+    /// Place of `NOOP` in [`Command::NAMES`].
+    pub const NOOP: usize = 10;
+    /// Place of `LOGOUT` in [`Command::NAMES`].
+    pub const LOGOUT: usize = 11;
+
+    /// This command's place in [`Command::NAMES`] (so that per-command
+    /// state, such as metric handles, can live in an array).
+    pub fn ordinal(&self) -> usize {
+        match self {
+            Command::Authenticate { .. } => Command::AUTHENTICATE,
+            Command::Starttls => Command::STARTTLS,
+            Command::Compress { .. } => Command::COMPRESS,
+            Command::Reserve { .. } => Command::RESERVE,
+            Command::Activate { .. } => Command::ACTIVATE,
+            Command::Deactivate { .. } => Command::DEACTIVATE,
+            Command::Delete { .. } => Command::DELETE,
+            Command::Find { .. } => Command::FIND,
+            Command::List { .. } => Command::LIST,
+            Command::Update { .. } => Command::UPDATE,
+            Command::Noop => Command::NOOP,
+            Command::Logout => Command::LOGOUT,
+        }
+    }
+
     /// The command word, upper case (for metrics labels and logs).
     pub fn name(&self) -> &'static str {
-        match self {
-            Command::Authenticate { .. } => "AUTHENTICATE",
-            Command::Starttls => "STARTTLS",
-            Command::Compress { .. } => "COMPRESS",
-            Command::Reserve { .. } => "RESERVE",
-            Command::Activate { .. } => "ACTIVATE",
-            Command::Deactivate { .. } => "DEACTIVATE",
-            Command::Delete { .. } => "DELETE",
-            Command::Find { .. } => "FIND",
-            Command::List { .. } => "LIST",
-            Command::Update { .. } => "UPDATE",
-            Command::Noop => "NOOP",
-            Command::Logout => "LOGOUT",
-        }
+        Command::NAMES[self.ordinal()]
     }
 }
 
@@ -2431,6 +2478,13 @@ mod tests {
             write_request(&mut out, "T", &command);
             assert!(out.starts_with(format!("T {}", command.name()).as_bytes()));
         }
+        // Every command word has one place, so per-command arrays cover all.
+        let ordinals: std::collections::BTreeSet<_> =
+            all_commands().iter().map(Command::ordinal).collect();
+        assert_eq!(
+            ordinals.into_iter().collect::<Vec<_>>(),
+            (0..Command::NAMES.len()).collect::<Vec<_>>()
+        );
     }
 
     // ----- client side ------------------------------------------------------

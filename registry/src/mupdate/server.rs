@@ -7,6 +7,7 @@
 //! committed changes while still answering NOOP and LOGOUT.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -159,6 +160,56 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ServerContext>) {
     }
 }
 
+/// Handles of the per-command metrics, looked up by name once per process
+/// rather than twice per command (a FIND is a few microseconds; two lookups
+/// in the recorder's maps were a visible part of it).
+struct CommandMetrics {
+    /// `corvid_mupdate_commands_total` per command and result (`ok`, `no`,
+    /// `bad`); the last row is the `invalid` pseudo-command (lines that do
+    /// not parse).
+    done: Vec<[metrics::Counter; 3]>,
+    /// `corvid_mupdate_command_duration_seconds` per command.
+    duration: Vec<metrics::Histogram>,
+}
+
+/// Row of [`CommandMetrics::done`] for lines that are not a command.
+const INVALID: usize = Command::NAMES.len();
+
+impl CommandMetrics {
+    /// The process's handles. Built on first use, which is after the daemon
+    /// installed its recorder (before it accepts any connection).
+    fn get() -> &'static CommandMetrics {
+        static HANDLES: std::sync::OnceLock<CommandMetrics> = std::sync::OnceLock::new();
+        HANDLES.get_or_init(|| {
+            let names = Command::NAMES.iter().copied().chain(["invalid"]);
+            CommandMetrics {
+                done: names
+                    .map(|command| {
+                        ["ok", "no", "bad"].map(|result| {
+                            metrics::counter!("corvid_mupdate_commands_total", "command" => command, "result" => result)
+                        })
+                    })
+                    .collect(),
+                duration: Command::NAMES
+                    .iter()
+                    .map(|&command| {
+                        metrics::histogram!("corvid_mupdate_command_duration_seconds", "command" => command)
+                    })
+                    .collect(),
+            }
+        })
+    }
+
+    fn count(&self, command: usize, status: Status) {
+        let result = match status {
+            Status::Ok => 0,
+            Status::No => 1,
+            Status::Bad => 2,
+        };
+        self.done[command][result].increment(1);
+    }
+}
+
 /// How long a NOOP on an UPDATE stream waits for a replica to catch up with
 /// the cluster before answering with what it has.
 const NOOP_SYNC_TIMEOUT: Duration = Duration::from_secs(1);
@@ -221,12 +272,18 @@ struct Session {
     login: Option<LoginSlot>,
     /// When an unauthenticated session is closed.
     login_deadline: tokio::time::Instant,
+    /// When the session last started waiting for input (the idle timeout
+    /// counts from it).
+    waiting_since: tokio::time::Instant,
+    /// Fires at or before the input deadline; kept across reads.
+    idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Session {
     fn new(ctx: Arc<ServerContext>, stream: MaybeTls, peer: SocketAddr, login: LoginSlot) -> Self {
         let decoder = RequestDecoder::new(ctx.settings.limits);
-        let login_deadline = tokio::time::Instant::now() + ctx.settings.login_timeout;
+        let now = tokio::time::Instant::now();
+        let login_deadline = now + ctx.settings.login_timeout;
         Session {
             ctx,
             stream,
@@ -239,6 +296,8 @@ impl Session {
             client: ClientSession::new(),
             login: Some(login),
             login_deadline,
+            waiting_since: now,
+            idle_timer: None,
         }
     }
 
@@ -277,27 +336,53 @@ impl Session {
     /// Reads more input, within the idle timeout, and before login within
     /// what is left of the login timeout.
     async fn fill(&mut self) -> Result<(), SessionEnd> {
-        let idle = tokio::time::Instant::now() + self.ctx.settings.idle_timeout;
-        let deadline = match self.identity {
+        // One timer for the whole session, pushed back only when it fires
+        // early: a timeout per read would register and cancel a timer for
+        // every command.
+        self.waiting_since = tokio::time::Instant::now();
+        let mut idle = self
+            .idle_timer
+            .take()
+            .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(self.input_deadline())));
+        let res = loop {
+            tokio::select! {
+                read = self.stream.read_buf(&mut self.input) => {
+                    break match read {
+                        Ok(0) => Err(SessionEnd::Closed),
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e.into()),
+                    };
+                }
+                () = &mut idle => {
+                    let deadline = self.input_deadline();
+                    if tokio::time::Instant::now() < deadline {
+                        idle.as_mut().reset(deadline);
+                        continue;
+                    }
+                    if self.identity.is_none() && deadline == self.login_deadline {
+                        metrics::counter!("corvid_mupdate_login_timeouts_total").increment(1);
+                        codec::write_bye(&mut self.output, "login timeout");
+                        self.flush().await?;
+                        break Err(SessionEnd::LoginTimeout);
+                    }
+                    codec::write_bye(&mut self.output, "idle for too long");
+                    self.flush().await?;
+                    break Err(SessionEnd::Idle);
+                }
+            }
+        };
+        self.idle_timer = Some(idle);
+        res
+    }
+
+    /// When the session is closed if no more input comes: the idle timeout
+    /// after it started waiting, and before login the login deadline if
+    /// sooner.
+    fn input_deadline(&self) -> tokio::time::Instant {
+        let idle = self.waiting_since + self.ctx.settings.idle_timeout;
+        match self.identity {
             Some(_) => idle,
             None => idle.min(self.login_deadline),
-        };
-        let read = self.stream.read_buf(&mut self.input);
-        match tokio::time::timeout_at(deadline, read).await {
-            Err(_) if self.identity.is_none() && deadline == self.login_deadline => {
-                metrics::counter!("corvid_mupdate_login_timeouts_total").increment(1);
-                codec::write_bye(&mut self.output, "login timeout");
-                self.flush().await?;
-                Err(SessionEnd::LoginTimeout)
-            }
-            Err(_) => {
-                codec::write_bye(&mut self.output, "idle for too long");
-                self.flush().await?;
-                Err(SessionEnd::Idle)
-            }
-            Ok(Ok(0)) => Err(SessionEnd::Closed),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.into()),
         }
     }
 
@@ -324,25 +409,23 @@ impl Session {
                         self.flush().await?;
                     }
                     Frame::Bad { tag, reason } => {
-                        metrics::counter!("corvid_mupdate_commands_total", "command" => "invalid", "result" => "bad")
-                            .increment(1);
+                        CommandMetrics::get().count(INVALID, Status::Bad);
                         codec::write_status(&mut self.output, tag.as_deref(), Status::Bad, &reason);
                     }
                     Frame::Fatal { tag, reason } => {
                         // Far more announced than could ever be accepted:
                         // answer, then close rather than read it through.
-                        metrics::counter!("corvid_mupdate_commands_total", "command" => "invalid", "result" => "bad")
-                            .increment(1);
+                        CommandMetrics::get().count(INVALID, Status::Bad);
                         codec::write_status(&mut self.output, tag.as_deref(), Status::Bad, &reason);
                         self.flush().await?;
                         let _ = self.stream.shutdown().await;
                         return Err(SessionEnd::Protocol(reason));
                     }
                     Frame::Request(req) => {
-                        let name = req.command.name();
+                        let command = req.command.ordinal();
                         let started = Instant::now();
                         let result = self.command(req).await;
-                        metrics::histogram!("corvid_mupdate_command_duration_seconds", "command" => name)
+                        CommandMetrics::get().duration[command]
                             .record(started.elapsed().as_secs_f64());
                         result?;
                     }
@@ -357,23 +440,14 @@ impl Session {
         }
     }
 
-    fn count(&self, command: &'static str, result: &'static str) {
-        metrics::counter!("corvid_mupdate_commands_total", "command" => command, "result" => result).increment(1);
-    }
-
-    fn reply(&mut self, tag: &str, command: &'static str, status: Status, text: &str) {
-        let result = match status {
-            Status::Ok => "ok",
-            Status::No => "no",
-            Status::Bad => "bad",
-        };
-        self.count(command, result);
+    fn reply(&mut self, tag: &str, command: usize, status: Status, text: &str) {
+        CommandMetrics::get().count(command, status);
         codec::write_status(&mut self.output, Some(tag), status, text);
     }
 
     async fn command(&mut self, req: Request) -> Result<(), SessionEnd> {
         let Request { tag, command } = req;
-        let name = command.name();
+        let name = command.ordinal();
         if self.streaming.is_some() && !matches!(command, Command::Noop | Command::Logout) {
             self.reply(&tag, name, Status::Bad, "not legal when streaming");
             return Ok(());
@@ -462,13 +536,13 @@ impl Session {
 
     async fn starttls(&mut self, tag: &str) -> Result<(), SessionEnd> {
         if self.stream.is_tls() {
-            self.reply(tag, "STARTTLS", Status::Bad, "TLS already active");
+            self.reply(tag, Command::STARTTLS, Status::Bad, "TLS already active");
             return Ok(());
         }
         if self.identity.is_some() {
             self.reply(
                 tag,
-                "STARTTLS",
+                Command::STARTTLS,
                 Status::Bad,
                 "Can't Starttls after authentication",
             );
@@ -477,13 +551,18 @@ impl Session {
         let Some(config) = self.ctx.tls.clone() else {
             self.reply(
                 tag,
-                "STARTTLS",
+                Command::STARTTLS,
                 Status::No,
                 "TLS is not configured on this server",
             );
             return Ok(());
         };
-        self.reply(tag, "STARTTLS", Status::Ok, "Begin TLS negotiation now");
+        self.reply(
+            tag,
+            Command::STARTTLS,
+            Status::Ok,
+            "Begin TLS negotiation now",
+        );
         self.flush().await?;
         // Anything pipelined after STARTTLS in plaintext is dropped: it could
         // be injected by a man in the middle.
@@ -519,7 +598,7 @@ impl Session {
         mechanism: &str,
         initial: Option<Vec<u8>>,
     ) -> Result<(), SessionEnd> {
-        const NAME: &str = "AUTHENTICATE";
+        const NAME: usize = Command::AUTHENTICATE;
         if self.identity.is_some() {
             self.reply(tag, NAME, Status::Bad, "already authenticated");
             return Ok(());
@@ -632,7 +711,7 @@ impl Session {
         // Subscribe before the dump so that no change falls between the two.
         let events = self.ctx.directory.store().subscribe();
         if let Err(e) = self.ctx.directory.read_barrier().await {
-            self.reply(tag, "UPDATE", Status::No, &e.to_string());
+            self.reply(tag, Command::UPDATE, Status::No, &e.to_string());
             return Ok(());
         }
         // The dump streams from one point-in-time view, in key order (which
@@ -676,10 +755,10 @@ impl Session {
         }
         if let Err(e) = walk.await.map_err(std::io::Error::other)? {
             self.output.clear();
-            self.reply(tag, "UPDATE", Status::No, &e.to_string());
+            self.reply(tag, Command::UPDATE, Status::No, &e.to_string());
             return Ok(());
         }
-        self.reply(tag, "UPDATE", Status::Ok, "streaming starts");
+        self.reply(tag, Command::UPDATE, Status::Ok, "streaming starts");
         self.streaming = Some(Streaming {
             tag: tag.to_owned(),
             servers,
@@ -941,6 +1020,70 @@ mod tests {
         }
         assert!(buf.is_empty(), "a partial line: {buf:?}");
         out
+    }
+
+    /// Pipelined FINDs, all in one write, get every answer, in the order
+    /// the commands came, whether or not the mailbox exists; a line that
+    /// does not parse in the middle is answered BAD in its place.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelined_finds_are_answered_in_order() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry(dir.path(), |_| {}).await;
+        activate(&r, "user.a", "be1!default").await;
+        activate(&r, "user.c", "be2!default").await;
+        let (mut s, mut client) = session(&r, dir.path()).await;
+        s.identity = Some(Identity {
+            user: "admin".into(),
+            admin: true,
+        });
+        s.login = None;
+        let names = ["user.a", "user.b", "user.c", "user.a", "user.zz", "user.c"];
+        let mut batch = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let command = Command::Find {
+                name: (*name).into(),
+            };
+            codec::write_request(&mut batch, &format!("F{i}"), &command);
+            if i == 2 {
+                batch.extend_from_slice(b"X1 FROB\r\n");
+            }
+        }
+        batch.extend_from_slice(b"Q LOGOUT\r\n");
+        client.write_all(&batch).await.unwrap();
+        let served = tokio::spawn(async move { s.run().await });
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+            .await
+            .expect("the session answers and closes after LOGOUT")
+            .unwrap();
+        assert!(matches!(served.await.unwrap(), Err(SessionEnd::Logout)));
+        let tagged: Vec<String> = lines(&got)
+            .into_iter()
+            .filter_map(|l| match l {
+                ServerLine::Mailbox { tag, name, .. } => Some(format!("{tag} MAILBOX {name}")),
+                ServerLine::Status { tag, status, .. } => Some(format!("{tag} {status:?}")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            tagged,
+            [
+                "F0 MAILBOX user.a",
+                "F0 Ok",
+                "F1 Ok",
+                "F2 MAILBOX user.c",
+                "F2 Ok",
+                "X1 Bad",
+                "F3 MAILBOX user.a",
+                "F3 Ok",
+                "F4 Ok",
+                "F5 MAILBOX user.c",
+                "F5 Ok",
+                "Q Ok",
+            ]
+        );
+        r.shutdown().await;
     }
 
     /// Issue 9, section 6: catch-up tells a partial subscriber (`UPDATE
