@@ -445,23 +445,38 @@ impl Registry {
                 self.wait_for_leader(started, remaining).await?;
                 continue;
             }
-            proposal.stamp_ms = now_ms();
-            let write = tokio::time::timeout(remaining, self.raft.client_write(proposal.clone()));
-            let err = match self.while_leader_fresh(write).await {
-                None => return Err(RegistryError::Unavailable(NO_LEADER_MAYBE_APPLIED.into())),
-                Some(Err(_)) => return Err(RegistryError::Timeout(self.write_timeout)),
-                Some(Ok(Ok(resp))) => return Ok(resp.data),
-                Some(Ok(Err(e))) => e,
-            };
-            // A ForwardToLeader may come for an entry this node did append
-            // (and that may commit): retrying is safe only because the
-            // state machine answers a repeated tag from its session table.
-            if err.forward_to_leader().is_none() {
-                return Err(RegistryError::Unavailable(err.to_string()));
-            }
-            let Some(addr) = Self::leader_addr(&err) else {
-                self.wait_for_leader(started, remaining).await?;
-                continue;
+            // A follower that knows another node leads forwards at once:
+            // asking its own Raft core first would only cost a round trip
+            // through the core to be told the same.
+            let addr = match self.other_leader_addr() {
+                Some(addr) => addr,
+                None => {
+                    proposal.stamp_ms = now_ms();
+                    let write =
+                        tokio::time::timeout(remaining, self.raft.client_write(proposal.clone()));
+                    let err = match self.while_leader_fresh(write).await {
+                        None => {
+                            return Err(RegistryError::Unavailable(
+                                NO_LEADER_MAYBE_APPLIED.into(),
+                            ))
+                        }
+                        Some(Err(_)) => return Err(RegistryError::Timeout(self.write_timeout)),
+                        Some(Ok(Ok(resp))) => return Ok(resp.data),
+                        Some(Ok(Err(e))) => e,
+                    };
+                    // A ForwardToLeader may come for an entry this node did
+                    // append (and that may commit): retrying is safe only
+                    // because the state machine answers a repeated tag from
+                    // its session table.
+                    if err.forward_to_leader().is_none() {
+                        return Err(RegistryError::Unavailable(err.to_string()));
+                    }
+                    let Some(addr) = Self::leader_addr(&err) else {
+                        self.wait_for_leader(started, remaining).await?;
+                        continue;
+                    };
+                    addr
+                }
             };
             metrics::counter!("corvid_raft_forwarded_writes_total").increment(1);
             let request = PeerRequest::Write(proposal.clone());
@@ -498,6 +513,16 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// The peer address of the leader when this node knows that another
+    /// node leads (`None` on the leader itself, or with no leader known).
+    fn other_leader_addr(&self) -> Option<String> {
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
+        let leader = m.current_leader.filter(|&l| l != m.id)?;
+        let node = m.membership_config.membership().get_node(&leader)?;
+        Some(node.addr.clone())
     }
 
     /// Waits a little for a leader to be elected: an error once none has
@@ -1131,6 +1156,11 @@ impl Registry {
                         last_leader = m.current_leader;
                     }
                 }
+                // Raft republishes its metrics on every append and apply,
+                // thousands of times a second under load: refresh the gauges
+                // at most every METRICS_MIN_INTERVAL (the changes meanwhile
+                // are read together), not once per change.
+                tokio::time::sleep(METRICS_MIN_INTERVAL).await;
                 tokio::select! {
                     changed = rx.changed() => if changed.is_err() {
                         break;
@@ -1141,6 +1171,9 @@ impl Registry {
         });
     }
 }
+
+/// Shortest time between two refreshes of the Raft gauges.
+const METRICS_MIN_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Longest time the Raft gauges go without a refresh.
 const METRICS_REFRESH: Duration = Duration::from_secs(1);
