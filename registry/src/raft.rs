@@ -214,7 +214,7 @@ pub struct Registry {
     peers: PeerPool,
     read_batches: Arc<Mutex<ReadBatch>>,
     /// Writes on their way to the leader, by its address.
-    forwarders: Arc<Mutex<HashMap<String, Arc<Coalescer<Proposal, Forwarded>>>>>,
+    forwarders: Arc<Mutex<HashMap<String, Arc<ForwardQueue>>>>,
     peer_tls: Option<PeerTls>,
     /// A request fails with "no leader" once no leader was known for this
     /// long (about one election).
@@ -1237,6 +1237,9 @@ enum Forwarded {
     /// table answers a repeat).
     Failed(String),
 }
+
+/// Writes being forwarded to one leader.
+type ForwardQueue = Coalescer<Proposal, Forwarded>;
 
 /// Batches of forwarded writes out at once to one leader.
 const FORWARDS_IN_FLIGHT: usize = 4;
