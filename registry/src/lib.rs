@@ -12,6 +12,7 @@
 //! * [`config`], [`daemon`], [`metrics`]: running a node.
 
 pub mod auth;
+pub mod coalesce;
 pub mod config;
 pub mod daemon;
 pub mod directory;

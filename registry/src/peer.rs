@@ -84,6 +84,10 @@ pub enum PeerRequest {
         /// What to do.
         request: UserRequest,
     },
+    /// Writes forwarded together by a node that is not the leader (see
+    /// [`crate::coalesce`]); the leader re-stamps each with its own clock
+    /// and answers each on its own, in order.
+    WriteMany(Vec<Proposal>),
 }
 
 impl PeerRequest {
@@ -95,6 +99,7 @@ impl PeerRequest {
         matches!(
             self,
             PeerRequest::Write(_)
+                | PeerRequest::WriteMany(_)
                 | PeerRequest::ClientWrite { .. }
                 | PeerRequest::ReadIndex
                 | PeerRequest::SyncIndex
@@ -122,6 +127,10 @@ pub enum PeerResponse {
     Users(UserResponse),
     /// The request failed; the text says why.
     Error(String),
+    /// Answer to `WriteMany`: each write's outcome, or why it failed
+    /// ([`crate::raft::NOT_LEADER`] when it reached a node that no longer leads, and so
+    /// did nothing).
+    WriteMany(Vec<Result<Outcome, String>>),
 }
 
 /// Cluster administration requests (`corvidctl cluster ...`).

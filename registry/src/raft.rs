@@ -4,7 +4,7 @@
 //! Every write goes through Raft, even on a single node, so that the log is
 //! the registry's event log and a single node can later grow into a cluster.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use openraft::Instant as _;
 use openraft::{BasicNode, Config, RaftNetworkV2, ReadPolicy, ServerState};
 use thiserror::Error;
 
+use crate::coalesce::Coalescer;
 use crate::model::{ClientTag, MailboxEntry, Outcome, Proposal, RegistryCommand};
 use crate::peer::{
     AdminRequest, AdminResponse, NodeStatus, PeerClient, PeerError, PeerPool, PeerRequest,
@@ -224,6 +225,8 @@ pub struct Registry {
     recovered: Arc<AtomicBool>,
     peers: PeerPool,
     read_batches: Arc<Mutex<ReadBatch>>,
+    /// Writes on their way to the leader, by its address.
+    forwarders: Arc<Mutex<HashMap<String, Arc<ForwardQueue>>>>,
     peer_tls: Option<PeerTls>,
     /// A request fails with "no leader" once no leader was known for this
     /// long (about one election).
@@ -338,6 +341,7 @@ impl Registry {
             recovered: Arc::new(AtomicBool::new(false)),
             peers,
             read_batches: Arc::default(),
+            forwarders: Arc::default(),
             peer_tls,
             leaderless_grace: Duration::from_millis(settings.election_timeout_max_ms * 2),
             leader_contact: Arc::default(),
@@ -476,44 +480,50 @@ impl Registry {
                 self.wait_for_leader(started, remaining).await?;
                 continue;
             }
-            proposal.stamp_ms = now_ms();
-            let write = tokio::time::timeout(remaining, self.raft.client_write(proposal.clone()));
-            let err = match self.while_leader_fresh(write).await {
-                None => return Err(RegistryError::Unavailable(NO_LEADER_MAYBE_APPLIED.into())),
-                Some(Err(_)) => return Err(RegistryError::Timeout(self.write_timeout)),
-                Some(Ok(Ok(resp))) => return Ok(resp.data),
-                Some(Ok(Err(e))) => e,
-            };
-            // A ForwardToLeader may come for an entry this node did append
-            // (and that may commit): retrying is safe only because the
-            // state machine answers a repeated tag from its session table.
-            if err.forward_to_leader().is_none() {
-                return Err(RegistryError::Unavailable(err.to_string()));
-            }
-            let Some(addr) = Self::leader_addr(&err) else {
-                self.wait_for_leader(started, remaining).await?;
-                continue;
+            // A follower that knows another node leads forwards at once:
+            // asking its own Raft core first would only cost a round trip
+            // through the core to be told the same.
+            let addr = match self.other_leader_addr() {
+                Some(addr) => addr,
+                None => {
+                    proposal.stamp_ms = now_ms();
+                    let write =
+                        tokio::time::timeout(remaining, self.raft.client_write(proposal.clone()));
+                    let err = match self.while_leader_fresh(write).await {
+                        None => {
+                            return Err(RegistryError::Unavailable(NO_LEADER_MAYBE_APPLIED.into()))
+                        }
+                        Some(Err(_)) => return Err(RegistryError::Timeout(self.write_timeout)),
+                        Some(Ok(Ok(resp))) => return Ok(resp.data),
+                        Some(Ok(Err(e))) => e,
+                    };
+                    // A ForwardToLeader may come for an entry this node did
+                    // append (and that may commit): retrying is safe only
+                    // because the state machine answers a repeated tag from
+                    // its session table.
+                    if err.forward_to_leader().is_none() {
+                        return Err(RegistryError::Unavailable(err.to_string()));
+                    }
+                    let Some(addr) = Self::leader_addr(&err) else {
+                        self.wait_for_leader(started, remaining).await?;
+                        continue;
+                    };
+                    addr
+                }
             };
             metrics::counter!("corvid_raft_forwarded_writes_total").increment(1);
-            let request = PeerRequest::Write(proposal.clone());
-            let forward = self.peers.call(&addr, &request, remaining);
+            let forward = tokio::time::timeout(remaining, self.forward(addr, proposal.clone()));
             let Some(answer) = self.while_leader_fresh(forward).await else {
                 return Err(RegistryError::Unavailable(NO_LEADER_MAYBE_APPLIED.into()));
             };
             match answer {
-                Ok(PeerResponse::Write(outcome)) => return Ok(outcome),
+                Ok(Forwarded::Done(outcome)) => return Ok(outcome),
                 // The leader we asked was no longer leader: ask again.
-                Ok(PeerResponse::Error(m)) | Err(PeerError::Remote { message: m, .. })
-                    if m == NOT_LEADER =>
-                {
+                Ok(Forwarded::NotLeader) => {
                     tokio::time::sleep(LEADER_POLL.min(remaining)).await;
                 }
-                Ok(other) => {
-                    return Err(RegistryError::Unavailable(format!(
-                        "unexpected answer from leader: {other:?}"
-                    )))
-                }
-                Err(PeerError::Timeout(_)) => {
+                Ok(Forwarded::Unexpected(m)) => return Err(RegistryError::Unavailable(m)),
+                Err(_) | Ok(Forwarded::Timeout) => {
                     return Err(RegistryError::Timeout(self.write_timeout))
                 }
                 // Not sent, or sent and the answer lost (a leader that died
@@ -522,13 +532,68 @@ impl Registry {
                 // new leader if one is elected, until the leader is no
                 // longer fresh ("no leader") or the deadline. Safe with the
                 // session table: a write that did land is not applied twice.
-                Err(e) => {
+                Ok(Forwarded::Failed(e)) => {
                     metrics::counter!("corvid_raft_forward_retries_total").increment(1);
                     tracing::debug!("forwarding to the leader failed, retrying: {e}");
                     tokio::time::sleep(LEADER_POLL.min(remaining)).await;
                 }
             }
         }
+    }
+
+    /// Sends `proposal` to the leader at `addr` together with the other
+    /// writes this node is forwarding there (see [`crate::coalesce`]).
+    async fn forward(&self, addr: String, proposal: Proposal) -> Forwarded {
+        let coalescer = {
+            let Ok(mut f) = self.forwarders.lock() else {
+                return Forwarded::Failed("forwarder lock poisoned".into());
+            };
+            f.entry(addr.clone())
+                .or_insert_with(|| Coalescer::new(FORWARDS_IN_FLIGHT, MAX_FORWARD_BATCH))
+                .clone()
+        };
+        let (peers, timeout) = (self.peers.clone(), self.write_timeout);
+        let send = move |proposals: Vec<Proposal>| {
+            let (peers, addr) = (peers.clone(), addr.clone());
+            async move {
+                let n = proposals.len();
+                metrics::counter!("corvid_raft_forward_batches_total").increment(1);
+                let request = PeerRequest::WriteMany(proposals);
+                let all = |f: Forwarded| vec![f; n];
+                match peers.call(&addr, &request, timeout).await {
+                    Ok(PeerResponse::WriteMany(answers)) if answers.len() == n => answers
+                        .into_iter()
+                        .map(|a| match a {
+                            Ok(outcome) => Forwarded::Done(outcome),
+                            Err(m) if m == NOT_LEADER => Forwarded::NotLeader,
+                            Err(m) => Forwarded::Failed(m),
+                        })
+                        .collect(),
+                    Err(PeerError::Remote { message, .. }) if message == NOT_LEADER => {
+                        all(Forwarded::NotLeader)
+                    }
+                    Ok(other) => all(Forwarded::Unexpected(format!(
+                        "unexpected answer from leader: {other:?}"
+                    ))),
+                    Err(PeerError::Timeout(_)) => all(Forwarded::Timeout),
+                    Err(e) => all(Forwarded::Failed(e.to_string())),
+                }
+            }
+        };
+        coalescer
+            .submit(proposal, send)
+            .await
+            .unwrap_or_else(|| Forwarded::Failed("forwarded batch lost".into()))
+    }
+
+    /// The peer address of the leader when this node knows that another
+    /// node leads (`None` on the leader itself, or with no leader known).
+    fn other_leader_addr(&self) -> Option<String> {
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
+        let leader = m.current_leader.filter(|&l| l != m.id)?;
+        let node = m.membership_config.membership().get_node(&leader)?;
+        Some(node.addr.clone())
     }
 
     /// Waits a little for a leader to be elected: an error once none has
@@ -899,6 +964,19 @@ impl Registry {
     }
 
     /// Answers a request from another node or from `corvidctl`.
+    /// Appends a write that another node forwarded. Only the leader
+    /// appends; there is no second hop, so a write is never forwarded in a
+    /// circle. The leader stamps its clock.
+    async fn forwarded_write(&self, mut proposal: Proposal) -> Result<Outcome, String> {
+        proposal.stamp_ms = now_ms();
+        match tokio::time::timeout(self.write_timeout, self.raft.client_write(proposal)).await {
+            Err(_) => Err("write timed out on the leader; it may still be applied".into()),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(e)) if e.forward_to_leader().is_some() => Err(NOT_LEADER.into()),
+            Ok(Err(e)) => Err(e.to_string()),
+        }
+    }
+
     pub async fn handle_peer(&self, request: PeerRequest) -> PeerResponse {
         let err = |e: &dyn std::fmt::Display| PeerResponse::Error(e.to_string());
         match request {
@@ -924,20 +1002,17 @@ impl Registry {
             PeerRequest::InstallSnapshot { .. } => {
                 err(&"a snapshot transfer needs its own connection")
             }
-            PeerRequest::Write(mut proposal) => {
-                // Only the leader appends; no second hop, so a write is
-                // never forwarded in a circle. The leader stamps its clock.
-                proposal.stamp_ms = now_ms();
-                match tokio::time::timeout(self.write_timeout, self.raft.client_write(proposal))
-                    .await
-                {
-                    Err(_) => err(&"write timed out on the leader; it may still be applied"),
-                    Ok(Ok(resp)) => PeerResponse::Write(resp.data),
-                    Ok(Err(e)) if e.forward_to_leader().is_some() => {
-                        PeerResponse::Error(NOT_LEADER.into())
-                    }
-                    Ok(Err(e)) => err(&e),
-                }
+            PeerRequest::Write(proposal) => match self.forwarded_write(proposal).await {
+                Ok(outcome) => PeerResponse::Write(outcome),
+                Err(e) => PeerResponse::Error(e),
+            },
+            PeerRequest::WriteMany(proposals) if proposals.len() > MAX_FORWARD_BATCH => err(
+                &format_args!("more than {MAX_FORWARD_BATCH} writes in one batch"),
+            ),
+            PeerRequest::WriteMany(proposals) => {
+                // All at once, so that Raft takes them into one append.
+                let writes = proposals.into_iter().map(|p| self.forwarded_write(p));
+                PeerResponse::WriteMany(futures::future::join_all(writes).await)
             }
             PeerRequest::ReadIndex => {
                 match tokio::time::timeout(self.write_timeout, self.leader_read_index()).await {
@@ -1190,6 +1265,11 @@ impl Registry {
                         last_leader = m.current_leader;
                     }
                 }
+                // Raft republishes its metrics on every append and apply,
+                // thousands of times a second under load: refresh the gauges
+                // at most every METRICS_MIN_INTERVAL (the changes meanwhile
+                // are read together), not once per change.
+                tokio::time::sleep(METRICS_MIN_INTERVAL).await;
                 tokio::select! {
                     changed = rx.changed() => if changed.is_err() {
                         break;
@@ -1201,12 +1281,40 @@ impl Registry {
     }
 }
 
+/// What became of a write forwarded to the leader.
+#[derive(Debug, Clone)]
+enum Forwarded {
+    /// Applied, with this outcome.
+    Done(Outcome),
+    /// The node asked no longer leads; nothing was done.
+    NotLeader,
+    /// The leader answered something that is not an answer to a write.
+    Unexpected(String),
+    /// No answer within the write timeout.
+    Timeout,
+    /// Not sent, or the answer was lost: safe to try again (the session
+    /// table answers a repeat).
+    Failed(String),
+}
+
+/// Writes being forwarded to one leader.
+type ForwardQueue = Coalescer<Proposal, Forwarded>;
+
+/// Batches of forwarded writes out at once to one leader.
+const FORWARDS_IN_FLIGHT: usize = 4;
+
+/// Most writes forwarded in one batch (and accepted in one by a leader).
+pub const MAX_FORWARD_BATCH: usize = 1024;
+
+/// Shortest time between two refreshes of the Raft gauges.
+const METRICS_MIN_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Longest time the Raft gauges go without a refresh.
 const METRICS_REFRESH: Duration = Duration::from_secs(1);
 
 /// The text a node answers when a forwarded request reached a node that is
 /// no longer the leader (and so did nothing).
-const NOT_LEADER: &str = "not the leader";
+pub const NOT_LEADER: &str = "not the leader";
 
 /// Errors that may name the current leader.
 trait LeaderHint {

@@ -57,6 +57,45 @@ async fn three_nodes_forward_writes_and_read_linearizably_anywhere() {
         let mut c = cluster.client(id).await;
         assert!(c.find("user.fwd").await.unwrap().is_some(), "node {id}");
     }
+    // Concurrent writes through the follower leave in shared batches, and
+    // each client still gets its own answer.
+    let metrics = cluster.daemon(follower).metrics.clone();
+    let batches = || async {
+        (
+            metric(&metrics, "corvid_raft_forwarded_writes_total")
+                .await
+                .unwrap_or(0.0),
+            metric(&metrics, "corvid_raft_forward_batches_total")
+                .await
+                .unwrap_or(0.0),
+        )
+    };
+    let (writes_before, batches_before) = batches().await;
+    let mut tasks = Vec::new();
+    for t in 0..32 {
+        let mut c = cluster.client(follower).await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..8 {
+                let r = c
+                    .command(&activate(&format!("user.many{t}.{i}")))
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, Status::Ok, "{r:?}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (writes, sent) = batches().await;
+    let (writes, sent) = (writes - writes_before, sent - batches_before);
+    assert!(writes >= 256.0, "{writes} forwarded");
+    assert!(
+        sent < writes,
+        "{writes} forwarded writes went in {sent} batches"
+    );
+    let mut c = cluster.client(leader).await;
+    assert!(c.find("user.many31.7").await.unwrap().is_some());
     let s = cluster.status(leader).await.unwrap();
     assert_eq!(s.voters, vec![1, 2, 3]);
     assert_eq!(s.matched.len(), 3, "{s:?}");
