@@ -35,6 +35,10 @@ locations=$(for i in $(seq -w 0 99); do printf 'be%s!default,' "$i"; done)
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.1f}')"; }
 
+free_gb=$(df -P -BG "$WORK" | awk 'NR == 2 {print int($4)}')
+need_gb=$((N * 25 / 10000000 + 1))
+[ "$free_gb" -ge "$need_gb" ] ||
+  echo "warning: $free_gb GB free under $WORK; $N mailboxes need about $need_gb GB"
 echo "== bulk-loading $N mailboxes"
 t0=$(now)
 "$CTL" bench-load --peer "$CORVID_CLUSTER_PEER" -n "$N" --per-entry 500 --in-flight 2 --locations "${locations%,}" --prefix user.scale
@@ -59,6 +63,14 @@ join_s=$(secs "$t0" "$t1")
 join_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$node4_pid/status")
 grep -q "received a snapshot from the leader" "$WORK/node4.log" ||
   echo "note: node 4 caught up without a snapshot (log not compacted?)"
+
+# The learner has been measured: remove it and its copy of the registry
+# (at 10M, each copy is several GB and the run makes four more).
+"$CTL" cluster --peer "$CORVID_CLUSTER_PEER" remove 4
+kill "$node4_pid"
+node4_gone() { ! kill -0 "$node4_pid" 2>/dev/null; }
+wait_for "node 4 stopped" node4_gone
+rm -rf "$WORK/node4"
 
 target=$("$CTL" cluster --peer "$CORVID_CLUSTER_PEER" status | awk '$3 == "Leader" {print $8}')
 echo "== a replica cold-syncs to index $target"
