@@ -722,29 +722,54 @@ impl Store {
     /// [`Store::finish_reset`] swaps the staged one in; a replica that stops
     /// half-way keeps its old state and simply asks again.
     ///
-    /// When the staging family holds nothing (a new node, or one that never
-    /// swapped), the snapshot is written as SST files and ingested at the
-    /// swap ([`sst`]); otherwise through the memtable, over a range
-    /// deletion that spares the point-in-time views still reading the old
-    /// family.
+    /// The staging family is emptied with a range deletion, which spares
+    /// the point-in-time views still reading it (a snapshot being sent from
+    /// the state before the last swap), then compacted so that the keys no
+    /// view holds are gone. An empty family takes the snapshot as SST files,
+    /// ingested at the swap ([`sst`]); one that a view still holds takes it
+    /// through the memtable.
     pub fn begin_reset(&self) -> io::Result<()> {
         let mut stager = self.lock_stager();
         // An older transfer's files go with it.
         *stager = None;
-        let empty = self
+        let cf = self.staging_cf();
+        if !self.family_is_empty(cf)? {
+            self.db
+                .delete_range_cf(cf, b"".as_slice(), STATE_KEY_END)
+                .map_err(db_err)?;
+            let mut opts = rocksdb::CompactOptions::default();
+            // Down to and through the bottom level, where ingested files sit.
+            opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+            self.db
+                .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &opts);
+        }
+        if self.family_is_empty(cf)? {
+            *stager = Some(sst::Stager::new(&self.dir.join(STAGING_DIR))?);
+        }
+        Ok(())
+    }
+
+    /// True when `cf` holds nothing at all: no key, no file, no memtable
+    /// entry (a range deletion included), so that files ingested into it
+    /// land in its bottom level.
+    fn family_is_empty(&self, cf: &rocksdb::ColumnFamily) -> io::Result<bool> {
+        let property = |name: &rocksdb::properties::PropName| {
+            self.db
+                .property_int_value_cf(cf, name)
+                .map_err(db_err)
+                .map(|v| v.unwrap_or(0))
+        };
+        let no_key = self
             .db
-            .iterator_cf(self.staging_cf(), IteratorMode::Start)
+            .iterator_cf(cf, IteratorMode::Start)
             .next()
             .transpose()
             .map_err(db_err)?
             .is_none();
-        if empty {
-            *stager = Some(sst::Stager::new(&self.dir.join(STAGING_DIR))?);
-            return Ok(());
-        }
-        self.db
-            .delete_range_cf(self.staging_cf(), b"".as_slice(), STATE_KEY_END)
-            .map_err(db_err)
+        Ok(no_key
+            && property(rocksdb::properties::TOTAL_SST_FILES_SIZE)? == 0
+            && property(rocksdb::properties::NUM_ENTRIES_ACTIVE_MEM_TABLE)? == 0
+            && property(rocksdb::properties::NUM_ENTRIES_IMM_MEM_TABLES)? == 0)
     }
 
     fn lock_stager(&self) -> std::sync::MutexGuard<'_, Option<sst::Stager>> {
@@ -1992,8 +2017,8 @@ mod tests {
         assert!(!dir.path().join(STAGING_DIR).exists());
 
         s.begin_reset().unwrap();
-        // The staging family held the cut-short state: no SST files now.
-        assert!(s.lock_stager().is_none());
+        // The cut-short state is deleted and compacted away: SST files again.
+        assert!(s.lock_stager().is_some());
         s.put_entries(&[at("user.b", "be3!x"), StateItem::Clock(5)])
             .unwrap();
         s.finish_reset(Some(log_id(9))).unwrap();
@@ -2003,6 +2028,53 @@ mod tests {
         assert_eq!(s.list_location("be2!").unwrap().len(), 0);
         assert_eq!(s.list_location("be3!").unwrap().len(), 1);
         assert_eq!(s.applied_index().unwrap(), 9);
+    }
+
+    /// Emptying the staging family spares a point-in-time view that still
+    /// reads it (a snapshot being sent from the state before the last
+    /// swap): the view reads its whole state, and the new transfer goes
+    /// through the memtable instead of files that would land above it.
+    #[tokio::test]
+    async fn emptying_the_staging_family_spares_a_view_still_reading_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mut batch = ApplyBatch::new(&s).unwrap();
+        for i in 0..5000u64 {
+            let p = proposal(i + 1, activate(&format!("user.m{i:05}")));
+            batch.entry(log_id(i + 1), Some(&p)).unwrap();
+        }
+        batch.commit().unwrap();
+        let (_, mut view) = s.open_view().await.unwrap();
+        // A first snapshot swaps in; the view's family is the staging one now.
+        let item = |n: &str| {
+            StateItem::Mailbox(MailboxEntry {
+                name: n.into(),
+                location: "be2!x".into(),
+                acl: String::new(),
+                state: MailboxState::Active,
+                last_change: 9,
+            })
+        };
+        s.begin_reset().unwrap();
+        s.put_entries(&[item("user.a")]).unwrap();
+        s.finish_reset(Some(log_id(9000))).unwrap();
+        s.begin_reset().unwrap();
+        assert!(s.lock_stager().is_none(), "the view still holds the family");
+        s.put_entries(&[item("user.b")]).unwrap();
+        let mut items = 0;
+        while let Some(c) = view.next_chunk().await.unwrap() {
+            items += c.len();
+        }
+        // 5000 mailboxes, the session and the clock.
+        assert_eq!(items, 5002);
+        drop(view);
+        s.finish_reset(Some(log_id(9001))).unwrap();
+        let names: Vec<_> = s.scan(|_| true).unwrap().1;
+        assert_eq!(names.len(), 1);
+        assert_eq!(names[0].name, "user.b");
+        // With no view left, the next transfer finds the family emptied.
+        s.begin_reset().unwrap();
+        assert!(s.lock_stager().is_some());
     }
 
     /// Items out of key order (which a sound master never sends) and more
