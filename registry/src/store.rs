@@ -242,6 +242,9 @@ fn decode<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
 /// Block cache shared by the two state families (index and filter blocks
 /// included, so their memory stays bounded whatever the registry's size).
 const STATE_BLOCK_CACHE_BYTES: usize = 64 << 20;
+/// The block cache in 4 shards of 16 MiB, each far above the largest
+/// filter or index block of a table file.
+const STATE_BLOCK_CACHE_SHARD_BITS: i32 = 2;
 
 /// Options of the state families, tuned for point lookups (FIND, and the
 /// mailbox and session lookups of every apply): a Bloom filter on every
@@ -251,7 +254,14 @@ const STATE_BLOCK_CACHE_BYTES: usize = 64 << 20;
 fn state_family_options() -> Options {
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_bloom_filter(10.0, false);
-    table.set_block_cache(&rocksdb::Cache::new_lru_cache(STATE_BLOCK_CACHE_BYTES));
+    let mut cache = rocksdb::LruCacheOptions::default();
+    cache.set_capacity(STATE_BLOCK_CACHE_BYTES);
+    // A block larger than its cache shard is never kept. With the default
+    // 64 shards (1 MiB each), the full filter block of a 64 MiB table file
+    // (about 1.3 MiB) was read and checksummed again for every lookup: at
+    // 2M mailboxes, 86% of a leader's CPU during a bulk load.
+    cache.set_num_shard_bits(STATE_BLOCK_CACHE_SHARD_BITS);
+    table.set_block_cache(&rocksdb::Cache::new_lru_cache_opts(&cache));
     table.set_cache_index_and_filter_blocks(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     let mut opts = Options::default();
