@@ -7,7 +7,7 @@ CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/release
 ARGS ?=
 
-.PHONY: run build test lint unit monitoring interop jepsen-short jepsen bench bench-find bench-proxy bench-failover bench-join bench-scale docs deps-build deps-test clean-data fuzz
+.PHONY: run build test lint unit monitoring interop jepsen-short jepsen bench bench-find bench-proxy bench-failover bench-join bench-scale bench-bulk-leader docs deps-build deps-test clean-data fuzz
 
 deps-build:
 	@bash scripts/install-deps.sh build
@@ -87,6 +87,12 @@ bench-join: build deps-test
 ## one backend, node RSS; writes bench/scale-results.md (docs/src/benchmarks.md).
 bench-scale: build deps-test
 	CORVID_BIN_DIR=$(BIN) bash bench/scale.sh
+
+## A bulk load at 1,000 commands per log entry, 4 entries in flight, must keep
+## the cluster's leader (BULK_MAILBOXES, default 1,000,000, which lost the
+## leader before AppendEntries were bounded by bytes). About 30 s at 1M.
+bench-bulk-leader: build deps-test
+	CORVID_BIN_DIR=$(BIN) bash bench/bulk-leader.sh
 
 ## Kill -9 the leader of a 3-node cluster 20 times; writes docs/src/failover.md.
 bench-failover: deps-build

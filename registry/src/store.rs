@@ -24,7 +24,8 @@
 //! follower writes the chunks it receives into the staging family and swaps
 //! it in with one write at the end ([`SnapshotData::Staged`]), exactly as a
 //! replica does with the log stream's snapshot: a transfer cut short leaves
-//! the old state whole.
+//! the old state whole. Into an empty staging family, the chunks are
+//! written as SST files and ingested just before the swap (see [`sst`]).
 
 use std::fmt::Debug;
 use std::io;
@@ -51,6 +52,8 @@ use crate::model::{
 };
 use crate::raft::TypeConfig;
 
+mod sst;
+
 const CF_LOGS: &str = "logs";
 const CF_RAFT: &str = "raft";
 /// The two state families; `KEY_ACTIVE` says which one is live.
@@ -68,6 +71,8 @@ const KEY_MEMBERSHIP: &[u8] = b"membership";
 const KEY_INSTALLED_SNAPSHOT: &[u8] = b"installed_snapshot";
 /// Which of [`CF_STATE_FAMILIES`] is live (absent: the first).
 const KEY_ACTIVE: &[u8] = b"active_state";
+/// Directory (under the store's) of the SST files of a snapshot being staged.
+const STAGING_DIR: &str = "staging-sst";
 
 /// Upper bound of every mailbox key: names are UTF-8, which never holds 0xFF.
 const MAILBOX_KEY_END: &[u8] = &[0xFF];
@@ -97,6 +102,11 @@ const SESSION_SWEEP_MS: u64 = 60 * 1000;
 /// Log records a replica keeps, most recent first, so that an UPDATE
 /// subscriber that falls behind can catch up instead of resyncing whole.
 pub const REPLICA_RECENT_RECORDS: u64 = 100_000;
+
+/// Encoded log entries sent in one AppendEntries stop once they reach
+/// this (one entry may exceed it alone; it is then sent by itself).
+pub const MAX_APPEND_BYTES: usize = 1 << 20;
+const _: () = assert!(64 * MAX_APPEND_BYTES <= crate::peer::MAX_FRAME_BYTES);
 
 /// Most state items in one snapshot chunk (Raft and log stream alike).
 pub const SNAPSHOT_CHUNK_ITEMS: usize = 2048;
@@ -232,6 +242,9 @@ fn decode<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
 /// Block cache shared by the two state families (index and filter blocks
 /// included, so their memory stays bounded whatever the registry's size).
 const STATE_BLOCK_CACHE_BYTES: usize = 64 << 20;
+/// The block cache in 4 shards of 16 MiB, each far above the largest
+/// filter or index block of a table file.
+const STATE_BLOCK_CACHE_SHARD_BITS: i32 = 2;
 
 /// Options of the state families, tuned for point lookups (FIND, and the
 /// mailbox and session lookups of every apply): a Bloom filter on every
@@ -241,7 +254,14 @@ const STATE_BLOCK_CACHE_BYTES: usize = 64 << 20;
 fn state_family_options() -> Options {
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_bloom_filter(10.0, false);
-    table.set_block_cache(&rocksdb::Cache::new_lru_cache(STATE_BLOCK_CACHE_BYTES));
+    let mut cache = rocksdb::LruCacheOptions::default();
+    cache.set_capacity(STATE_BLOCK_CACHE_BYTES);
+    // A block larger than its cache shard is never kept. With the default
+    // 64 shards (1 MiB each), the full filter block of a 64 MiB table file
+    // (about 1.3 MiB) was read and checksummed again for every lookup: at
+    // 2M mailboxes, 86% of a leader's CPU during a bulk load.
+    cache.set_num_shard_bits(STATE_BLOCK_CACHE_SHARD_BITS);
+    table.set_block_cache(&rocksdb::Cache::new_lru_cache_opts(&cache));
     table.set_cache_index_and_filter_blocks(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     let mut opts = Options::default();
@@ -264,6 +284,9 @@ pub struct Store {
     /// one takes it over, and an older one still open finds out at its
     /// next chunk.
     staging: Arc<tokio::sync::Mutex<u64>>,
+    /// The SST files of the snapshot being staged, when the staging family
+    /// was empty at its start (see [`sst`]).
+    stager: Arc<std::sync::Mutex<Option<sst::Stager>>>,
 }
 
 impl Debug for Store {
@@ -292,6 +315,8 @@ impl Store {
         // Earlier builds kept a serialised snapshot here; the live state is
         // the snapshot now (see the module notes).
         let _ = std::fs::remove_file(dir.join("snapshot.bin"));
+        // Files of a transfer cut short by a crash (never ingested).
+        sst::clear_dir(&dir.join(STAGING_DIR))?;
         let (events, _) = broadcast::channel(4096);
         let store = Store {
             db: Arc::new(db),
@@ -300,6 +325,7 @@ impl Store {
             applied: Arc::new(watch::channel(0).0),
             active: Arc::default(),
             staging: Arc::default(),
+            stager: Arc::default(),
         };
         let active: Option<bool> = store.get(CF_STATE, KEY_ACTIVE)?;
         store
@@ -337,6 +363,7 @@ impl Store {
                 }
             })?;
             res?;
+            self.ingest_staged()?;
             let staged = !self.active.load(Ordering::Acquire);
             batch.put_cf(self.cf(CF_STATE), KEY_ACTIVE, encode(&staged)?);
             self.active.store(staged, Ordering::Release);
@@ -704,24 +731,110 @@ impl Store {
     /// family. Readers keep seeing the live state until
     /// [`Store::finish_reset`] swaps the staged one in; a replica that stops
     /// half-way keeps its old state and simply asks again.
+    ///
+    /// The staging family is emptied with a range deletion, which spares
+    /// the point-in-time views still reading it (a snapshot being sent from
+    /// the state before the last swap), then compacted so that the keys no
+    /// view holds are gone. An empty family takes the snapshot as SST files,
+    /// ingested at the swap ([`sst`]); one that a view still holds takes it
+    /// through the memtable.
     pub fn begin_reset(&self) -> io::Result<()> {
-        self.db
-            .delete_range_cf(self.staging_cf(), b"".as_slice(), STATE_KEY_END)
-            .map_err(db_err)
+        let mut stager = self.lock_stager();
+        // An older transfer's files go with it.
+        *stager = None;
+        let cf = self.staging_cf();
+        if !self.family_is_empty(cf)? {
+            self.db
+                .delete_range_cf(cf, b"".as_slice(), STATE_KEY_END)
+                .map_err(db_err)?;
+            let mut opts = rocksdb::CompactOptions::default();
+            // Down to and through the bottom level, where ingested files sit.
+            opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+            self.db
+                .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &opts);
+        }
+        if self.family_is_empty(cf)? {
+            *stager = Some(sst::Stager::new(&self.dir.join(STAGING_DIR))?);
+        }
+        Ok(())
+    }
+
+    /// True when `cf` holds nothing at all: no key, no file, no memtable
+    /// entry (a range deletion included), so that files ingested into it
+    /// land in its bottom level.
+    fn family_is_empty(&self, cf: &rocksdb::ColumnFamily) -> io::Result<bool> {
+        let property = |name: &rocksdb::properties::PropName| {
+            self.db
+                .property_int_value_cf(cf, name)
+                .map_err(db_err)
+                .map(|v| v.unwrap_or(0))
+        };
+        let no_key = self
+            .db
+            .iterator_cf(cf, IteratorMode::Start)
+            .next()
+            .transpose()
+            .map_err(db_err)?
+            .is_none();
+        Ok(no_key
+            && property(rocksdb::properties::TOTAL_SST_FILES_SIZE)? == 0
+            && property(rocksdb::properties::NUM_ENTRIES_ACTIVE_MEM_TABLE)? == 0
+            && property(rocksdb::properties::NUM_ENTRIES_IMM_MEM_TABLES)? == 0)
+    }
+
+    fn lock_stager(&self) -> std::sync::MutexGuard<'_, Option<sst::Stager>> {
+        // A panic mid-chunk leaves at worst a file that the next transfer
+        // drops: the guarded value is still usable.
+        self.stager
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Writes one chunk of a snapshot begun with [`Store::begin_reset`].
+    /// Items out of key order (never sent by a sound master) still land,
+    /// through the memtable.
     pub fn put_entries(&self, items: &[StateItem]) -> io::Result<()> {
+        let mut stager = self.lock_stager();
         let mut batch = WriteBatch::default();
         let cf = self.staging_cf();
         for i in items {
             let value = i.value()?;
+            let key = i.key();
             if let StateItem::Mailbox(e) = i {
-                batch.put_cf(cf, location_key(&e.location, &e.name), &value);
+                let index_key = location_key(&e.location, &e.name);
+                let staged = match stager.as_mut() {
+                    Some(s) => s.put_index(e.location.as_bytes(), &index_key, &value)?,
+                    None => false,
+                };
+                if !staged {
+                    batch.put_cf(cf, index_key, &value);
+                }
+                if let Some(s) = stager.as_mut() {
+                    if s.put_key(&key, &value)? {
+                        continue;
+                    }
+                }
             }
-            batch.put_cf(cf, i.key(), value);
+            batch.put_cf(cf, key, value);
+        }
+        if batch.is_empty() {
+            return Ok(());
         }
         self.db.write(batch).map_err(db_err)
+    }
+
+    /// Ingests the staged SST files, if any, into the staging family: the
+    /// step before the swap. Durable on return (ingestion syncs the files
+    /// and the manifest); still invisible until the swap.
+    fn ingest_staged(&self) -> io::Result<()> {
+        let Some(stager) = self.lock_stager().take() else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        stager.ingest(&self.db, self.staging_cf())?;
+        metrics::histogram!("corvid_snapshot_ingest_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
     }
 
     /// Starts receiving a Raft snapshot into the staging family, taking it
@@ -788,6 +901,7 @@ impl Store {
         log_id: Option<LogIdOf<TypeConfig>>,
         more: impl FnOnce(&mut WriteBatch) -> io::Result<()>,
     ) -> io::Result<()> {
+        self.ingest_staged()?;
         let staged = !self.active.load(Ordering::Acquire);
         let index = log_id.as_ref().map_or(0, |l| l.index());
         let mut batch = WriteBatch::default();
@@ -981,10 +1095,13 @@ impl Drop for WalSyncer {
     }
 }
 
-impl RaftLogReader<TypeConfig> for LogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
-        &mut self,
+impl LogStore {
+    /// The stored entries in `range`, in order, up to the first one that
+    /// brings their encoded size to `max_bytes` (always at least one).
+    fn read_entries<RB: RangeBounds<u64>>(
+        &self,
         range: RB,
+        max_bytes: usize,
     ) -> io::Result<Vec<EntryOf<TypeConfig>>> {
         let start = match range.start_bound() {
             std::ops::Bound::Included(x) => *x,
@@ -993,18 +1110,42 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let s = &self.store;
         let mut out = Vec::new();
+        let mut bytes = 0;
         let key = index_key(start);
         for item in
             s.db.iterator_cf(s.cf(CF_LOGS), IteratorMode::From(&key, Direction::Forward))
         {
             let (k, v) = item.map_err(db_err)?;
             let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(codec_err)?);
-            if !range.contains(&idx) {
+            if !range.contains(&idx) || bytes >= max_bytes {
                 break;
             }
+            bytes += v.len();
             out.push(decode(&v)?);
         }
         Ok(out)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> io::Result<Vec<EntryOf<TypeConfig>>> {
+        self.read_entries(range, usize::MAX)
+    }
+
+    /// What openraft sends in one AppendEntries: bounded by bytes as well
+    /// as by its count of entries, since one entry may carry many commands
+    /// (a bulk load's hundreds): a payload of tens of megabytes would hold
+    /// up the heartbeats behind it until the follower's election timer ran
+    /// out.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> io::Result<Vec<EntryOf<TypeConfig>>> {
+        self.read_entries(start..end, MAX_APPEND_BYTES)
     }
 
     async fn read_vote(&mut self) -> io::Result<Option<VoteOf<TypeConfig>>> {
@@ -1773,6 +1914,37 @@ mod tests {
         assert!(b.committed_records(2, 2, 10).unwrap().is_some());
     }
 
+    /// One AppendEntries carries at most about [`MAX_APPEND_BYTES`] of
+    /// entries, whatever their count, and never nothing.
+    #[tokio::test]
+    async fn an_append_entries_payload_is_bounded_by_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let acl = |bytes: usize| format!("{}\tlrs\t", "u".repeat(bytes));
+        let big = |index: u64, bytes: usize| {
+            let command = RegistryCommand::Activate {
+                name: format!("user.m{index}"),
+                location: "be1!default".into(),
+                acl: acl(bytes),
+            };
+            record(index, proposal(index, command))
+        };
+        let mut records: Vec<_> = (1..=20).map(|i| big(i, 200 << 10)).collect();
+        records.push(big(21, 3 * MAX_APPEND_BYTES));
+        s.keep_records(&records).unwrap();
+        let mut log = LogStore::new(s);
+        let sent = log.limited_get_log_entries(1, 22).await.unwrap();
+        // 200 KiB each: the sixth takes them past 1 MiB and is the last.
+        assert_eq!(sent.len(), MAX_APPEND_BYTES / (200 << 10) + 1);
+        assert_eq!(sent[0].log_id.index(), 1);
+        let rest = log.limited_get_log_entries(19, 22).await.unwrap();
+        assert_eq!(rest.len(), 3, "under the bound until the big one");
+        let alone = log.limited_get_log_entries(21, 22).await.unwrap();
+        assert_eq!(alone.len(), 1, "an entry over the bound goes alone");
+        // Without a bound, the whole range.
+        assert_eq!(log.try_get_log_entries(1..22).await.unwrap().len(), 21);
+    }
+
     /// Appends from many writers at once share fsyncs (group commit), and
     /// every one is told durable only after the fsync that covers it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1816,6 +1988,142 @@ mod tests {
         // The last handle waits for the sync thread: the database reopens.
         drop(log);
         Store::open(dir.path()).expect("reopens once every handle is gone");
+    }
+
+    /// A snapshot staged as SST files and ingested, then cut short before
+    /// the swap (a crash between the two), leaves the old state whole; the
+    /// next transfer, which finds the staging family no longer empty,
+    /// clears it and installs exactly its own state, location index too.
+    #[test]
+    fn an_ingested_snapshot_cut_short_before_the_swap_leaves_the_old_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        apply_one(&s, 1, &proposal(1, activate("user.old")));
+        let at = |n: &str, location: &str| {
+            StateItem::Mailbox(MailboxEntry {
+                name: n.into(),
+                location: location.into(),
+                acl: String::new(),
+                state: MailboxState::Active,
+                last_change: 9,
+            })
+        };
+        s.begin_reset().unwrap();
+        let items: Vec<_> = (0..2500)
+            .map(|i| at(&format!("user.a{i:05}"), ["be2!x", "be3!x"][i % 2]))
+            .collect();
+        s.put_entries(&items).unwrap();
+        // Written as SST files (rolled over), not through the memtable.
+        assert!(s.lock_stager().as_ref().unwrap().files() >= 3);
+        s.ingest_staged().unwrap();
+        assert!(s.mailbox("user.a00001").unwrap().is_none());
+        assert_eq!(s.list_location("be2!").unwrap().len(), 0);
+        drop(s);
+
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.mailbox("user.old").unwrap().is_some());
+        assert!(s.mailbox("user.a00001").unwrap().is_none());
+        assert_eq!(s.applied_index().unwrap(), 1);
+        assert!(!dir.path().join(STAGING_DIR).exists());
+
+        s.begin_reset().unwrap();
+        // The cut-short state is deleted and compacted away: SST files again.
+        assert!(s.lock_stager().is_some());
+        s.put_entries(&[at("user.b", "be3!x"), StateItem::Clock(5)])
+            .unwrap();
+        s.finish_reset(Some(log_id(9))).unwrap();
+        let names: Vec<_> = s.scan(|_| true).unwrap().1;
+        assert_eq!(names.len(), 1);
+        assert_eq!(names[0].name, "user.b");
+        assert_eq!(s.list_location("be2!").unwrap().len(), 0);
+        assert_eq!(s.list_location("be3!").unwrap().len(), 1);
+        assert_eq!(s.applied_index().unwrap(), 9);
+    }
+
+    /// Emptying the staging family spares a point-in-time view that still
+    /// reads it (a snapshot being sent from the state before the last
+    /// swap): the view reads its whole state, and the new transfer goes
+    /// through the memtable instead of files that would land above it.
+    #[tokio::test]
+    async fn emptying_the_staging_family_spares_a_view_still_reading_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mut batch = ApplyBatch::new(&s).unwrap();
+        for i in 0..5000u64 {
+            let p = proposal(i + 1, activate(&format!("user.m{i:05}")));
+            batch.entry(log_id(i + 1), Some(&p)).unwrap();
+        }
+        batch.commit().unwrap();
+        let (_, mut view) = s.open_view().await.unwrap();
+        // A first snapshot swaps in; the view's family is the staging one now.
+        let item = |n: &str| {
+            StateItem::Mailbox(MailboxEntry {
+                name: n.into(),
+                location: "be2!x".into(),
+                acl: String::new(),
+                state: MailboxState::Active,
+                last_change: 9,
+            })
+        };
+        s.begin_reset().unwrap();
+        s.put_entries(&[item("user.a")]).unwrap();
+        s.finish_reset(Some(log_id(9000))).unwrap();
+        s.begin_reset().unwrap();
+        assert!(s.lock_stager().is_none(), "the view still holds the family");
+        s.put_entries(&[item("user.b")]).unwrap();
+        let mut items = 0;
+        while let Some(c) = view.next_chunk().await.unwrap() {
+            items += c.len();
+        }
+        // 5000 mailboxes, the session and the clock.
+        assert_eq!(items, 5002);
+        drop(view);
+        s.finish_reset(Some(log_id(9001))).unwrap();
+        let names: Vec<_> = s.scan(|_| true).unwrap().1;
+        assert_eq!(names.len(), 1);
+        assert_eq!(names[0].name, "user.b");
+        // With no view left, the next transfer finds the family emptied.
+        s.begin_reset().unwrap();
+        assert!(s.lock_stager().is_some());
+    }
+
+    /// Items out of key order (which a sound master never sends) and more
+    /// locations than the staged runs take still land, through the
+    /// memtable, beside the SST files.
+    #[test]
+    fn a_snapshot_out_of_order_or_over_many_locations_still_installs_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        apply_one(&s, 1, &proposal(1, activate("user.old")));
+        let at = |n: String, location: String| {
+            StateItem::Mailbox(MailboxEntry {
+                name: n,
+                location,
+                acl: String::new(),
+                state: MailboxState::Active,
+                last_change: 9,
+            })
+        };
+        let locations = sst::MAX_OPEN_RUNS + 10;
+        let mut items: Vec<_> = (0..locations)
+            .map(|i| at(format!("user.m{i:05}"), format!("be{i:05}!x")))
+            .collect();
+        // Going back: into the memtable.
+        items.push(at("user.a".into(), "be00000!x".into()));
+        items.push(at("user.m00003".into(), "be00003!x".into()));
+        s.begin_reset().unwrap();
+        assert!(s.lock_stager().is_some());
+        for chunk in items.chunks(100) {
+            s.put_entries(chunk).unwrap();
+        }
+        s.finish_reset(Some(log_id(9))).unwrap();
+        let (_, names) = s.scan(|_| true).unwrap();
+        assert_eq!(names.len(), locations + 1);
+        assert!(s.mailbox("user.a").unwrap().is_some());
+        assert!(s.mailbox("user.old").unwrap().is_none());
+        assert_eq!(s.list_location("be00000!").unwrap().len(), 2);
+        assert_eq!(s.list_location("be01030!").unwrap().len(), 1);
+        assert_eq!(s.list_location("be0").unwrap().len(), locations + 1);
     }
 
     /// A Raft snapshot is read from a point-in-time view in bounded chunks
