@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use openraft::error::{
-    LinearizableReadError, NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable,
+    ChangeMembershipError, ClientWriteError, LinearizableReadError, NetworkError, RPCError,
+    ReplicationClosed, StreamingError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
@@ -1077,6 +1078,45 @@ impl Registry {
         }
     }
 
+    /// Runs the membership change `change` makes, again while the leader
+    /// refuses it because its previous change is not committed yet (just
+    /// after `init`, a few heartbeats), up to the write timeout, instead
+    /// of failing the operator's call.
+    async fn when_no_change_in_progress<F, Fut, T>(
+        &self,
+        change: F,
+    ) -> Result<T, openraft::error::RaftError<TypeConfig, ClientWriteError<TypeConfig>>>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<
+            Output = Result<
+                T,
+                openraft::error::RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
+            >,
+        >,
+    {
+        let deadline = Instant::now() + self.write_timeout;
+        loop {
+            let res = change().await;
+            let in_progress = res
+                .as_ref()
+                .err()
+                .and_then(|e| e.api_error())
+                .is_some_and(|e| {
+                    matches!(
+                        e,
+                        ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(
+                            _
+                        ))
+                    )
+                });
+            if !in_progress || Instant::now() >= deadline {
+                return res;
+            }
+            tokio::time::sleep(LEADER_POLL).await;
+        }
+    }
+
     /// Cluster administration. Membership changes run on the leader; a
     /// follower passes them on.
     pub async fn admin(&self, request: AdminRequest) -> Result<AdminResponse, RegistryError> {
@@ -1096,14 +1136,16 @@ impl Registry {
                     .map_err(|e| unavailable(&e));
             }
             AdminRequest::AddLearner { id, addr } => {
-                self.raft
-                    .add_learner(*id, BasicNode { addr: addr.clone() }, true)
+                let node = BasicNode { addr: addr.clone() };
+                self.when_no_change_in_progress(|| self.raft.add_learner(*id, node.clone(), true))
                     .await
             }
             AdminRequest::Promote { id } => {
-                self.raft
-                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*id])), true)
-                    .await
+                let change = ChangeMembers::AddVoterIds(BTreeSet::from([*id]));
+                self.when_no_change_in_progress(|| {
+                    self.raft.change_membership(change.clone(), true)
+                })
+                .await
             }
             AdminRequest::Remove { id } => {
                 let m = self
@@ -1117,7 +1159,10 @@ impl Registry {
                 } else {
                     ChangeMembers::RemoveNodes(BTreeSet::from([*id]))
                 };
-                self.raft.change_membership(change, false).await
+                self.when_no_change_in_progress(|| {
+                    self.raft.change_membership(change.clone(), false)
+                })
+                .await
             }
         };
         match res {
