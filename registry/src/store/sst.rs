@@ -31,6 +31,29 @@ const FILE_ENTRIES: u64 = if cfg!(test) { 1000 } else { 1 << 20 };
 /// backends and partitions is not one this path is tuned for).
 pub(super) const MAX_OPEN_RUNS: usize = 1024;
 
+/// Descriptors a transfer leaves free for everything else when it sizes
+/// its runs (see [`run_cap`]).
+const SPARE_DESCRIPTORS: u64 = 64;
+
+/// How many location runs a transfer may keep open, each one a file
+/// descriptor: at most [`MAX_OPEN_RUNS`], and at most half of what the
+/// open-file limit `limit` leaves free beyond the `open` descriptors in use
+/// and [`SPARE_DESCRIPTORS`], so that connections arriving during the
+/// transfer still find descriptors (the connection caps, checked at start,
+/// reserve only a few for files). `None`: no limit known.
+pub(super) fn run_cap(limit: Option<u64>, open: u64) -> usize {
+    let Some(limit) = limit else {
+        return MAX_OPEN_RUNS;
+    };
+    let free = limit.saturating_sub(open).saturating_sub(SPARE_DESCRIPTORS) / 2;
+    usize::try_from(free).map_or(MAX_OPEN_RUNS, |f| f.min(MAX_OPEN_RUNS))
+}
+
+/// Descriptors this process has open now (Linux), or 0 when unknown.
+fn open_descriptors() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64)
+}
+
 /// Table options of the family's own keys: those of the state families, so
 /// that point lookups use the files' Bloom filters.
 static KEY_FILE_OPTIONS: LazyLock<Options> = LazyLock::new(super::state_family_options);
@@ -55,6 +78,8 @@ pub(super) struct Stager {
     keys: Option<Run>,
     /// The location index, a run per location.
     index: HashMap<Vec<u8>, Option<Run>>,
+    /// Most runs of `index` (see [`run_cap`]).
+    max_runs: usize,
     /// Finished files, in no particular order (no two overlap).
     done: Vec<PathBuf>,
 }
@@ -70,6 +95,7 @@ impl Stager {
             next_file: 0,
             keys: None,
             index: HashMap::new(),
+            max_runs: run_cap(crate::net::open_file_limit(), open_descriptors()),
             done: Vec::new(),
         })
     }
@@ -99,7 +125,7 @@ impl Stager {
         value: &[u8],
     ) -> io::Result<bool> {
         if !self.index.contains_key(location) {
-            if self.index.len() >= MAX_OPEN_RUNS {
+            if self.index.len() >= self.max_runs {
                 return Ok(false);
             }
             self.index.insert(location.to_vec(), None);
@@ -190,5 +216,21 @@ pub(super) fn clear_dir(dir: &Path) -> io::Result<()> {
     match std::fs::remove_dir_all(dir) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs fit in half the descriptors left free, never above the cap;
+    /// with none left free, every location goes through the memtable.
+    #[test]
+    fn location_runs_fit_in_the_free_descriptors() {
+        assert_eq!(run_cap(None, 500), MAX_OPEN_RUNS);
+        assert_eq!(run_cap(Some(1 << 20), 100), MAX_OPEN_RUNS);
+        assert_eq!(run_cap(Some(1024), 100), (1024 - 100 - 64) / 2);
+        assert_eq!(run_cap(Some(1024), 1000), 0);
+        assert_eq!(run_cap(Some(8192), 7000), (8192 - 7000 - 64) / 2);
     }
 }
