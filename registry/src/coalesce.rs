@@ -41,12 +41,15 @@ impl<T: Send + 'static, R: Send + 'static> Coalescer<T, R> {
 
     /// Sends `item` in the next batch and waits for its answer. When fewer
     /// than `max_in_flight` batches are out, this call starts a sender task
-    /// that runs `send` on batches until none is waiting; `send` must
-    /// return one answer per item, in order. `None` when the batch's answer
-    /// did not include this item (a `send` that broke that rule, or a task
-    /// that was cancelled).
-    pub async fn submit<F, Fut>(self: &Arc<Self>, item: T, send: F) -> Option<R>
+    /// that runs the function `sender()` makes on batches until none is
+    /// waiting (`sender` is called only then, so that a caller that joins a
+    /// batch pays nothing for it); that function must return one answer per
+    /// item, in order. `None` when the batch's answer did not include this
+    /// item (a function that broke that rule, or a task that was
+    /// cancelled).
+    pub async fn submit<S, F, Fut>(self: &Arc<Self>, item: T, sender: S) -> Option<R>
     where
+        S: FnOnce() -> F,
         F: Fn(Vec<T>) -> Fut + Send + 'static,
         Fut: Future<Output = Vec<R>> + Send,
     {
@@ -62,6 +65,7 @@ impl<T: Send + 'static, R: Send + 'static> Coalescer<T, R> {
         };
         if start_sender {
             let this = self.clone();
+            let send = sender();
             tokio::spawn(async move {
                 while let Some(batch) = this.next_batch() {
                     let (items, answers): (Vec<T>, Vec<_>) = batch.into_iter().unzip();
@@ -123,7 +127,7 @@ mod tests {
                         items.into_iter().map(|x| x * 10).collect()
                     }
                 };
-                (i, c.submit(i, send).await)
+                (i, c.submit(i, || send).await)
             }));
         }
         for t in tasks {
@@ -135,7 +139,7 @@ mod tests {
         assert!(most_out.load(Ordering::SeqCst) <= 2);
         // Every sender has stopped: a lone item now leaves at once.
         let lone = coalescer
-            .submit(7, |items: Vec<u32>| async move { items })
+            .submit(7, || |items: Vec<u32>| async move { items })
             .await;
         assert_eq!(lone, Some(7));
     }
@@ -146,7 +150,7 @@ mod tests {
     async fn a_short_answer_is_none_not_a_hang() {
         let coalescer = Coalescer::<u32, u32>::new(1, 8);
         let answer = coalescer
-            .submit(1, |_items: Vec<u32>| async move { Vec::new() })
+            .submit(1, || |_items: Vec<u32>| async move { Vec::new() })
             .await;
         assert_eq!(answer, None);
     }

@@ -225,7 +225,7 @@ pub struct Registry {
     /// before a restart; local reads wait for it.
     recovered: Arc<AtomicBool>,
     peers: PeerPool,
-    read_batches: Arc<Mutex<ReadBatch>>,
+    read_batches: Arc<ReadQueue>,
     /// Writes on their way to the leader, by its address.
     forwarders: Arc<Mutex<HashMap<String, Arc<ForwardQueue>>>>,
     peer_tls: Option<PeerTls>,
@@ -245,14 +245,10 @@ pub struct Registry {
     stream_frame_delay: Duration,
 }
 
-/// Readers waiting for a read index. One request is in flight at a time;
-/// readers arriving meanwhile share the next one (an answer may only serve
-/// readers that arrived before it was asked for).
-#[derive(Default)]
-struct ReadBatch {
-    in_flight: bool,
-    waiting: Vec<tokio::sync::oneshot::Sender<Result<u64, ReadIndexFailure>>>,
-}
+/// Readers waiting for a read index: one request is in flight at a time,
+/// and readers arriving meanwhile share the next one (an answer may only
+/// serve readers that arrived before it was asked for).
+type ReadQueue = Coalescer<(), Result<u64, ReadIndexFailure>>;
 
 /// Why a batch of readers got no read index.
 #[derive(Debug, Clone)]
@@ -341,7 +337,7 @@ impl Registry {
             lease_reads: settings.lease_reads,
             recovered: Arc::new(AtomicBool::new(false)),
             peers,
-            read_batches: Arc::default(),
+            read_batches: Coalescer::new(1, usize::MAX),
             forwarders: Arc::default(),
             peer_tls,
             leaderless_grace: Duration::from_millis(settings.election_timeout_max_ms * 2),
@@ -553,36 +549,38 @@ impl Registry {
                 .or_insert_with(|| Coalescer::new(FORWARDS_IN_FLIGHT, MAX_FORWARD_BATCH))
                 .clone()
         };
-        let (peers, timeout) = (self.peers.clone(), self.write_timeout);
-        let send = move |proposals: Vec<Proposal>| {
-            let (peers, addr) = (peers.clone(), addr.clone());
-            async move {
-                let n = proposals.len();
-                metrics::counter!("corvid_raft_forward_batches_total").increment(1);
-                let request = PeerRequest::WriteMany(proposals);
-                let all = |f: Forwarded| vec![f; n];
-                match peers.call(&addr, &request, timeout).await {
-                    Ok(PeerResponse::WriteMany(answers)) if answers.len() == n => answers
-                        .into_iter()
-                        .map(|a| match a {
-                            Ok(outcome) => Forwarded::Done(outcome),
-                            Err(m) if m == NOT_LEADER => Forwarded::NotLeader,
-                            Err(m) => Forwarded::Failed(m),
-                        })
-                        .collect(),
-                    Err(PeerError::Remote { message, .. }) if message == NOT_LEADER => {
-                        all(Forwarded::NotLeader)
+        let sender = || {
+            let (peers, timeout) = (self.peers.clone(), self.write_timeout);
+            move |proposals: Vec<Proposal>| {
+                let (peers, addr) = (peers.clone(), addr.clone());
+                async move {
+                    let n = proposals.len();
+                    metrics::counter!("corvid_raft_forward_batches_total").increment(1);
+                    let request = PeerRequest::WriteMany(proposals);
+                    let all = |f: Forwarded| vec![f; n];
+                    match peers.call(&addr, &request, timeout).await {
+                        Ok(PeerResponse::WriteMany(answers)) if answers.len() == n => answers
+                            .into_iter()
+                            .map(|a| match a {
+                                Ok(outcome) => Forwarded::Done(outcome),
+                                Err(m) if m == NOT_LEADER => Forwarded::NotLeader,
+                                Err(m) => Forwarded::Failed(m),
+                            })
+                            .collect(),
+                        Err(PeerError::Remote { message, .. }) if message == NOT_LEADER => {
+                            all(Forwarded::NotLeader)
+                        }
+                        Ok(other) => all(Forwarded::Unexpected(format!(
+                            "unexpected answer from leader: {other:?}"
+                        ))),
+                        Err(PeerError::Timeout(_)) => all(Forwarded::Timeout),
+                        Err(e) => all(Forwarded::Failed(e.to_string())),
                     }
-                    Ok(other) => all(Forwarded::Unexpected(format!(
-                        "unexpected answer from leader: {other:?}"
-                    ))),
-                    Err(PeerError::Timeout(_)) => all(Forwarded::Timeout),
-                    Err(e) => all(Forwarded::Failed(e.to_string())),
                 }
             }
         };
         coalescer
-            .submit(proposal, send)
+            .submit(proposal, sender)
             .await
             .unwrap_or_else(|| Forwarded::Failed("forwarded batch lost".into()))
     }
@@ -862,35 +860,17 @@ impl Registry {
     }
 
     /// The index a linearizable read must see applied, shared by every
-    /// reader that arrived before it was asked for (see [`ReadBatch`]).
+    /// reader that arrived before it was asked for (see [`ReadQueue`]).
     async fn shared_read_index(&self, timeout: Duration) -> Result<u64, ReadIndexFailure> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let start_sender = {
-            let mut b = self
-                .read_batches
-                .lock()
-                .map_err(|e| ReadIndexFailure::Retry(e.to_string()))?;
-            b.waiting.push(tx);
-            !std::mem::replace(&mut b.in_flight, true)
-        };
-        if start_sender {
+        let sender = || {
             let this = self.clone();
-            tokio::spawn(async move {
-                loop {
-                    let batch = {
-                        let Ok(mut b) = this.read_batches.lock() else {
-                            return;
-                        };
-                        if b.waiting.is_empty() {
-                            b.in_flight = false;
-                            return;
-                        }
-                        std::mem::take(&mut b.waiting)
-                    };
+            move |readers: Vec<()>| {
+                let this = this.clone();
+                async move {
                     // Readers over requests: how well the batching works.
                     metrics::counter!("corvid_raft_read_index_requests_total").increment(1);
                     metrics::counter!("corvid_raft_read_index_readers_total")
-                        .increment(batch.len() as u64);
+                        .increment(readers.len() as u64);
                     // Watched once per batch, not per reader: a leader cut
                     // off from its majority fails them all in about an
                     // election.
@@ -901,14 +881,14 @@ impl Registry {
                         None => Err(ReadIndexFailure::NoLeader),
                         Some(r) => r.map_err(ReadIndexFailure::Retry),
                     };
-                    for w in batch {
-                        let _ = w.send(res.clone());
-                    }
+                    vec![res; readers.len()]
                 }
-            });
-        }
-        rx.await
-            .map_err(|_| ReadIndexFailure::Retry("read-index request dropped".into()))?
+            }
+        };
+        self.read_batches
+            .submit((), sender)
+            .await
+            .unwrap_or_else(|| Err(ReadIndexFailure::Retry("read-index request dropped".into())))
     }
 
     /// One read index: Raft's own on the leader (it confirms its leadership
@@ -964,7 +944,6 @@ impl Registry {
         Ok(self.store.list_location(prefix.unwrap_or(""))?)
     }
 
-    /// Answers a request from another node or from `corvidctl`.
     /// Appends a write that another node forwarded. Only the leader
     /// appends; there is no second hop, so a write is never forwarded in a
     /// circle. The leader stamps its clock.
@@ -978,6 +957,7 @@ impl Registry {
         }
     }
 
+    /// Answers a request from another node or from `corvidctl`.
     pub async fn handle_peer(&self, request: PeerRequest) -> PeerResponse {
         let err = |e: &dyn std::fmt::Display| PeerResponse::Error(e.to_string());
         match request {
